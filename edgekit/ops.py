@@ -1,0 +1,61 @@
+"""Public operators: GRN and deformable convolution, dispatched to a kernel backend.
+
+``backend`` is one of ``auto``, ``torch`` (the pure-PyTorch reference), ``numba``,
+``numba-cuda`` or ``cuda``. ``EDGEKIT_BACKEND`` overrides ``auto``. Asking for a backend
+that cannot run here raises :class:`edgekit.errors.BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekit.kernels import dispatch
+
+
+def grn(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float = 1e-6,
+    data_format: str = "channels_last",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Global Response Normalization (ConvNeXt V2).
+
+    ``x`` is NHWC for ``channels_last`` and NCHW for ``channels_first``; ``gamma`` and
+    ``beta`` have C elements (any shape that flattens to C, e.g. (1, 1, 1, C)).
+    The L2 reduction is accumulated in float32 whatever the input dtype.
+    """
+    if data_format not in ("channels_last", "channels_first"):
+        raise ValueError(f"grn: data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
+    impl = dispatch.resolve("grn", backend, x)
+    return impl(x, gamma, beta, eps, data_format)
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Deformable convolution v1 (``mask=None``) and v2, with torchvision's semantics.
+
+    ``offset`` is [B, 2*offset_groups*kh*kw, Ho, Wo] holding (dy, dx) per kernel point;
+    ``mask`` is [B, offset_groups*kh*kw, Ho, Wo]; samples outside the map read zeros.
+    """
+    impl = dispatch.resolve("deform_conv2d", backend, input)
+    return impl(input, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask)
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(i) for i in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {v!r}")
+    return v
