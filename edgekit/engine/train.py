@@ -1,0 +1,181 @@
+"""Detector training: AdamW, linear warm-up then cosine decay, optional EMA, atomic
+checkpoints, resume, a progress bar with loss and throughput, DDP under torchrun.
+
+With ``time_limit`` the number of epochs is fitted to the budget after the first epoch,
+so the cosine schedule still ends at its floor instead of being cut off mid-way.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from edgekit.data.dataset import DetectionDataset, collate_detection
+from edgekit.data.dota import read_dota_dataset
+from edgekit.engine import distributed as dist
+from edgekit.engine.checkpoint import load_training_state, save_checkpoint, save_training_state
+from edgekit.engine.config import TrainConfig
+from edgekit.engine.ema import ModelEMA
+from edgekit.engine.evaluate import evaluate
+from edgekit.errors import EdgekitError
+from edgekit.fileio import write_json_atomic
+from edgekit.models import create_model
+
+
+def discover_classes(root: Path) -> list[str]:
+    """Class names found in a DOTA folder's labels, in order of first appearance by file name."""
+    seen: dict[str, None] = {}
+    for _, annotation in read_dota_dataset(root):
+        for obj in annotation.objects:
+            seen.setdefault(obj.label, None)
+    if not seen:
+        raise EdgekitError(f"{root}: no labelled objects found; check the labelTxt folder")
+    return list(seen)
+
+
+def split_dirs(data: str) -> tuple[Path, Path]:
+    root = Path(data)
+    if not data:
+        raise EdgekitError("no training data given; pass --data DIR (a DOTA root with train/ and val/)")
+    train, val = root / "train", root / "val"
+    for split in (train, val):
+        if not split.is_dir():
+            raise EdgekitError(f"{split} not found; --data must hold train/ and val/ DOTA-format splits")
+    return train, val
+
+
+class CosineWithWarmup:
+    """Step-wise LR factor: linear warm-up, then cosine to ``min_ratio``; total can change."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float):
+        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a detector as ``cfg`` says; returns (and writes to out/train.json) the record."""
+    rank, world = dist.init_distributed()
+    seed_everything(cfg.seed + rank)
+    train_dir, val_dir = split_dirs(cfg.data)
+    classes = cfg.classes or discover_classes(train_dir)
+    train_ds = DetectionDataset(train_dir, classes, image_size=cfg.image_size, augment=cfg.augment)
+    val_ds = DetectionDataset(val_dir, classes, image_size=cfg.image_size, augment=False)
+    sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed) if world > 1 else None
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        collate_fn=collate_detection, num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size)
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_detection, num_workers=cfg.workers)
+
+    model_kwargs = {"class_names": list(classes), "num_classes": len(classes), "deformable": cfg.deformable, **cfg.extra}
+    model = create_model(cfg.model, **model_kwargs)
+    ema = ModelEMA(model, cfg.ema_decay, warmup_steps=max(20, len(loader))) if cfg.ema else None
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith((".gamma", ".beta")) else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    schedule = CosineWithWarmup(cfg.epochs * len(loader), max(1, int(cfg.warmup_epochs * len(loader))), cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    out = Path(cfg.out)
+    start_epoch, history, total_epochs = 0, [], cfg.epochs
+    if cfg.resume:
+        state = load_training_state(cfg.resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        start_epoch, history, total_epochs = state["epoch"], state["history"], state["total_epochs"]
+        schedule.total_steps = total_epochs * len(loader)
+    if dist.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.perf_counter()
+    epoch = start_epoch
+    while epoch < total_epochs:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_model.train()
+        t_epoch, seen, sums = time.perf_counter(), 0, {"loss": 0.0, "cls": 0.0, "box": 0.0, "ctr": 0.0}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not (cfg.progress and dist.is_main_process()),
+                   leave=False, dynamic_ncols=True)
+        for step, (images, targets) in enumerate(bar):
+            losses = model.loss(train_model(images), targets)
+            if not torch.isfinite(losses["loss"]):
+                raise EdgekitError(f"training diverged at epoch {epoch + 1} step {step} (loss {float(losses['loss'])}); "
+                                   f"lower --lr (now {cfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            seen += images.shape[0]
+            for k in sums:
+                sums[k] += float(losses[k])
+            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}",
+                            img_s=f"{seen * world / (time.perf_counter() - t_epoch):.1f}")
+        epoch += 1
+        epoch_time = dist.all_reduce_mean(time.perf_counter() - t_epoch)
+        record = {"epoch": epoch, **{k: dist.all_reduce_mean(v / max(1, len(loader))) for k, v in sums.items()},
+                  "lr": scheduler.get_last_lr()[0], "seconds": epoch_time, "images_per_s": seen * world / epoch_time}
+        if cfg.time_limit and epoch == start_epoch + 1:
+            fit = int((cfg.time_limit - (time.perf_counter() - t_start)) / epoch_time) + epoch
+            total_epochs = max(epoch, min(cfg.epochs, fit))
+            schedule.total_steps = total_epochs * len(loader)
+        final_model = ema.module if ema is not None else model
+        if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < total_epochs and dist.is_main_process():
+            record["val"] = _summary(evaluate(final_model, val_loader, classes, progress=False))
+        history.append(record)
+        if dist.is_main_process():
+            _log(cfg, record)
+            save_checkpoint(out / "last.safetensors", final_model, cfg.model, model_kwargs,
+                            {"epoch": epoch, "image_size": cfg.image_size})
+            save_training_state(out / "last.state.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "epoch": epoch, "history": history, "total_epochs": total_epochs})
+        dist.barrier()
+
+    result = {"config": {k: v for k, v in vars(cfg).items()}, "classes": list(classes), "history": history,
+              "train_seconds": time.perf_counter() - t_start, "world_size": world,
+              "checkpoint": str(out / "last.safetensors")}
+    if dist.is_main_process():
+        final_model = ema.module if ema is not None else model
+        result["val"] = evaluate(final_model, val_loader, classes, progress=cfg.progress)
+        write_json_atomic(out / "train.json", result)
+    dist.cleanup()
+    return result
+
+
+def _summary(metrics: dict) -> dict:
+    return {"map": metrics["map"], "map50": metrics["map50"]}
+
+
+def _log(cfg: TrainConfig, record: dict):
+    if cfg.progress:
+        val = record.get("val")
+        extra = f" val mAP@.5 {val['map50']:.3f}" if val else ""
+        tqdm.write(f"epoch {record['epoch']}: loss {record['loss']:.3f} (cls {record['cls']:.3f} box {record['box']:.3f} "
+                   f"ctr {record['ctr']:.3f}) lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s{extra}")

@@ -1,0 +1,65 @@
+"""Detector post-processing: dense per-level outputs -> boxes, then class-aware NMS.
+
+Split from the model so that export can put the same decoding into an ONNX graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekit.boxes import batched_nms
+
+
+def level_points(height: int, width: int, stride: int, device=None) -> torch.Tensor:
+    """Centres (x, y) in input pixels of a level's feature-map cells, [H*W, 2], row-major."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+
+
+def flatten_levels(outputs, strides):
+    """Per-level [B, C, H, W] maps -> [B, P, C] tensors plus the points [P, 2] and strides [P]."""
+    cls, box, ctr = outputs
+    pts, pstrides = [], []
+    for c, s in zip(cls, strides):
+        p = level_points(c.shape[-2], c.shape[-1], s, c.device)
+        pts.append(p)
+        pstrides.append(torch.full((p.shape[0],), float(s), device=c.device))
+
+    def flat(maps):
+        return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+
+    return flat(cls), flat(box), flat(ctr), torch.cat(pts), torch.cat(pstrides)
+
+
+def decode_predictions(outputs, strides):
+    """Boxes [B, P, 4] (x1 y1 x2 y2, pixels) and scores [B, P, K] = sqrt(cls * centerness)."""
+    cls, box, ctr, points, pstrides = flatten_levels(outputs, strides)
+    ltrb = box * pstrides[None, :, None]
+    boxes = torch.cat([points[None] - ltrb[..., :2], points[None] + ltrb[..., 2:]], dim=-1)
+    scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr))
+    return boxes, scores
+
+
+def postprocess(boxes, scores, score_threshold=0.05, iou_threshold=0.6, max_detections=100,
+                pre_nms_top_k=1000, image_size=None):
+    """Per image: threshold, keep the top-k (box, class) pairs, class-aware NMS, cap detections."""
+    results = []
+    num_classes = scores.shape[-1]
+    for b, s in zip(boxes, scores):
+        if image_size is not None:
+            h, w = image_size
+            b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1)
+        flat = s.flatten()
+        keep = flat > score_threshold
+        idx = keep.nonzero().squeeze(1)
+        flat = flat[idx]
+        if flat.numel() > pre_nms_top_k:
+            flat, top = flat.topk(pre_nms_top_k)
+            idx = idx[top]
+        box_idx, labels = idx // num_classes, idx % num_classes
+        cand = b[box_idx]
+        kept = batched_nms(cand, flat, labels, iou_threshold)[:max_detections]
+        results.append({"boxes": cand[kept], "scores": flat[kept], "labels": labels[kept]})
+    return results
