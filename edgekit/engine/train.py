@@ -133,7 +133,7 @@ def train(cfg: TrainConfig) -> dict:
                 ema.update(model)
             seen += images.shape[0]
             for k in sums:
-                sums[k] += float(losses[k])
+                sums[k] += float(losses[k].detach())
             bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}",
                             img_s=f"{seen * world / (time.perf_counter() - t_epoch):.1f}")
         epoch += 1
