@@ -21,21 +21,34 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=1e-9)
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy NMS; returns kept indices sorted by decreasing score (torchvision semantics)."""
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, block: int = 2048) -> torch.Tensor:
+    """Greedy NMS; returns kept indices sorted by decreasing score (torchvision semantics).
+
+    Works block by block on the score-sorted boxes, so memory stays O(block^2) instead of
+    O(N^2): a large aerial scene merged from hundreds of tiles can hold 10^5 candidates.
+    """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = scores.argsort(descending=True)
-    iou = box_iou(boxes[order], boxes[order])
-    n = order.numel()
-    suppressed = torch.zeros(n, dtype=torch.bool)
-    iou_cpu = (iou > iou_threshold).cpu()
+    boxes = boxes[order]
+    n = boxes.shape[0]
+    suppressed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
     keep = []
-    for i in range(n):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= iou_cpu[i]
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        over = (box_iou(boxes[start:stop], boxes[start:stop]) > iou_threshold).cpu()
+        local = suppressed[start:stop].cpu().clone()
+        kept_here = []
+        for i in range(stop - start):
+            if not local[i]:
+                kept_here.append(i)
+                local |= over[i]
+        keep += [start + i for i in kept_here]
+        if kept_here and stop < n:
+            kept_boxes = boxes[start:stop][torch.tensor(kept_here, device=boxes.device)]
+            for later in range(stop, n, block):
+                end = min(n, later + block)
+                suppressed[later:end] |= (box_iou(kept_boxes, boxes[later:end]) > iou_threshold).any(0)
     return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
 
 
@@ -43,9 +56,14 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     """Class-aware NMS: boxes of different labels never suppress each other."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    # Shift each class into its own coordinate range, the standard trick.
-    offsets = labels.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
+    if boxes.shape[0] <= 4096:
+        # Shift each class into its own coordinate range: one NMS call, the standard trick.
+        offsets = labels.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
+        return nms(boxes + offsets[:, None], scores, iou_threshold)
+    # Many boxes (merged tiles): per class, so the quadratic work shrinks by the class count.
+    keep = torch.cat([idx[nms(boxes[idx], scores[idx], iou_threshold)]
+                      for idx in (torch.nonzero(labels == c).squeeze(1) for c in labels.unique())])
+    return keep[scores[keep].argsort(descending=True)]
 
 
 def polygon_to_box(poly) -> tuple[float, float, float, float]:

@@ -57,3 +57,23 @@ def test_batched_nms_never_suppresses_across_classes():
 def test_nms_empty_and_polygon_box():
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
     assert polygon_to_box([3, 1, 9, 4, 7, 8, 1, 5]) == (1.0, 1.0, 9.0, 8.0)
+
+
+def test_blocked_nms_equals_single_block():
+    rng = np.random.default_rng()
+    boxes = random_boxes(rng, 500, size=150.0)
+    scores = torch.tensor(rng.permutation(500), dtype=torch.float64)
+    assert nms(boxes, scores, 0.4, block=37).tolist() == nms(boxes, scores, 0.4, block=4096).tolist()
+
+
+def test_batched_nms_many_boxes_path_equals_per_class_bruteforce():
+    rng = np.random.default_rng()
+    n = 5000
+    boxes = random_boxes(rng, n, size=400.0)
+    scores = torch.tensor(rng.permutation(n), dtype=torch.float64)
+    labels = torch.tensor(rng.integers(0, 3, n))
+    got = batched_nms(boxes, scores, labels, 0.5)
+    want = torch.cat([torch.nonzero(labels == c).squeeze(1)[nms(boxes[labels == c], scores[labels == c], 0.5)]
+                      for c in range(3)])
+    assert sorted(got.tolist()) == sorted(want.tolist())
+    assert (scores[got][:-1] >= scores[got][1:]).all()

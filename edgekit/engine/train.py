@@ -104,7 +104,9 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
-        start_epoch, history, total_epochs = state["epoch"], state["history"], state["total_epochs"]
+        start_epoch, history = state["epoch"], state["history"]
+        # Continue the saved plan (possibly fitted to a time limit) unless --epochs changed it.
+        total_epochs = state["total_epochs"] if cfg.epochs == state["config_epochs"] else cfg.epochs
         schedule.total_steps = total_epochs * len(loader)
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +157,7 @@ def train(cfg: TrainConfig) -> dict:
             save_training_state(out / "last.state.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
-                "epoch": epoch, "history": history, "total_epochs": total_epochs})
+                "epoch": epoch, "history": history, "total_epochs": total_epochs, "config_epochs": cfg.epochs})
         dist.barrier()
 
     result = {"config": {k: v for k, v in vars(cfg).items()}, "classes": list(classes), "history": history,

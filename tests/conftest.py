@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny synthetic data set and a checkpoint trained on it for one epoch."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOTA_EXAMPLE = REPO.parent / "shared" / "data" / "dota_example"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from edgekit.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic_dataset(root, num_train=8, num_val=4, image_size=128, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """(train result, output folder) of a one-epoch run on the tiny set."""
+    from edgekit.engine.config import make_config
+    from edgekit.engine.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = make_config({"data": str(tiny_data), "out": str(out), "image_size": 128, "epochs": 1, "batch_size": 4,
+                       "progress": False})
+    return train(cfg), out
