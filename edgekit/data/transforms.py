@@ -42,6 +42,8 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 array -> uint8 tensor [3, H, W]."""
+    if not image.flags.writeable:  # arrays viewing PIL images are read-only; torch wants to own writable memory
+        image = image.copy()
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
 
 
