@@ -44,7 +44,9 @@ def _cmd_train(args) -> int:
     if args.quiet:
         overrides["progress"] = False
     result = train(make_config(overrides, args.config))
-    val = result["val"]
+    val = result.get("val")
+    if val is None:  # a non-zero rank under torchrun: rank 0 reports
+        return 0
     print(f"mAP@[.5:.95] {val['map']:.4f}  mAP@.5 {val['map50']:.4f}  checkpoint {result['checkpoint']}")
     return 0
 
