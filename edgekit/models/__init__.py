@@ -10,5 +10,8 @@ from edgekit.models.convnextv2 import ConvNeXtV2, backbone_state_dict
 __all__ = ["create_model", "list_models", "register_model", "ConvNeXtV2", "backbone_state_dict",
            "GRN", "grn_reference"]
 
-from edgekit.models import deform  # noqa: F401,E402
-from edgekit.models import detector  # noqa: F401,E402
+from edgekit.models.deform import (  # noqa: E402
+    DeformableSkip, DeformConv2d, DeformConv2dPack, deform_conv2d_reference)
+from edgekit.models.detector import RSDet  # noqa: E402
+
+__all__ += ["DeformConv2d", "DeformConv2dPack", "DeformableSkip", "deform_conv2d_reference", "RSDet"]
