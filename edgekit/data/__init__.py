@@ -1,19 +1,26 @@
 """Data: DOTA/YOLO/COCO formats and conversion, tiling of large images, the built-in
 synthetic aerial set, and the torch Dataset the trainer reads.
 
-Import from the sub-modules (``edgekit.data.dota`` ...); the most used names are
-re-exported here.
+The most used names are re-exported here, imported on first use so that
+``import edgekit.data.dota`` (e.g. for ``edgekit convert``) does not pull in torch.
 """
 
-from edgekit.data.convert import convert_dataset
-from edgekit.data.dataset import DetectionDataset, collate_detection
-from edgekit.data.dota import (DOTA_V1_CLASSES, DOTA_V2_CLASSES, DOTA_V15_CLASSES, DotaAnnotation, DotaObject,
-                               read_dota_dataset, read_dota_labels, write_dota_labels)
-from edgekit.data.images import load_image, save_image
-from edgekit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
-from edgekit.data.tiling import iter_tiles, merge_tile_detections, split_annotation, tile_dataset, tile_windows
+from importlib import import_module
 
-__all__ = ["convert_dataset", "DetectionDataset", "collate_detection", "DOTA_V1_CLASSES", "DOTA_V15_CLASSES",
-           "DOTA_V2_CLASSES", "DotaAnnotation", "DotaObject", "read_dota_dataset", "read_dota_labels",
-           "write_dota_labels", "load_image", "save_image", "SYNTHETIC_CLASSES", "generate_synthetic_dataset",
-           "iter_tiles", "merge_tile_detections", "split_annotation", "tile_dataset", "tile_windows"]
+_EXPORTS = {
+    "convert_dataset": "convert",
+    "DetectionDataset": "dataset", "collate_detection": "dataset",
+    "DOTA_V1_CLASSES": "dota", "DOTA_V15_CLASSES": "dota", "DOTA_V2_CLASSES": "dota", "DotaAnnotation": "dota",
+    "DotaObject": "dota", "read_dota_dataset": "dota", "read_dota_labels": "dota", "write_dota_labels": "dota",
+    "load_image": "images", "save_image": "images",
+    "SYNTHETIC_CLASSES": "synthetic", "generate_synthetic_dataset": "synthetic",
+    "iter_tiles": "tiling", "merge_tile_detections": "tiling", "split_annotation": "tiling",
+    "tile_dataset": "tiling", "tile_windows": "tiling",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f"edgekit.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'edgekit.data' has no attribute '{name}'")

@@ -2,7 +2,7 @@
 the code (no download), so the demo and the tests can train and evaluate end to end.
 
 Each image is a textured ground (terrain tint, low-frequency variation, fields, roads,
-buildings as distractors) with 3-10 objects of five DOTA classes drawn as rotated
+buildings as distractors) with 4-10 objects of five DOTA classes drawn as rotated
 polygons at any orientation: planes (fuselage, swept wings and tail), ships (elongated
 pointed hulls), storage tanks (discs with a rim), small vehicles (short rectangles) and
 large vehicles (long rectangles with a cab). Sizes, colours and brightness vary, objects
@@ -95,16 +95,16 @@ def _ship(rng, s):
 
 
 def _storage_tank(rng, s):
-    d = rng.uniform(14, 40) * s
+    d = rng.uniform(16, 42) * s
     r = d / 2
     inner = _color(rng, [215, 212, 205] if rng.random() < 0.7 else [160, 165, 160])
-    rim = _color(rng, np.array(inner) * rng.choice([0.55, 0.7]))
+    rim = _color(rng, np.array(inner) * rng.uniform(0.5, 0.65))
     return [(r, rim), (r * rng.uniform(0.72, 0.85), inner)], (r, r), False
 
 
 def _small_vehicle(rng, s):
-    length = rng.uniform(11, 17) * s
-    width = length * rng.uniform(0.42, 0.55)
+    length = rng.uniform(13, 19) * s
+    width = length * rng.uniform(0.45, 0.55)
     hx, hy = length / 2, width / 2
     body = _color(rng, _CAR_COLORS[rng.integers(len(_CAR_COLORS))])
     glass = _color(rng, [45, 55, 65], 0.2)
@@ -112,8 +112,8 @@ def _small_vehicle(rng, s):
 
 
 def _large_vehicle(rng, s):
-    length = rng.uniform(25, 44) * s
-    width = rng.uniform(7.5, 11) * s
+    length = rng.uniform(28, 46) * s
+    width = rng.uniform(8, 12) * s
     hx, hy = length / 2, width / 2
     cab = _color(rng, _CAR_COLORS[rng.integers(len(_CAR_COLORS))])
     trailer = _color(rng, [205, 205, 200] if rng.random() < 0.6 else [110, 115, 125])
@@ -129,7 +129,8 @@ _SHAPES = {"plane": _plane, "ship": _ship, "storage-tank": _storage_tank,
 
 def _background(rng, size: int) -> Image.Image:
     base = _TERRAINS[rng.integers(len(_TERRAINS))] * rng.uniform(0.85, 1.15)
-    low = rng.normal(0, 1, (6, 6, 3)) * rng.uniform(6, 14) + base
+    # Mostly brightness variation with a little hue drift, as in real ground.
+    low = (rng.normal(0, 1, (6, 6, 1)) * rng.uniform(6, 14) + rng.normal(0, 3, (6, 6, 3))) + base
     img = Image.fromarray(np.clip(low, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, 5)):  # fields: large quadrilaterals in a nearby tint
@@ -172,8 +173,8 @@ def _place(rng, size: int, hx: float, hy: float, angle: float, taken: list, max_
 
 
 def _draw_buildings(rng, draw, size: int, s: float, taken: list):
-    for _ in range(rng.integers(0, 5)):
-        hx, hy = rng.uniform(9, 22, 2) * s
+    for _ in range(rng.integers(0, 4)):
+        hx, hy = rng.uniform(10, 24, 2) * s
         angle = rng.uniform(0, np.pi) if rng.random() < 0.5 else 0.0
         spot = _place(rng, size, hx, hy, angle, taken, 0.0, tries=5)
         if spot is None:
@@ -195,7 +196,7 @@ def synthetic_sample(rng: np.random.Generator, image_size: int = 256) -> tuple[n
     _draw_buildings(rng, draw, image_size, s, buildings)
     taken = list(buildings)
     objects = []
-    for _ in range(rng.integers(3, 11)):
+    for _ in range(rng.integers(4, 11)):
         label = SYNTHETIC_CLASSES[rng.integers(len(SYNTHETIC_CLASSES))]
         parts, (hx, hy), oriented = _SHAPES[label](rng, s)
         angle = rng.uniform(0, 2 * np.pi) if oriented else 0.0
