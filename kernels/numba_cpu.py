@@ -1,0 +1,267 @@
+"""The ``numba`` backend: GRN and deformable convolution on the CPU, forward and backward.
+
+Both ops are ``torch.autograd.Function``s, so modules (``GRN``, ``DeformConv2d``) train
+through them transparently; the kernels are in :mod:`edgekit.kernels.numba_grn` and
+:mod:`edgekit.kernels.numba_deform` and run on numpy views of the (contiguous) tensors.
+
+Data types: float32 and float64 run natively. Numba cannot compute in float16/bfloat16
+on the CPU, so those inputs are converted to float32 at the boundary (one extra copy
+each way) and the result is cast back to the input's dtype; this is also what the
+reference does (it reduces GRN and samples DCN in float32).
+
+Compilation: every kernel is compiled on first use for each dtype and cached on disk
+next to the module (``cache=True``). The first GRN call costs about 5 s of compile and
+the first DCN forward+backward about 15 s on a 2-core machine; later processes load
+the cache in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from edgekit.models.deform import deform_geometry
+
+DEVICES = frozenset({"cpu"})
+SUPPORTS_BACKWARD = frozenset({"grn", "deform_conv2d"})
+COLUMNS_BUDGET = 1 << 24  # elements of the im2col buffer per chunk of samples (64 MiB in float32)
+_GRN_CHUNK_BYTES = 64 << 10  # bytes of one GRN row chunk: a task's unit of work
+
+
+def unavailable_reason() -> str | None:
+    """None when numba imports, else why not."""
+    try:
+        import numba  # noqa: F401
+    except ImportError as exc:
+        return f"numba cannot be imported ({exc}); pip install numba"
+    return None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+# ---------------------------------------------------------------------------- GRN
+
+
+def grn(x, gamma, beta, eps=1e-6, data_format="channels_last"):
+    """GRN with the reference's semantics (``edgekit.models.grn.grn_reference``)."""
+    if data_format not in ("channels_last", "channels_first"):
+        raise ValueError(f"grn: data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
+    if x.ndim != 4:
+        raise ValueError(f"grn: expected a 4-D tensor, got shape {tuple(x.shape)}")
+    channels = x.shape[3] if data_format == "channels_last" else x.shape[1]
+    if gamma.numel() != channels or beta.numel() != channels:
+        raise ValueError(f"grn: gamma and beta need {channels} elements ({data_format} input of shape "
+                         f"{tuple(x.shape)}), got {gamma.numel()} and {beta.numel()}")
+    return _GRNFunction.apply(x, gamma, beta, float(eps), data_format == "channels_last")
+
+
+def _grn_view(x: torch.Tensor, channels_last: bool) -> np.ndarray:
+    """[N, HW, C] (channels_last) or [N, C, HW] numpy view of a contiguous tensor."""
+    n, a, b, c = x.shape
+    return x.reshape(n, a * b, c).numpy() if channels_last else x.reshape(n, a, b * c).numpy()
+
+
+def _chunk_rows(x3: np.ndarray) -> int:
+    return max(1, _GRN_CHUNK_BYTES // max(1, x3.shape[2] * x3.itemsize))
+
+
+def _grn_reduce(u3, v3, channels_last: bool, want_sum: bool) -> np.ndarray:
+    """[N, 2, C] float64: per-(n, c) sum of u*v and sum of u."""
+    from edgekit.kernels import numba_grn as k
+    if channels_last:
+        return k.reduce_last(u3, v3, _chunk_rows(u3), want_sum).sum(axis=1)
+    return k.reduce_first(u3, v3, want_sum)
+
+
+def _grn_apply(u3, a, v3, b, beta, channels_last: bool) -> np.ndarray:
+    from edgekit.kernels import numba_grn as k
+    out = np.empty_like(u3)
+    use_v = v3 is not None
+    v3 = u3 if v3 is None else v3
+    b = a if b is None else b
+    if channels_last:
+        k.apply_last(u3, a, v3, b, beta, out, _chunk_rows(u3), use_v)
+    else:
+        k.apply_first(u3, a, v3, b, beta, out, use_v)
+    return out
+
+
+class _GRNFunction(torch.autograd.Function):
+    """out = x*(gamma*Nx + 1) + beta with Nx = G/(mean_C G + eps), G = ||x||_HW.
+
+    Backward, with S = sum_HW grad*x per (n, c) and M = mean_C G:
+    dbeta = sum grad; dgamma = sum_n Nx*S; dL/dNx = gamma*S =: a;
+    dL/dG_c = a_c/(M+eps) - sum_k a_k G_k / (C (M+eps)^2);
+    dx = grad*(gamma*Nx + 1) + x * dL/dG / G (0 where G = 0, as torch.norm's gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps, channels_last):
+        dtype = _compute_dtype(x.dtype)
+        xc = x.detach().to(dtype).contiguous()
+        x3 = _grn_view(xc, channels_last)
+        sums = _grn_reduce(x3, x3, channels_last, False)
+        gx = np.sqrt(sums[:, 0])  # [N, C] float64
+        denom = gx.mean(axis=1, keepdims=True) + eps
+        nx = gx / denom
+        g = gamma.detach().reshape(-1).to(torch.float64).numpy()
+        b = beta.detach().reshape(-1).to(dtype).contiguous().numpy()
+        scale = (g * nx + 1.0).astype(x3.dtype)
+        out = _grn_apply(x3, scale, None, None, b, channels_last)
+        ctx.save_for_backward(xc, gamma, beta)
+        ctx.stats = (gx, denom, nx)
+        ctx.channels_last = channels_last
+        ctx.x_dtype = x.dtype
+        return torch.from_numpy(out).view(xc.shape).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        xc, gamma, beta = ctx.saved_tensors
+        gx, denom, nx = ctx.stats
+        cl = ctx.channels_last
+        gc = grad.to(xc.dtype).contiguous()
+        x3, g3 = _grn_view(xc, cl), _grn_view(gc, cl)
+        sums = _grn_reduce(g3, x3, cl, True)  # [N, 2, C]: sum grad*x, sum grad
+        s, gsum = sums[:, 0], sums[:, 1]
+        g = gamma.detach().reshape(-1).to(torch.float64).numpy()
+        grad_x = grad_gamma = grad_beta = None
+        if ctx.needs_input_grad[0]:
+            a = g * s
+            d_g = a / denom - (a * gx).sum(axis=1, keepdims=True) / (gx.shape[1] * denom ** 2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                coef = np.where(gx > 0, d_g / np.where(gx > 0, gx, 1.0), 0.0)
+            scale = (g * nx + 1.0).astype(x3.dtype)
+            zeros = np.zeros(x3.shape[2] if cl else x3.shape[1], dtype=x3.dtype)
+            dx = _grn_apply(g3, scale, x3, coef.astype(x3.dtype), zeros, cl)
+            grad_x = torch.from_numpy(dx).view(xc.shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_gamma = torch.from_numpy((nx * s).sum(axis=0)).to(gamma.dtype).view(gamma.shape)
+        if ctx.needs_input_grad[2]:
+            grad_beta = torch.from_numpy(gsum.sum(axis=0)).to(beta.dtype).view(beta.shape)
+        return grad_x, grad_gamma, grad_beta, None, None
+
+
+# --------------------------------------------------------------- deformable convolution
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=None):
+    """``torchvision.ops.deform_conv2d`` semantics; differentiable in every tensor argument."""
+    g = deform_geometry(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _DeformFunction.apply(input, offset, weight, bias, mask, g)
+
+
+def _chunk_size(g) -> int:
+    """Samples per im2col chunk, so that the columns buffer stays within COLUMNS_BUDGET."""
+    per_sample = g.in_channels * g.kernel_h * g.kernel_w * g.out_h * g.out_w
+    return max(1, min(g.batch, COLUMNS_BUDGET // max(1, per_sample)))
+
+
+class _DeformFunction(torch.autograd.Function):
+    """im2col (Numba) + one batched GEMM per chunk of samples (torch.matmul).
+
+    The columns are not kept for the backward (they are K times the input): the backward
+    recomputes them chunk by chunk, which is cheaper than the GEMMs around them.
+    """
+
+    @staticmethod
+    def forward(ctx, input, offset, weight, bias, mask, g):
+        from edgekit.kernels import numba_deform as k
+        dtype = _compute_dtype(input.dtype)
+        x = input.detach().to(dtype).contiguous()
+        off = offset.detach().to(dtype).contiguous()
+        w = weight.detach().to(dtype).contiguous()
+        m = None if mask is None else mask.detach().to(dtype).contiguous()
+        p = k.geometry_array(g)
+        length = g.out_h * g.out_w
+        wg = w.reshape(g.groups, g.out_channels // g.groups, -1)
+        out = torch.empty(g.batch, g.out_channels, length, dtype=dtype)
+        step = _chunk_size(g)
+        for b0 in range(0, g.batch, step):
+            b1 = min(g.batch, b0 + step)
+            cols = _columns(x[b0:b1], off[b0:b1], None if m is None else m[b0:b1], p, g)
+            cols = cols.view(b1 - b0, g.groups, -1, length)
+            torch.matmul(wg, cols, out=out[b0:b1].view(b1 - b0, g.groups, -1, length))
+        if bias is not None:
+            out += bias.detach().to(dtype).view(1, -1, 1)
+        ctx.save_for_backward(x, off, w, m)
+        ctx.geometry, ctx.has_bias, ctx.dtypes = g, bias is not None, (input.dtype, offset.dtype, weight.dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mask_dtype = None if mask is None else mask.dtype
+        return out.view(g.batch, g.out_channels, g.out_h, g.out_w).to(input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        from edgekit.kernels import numba_deform as k
+        x, off, w, m = ctx.saved_tensors
+        g = ctx.geometry
+        need_x, need_off, need_w, need_b, need_m = ctx.needs_input_grad[:5]
+        dtype = x.dtype
+        p = k.geometry_array(g)
+        length = g.out_h * g.out_w
+        gout = grad.to(dtype).contiguous().view(g.batch, g.groups, g.out_channels // g.groups, length)
+        wg = w.reshape(g.groups, g.out_channels // g.groups, -1)
+        grad_x = torch.zeros(g.batch, g.in_channels, g.height * g.width, dtype=dtype) if need_x else None
+        grad_off = torch.zeros(off.shape, dtype=dtype) if need_off or need_m else None
+        grad_m = torch.zeros(m.shape, dtype=dtype) if m is not None and (need_off or need_m) else None
+        grad_w = torch.zeros_like(wg) if need_w else None
+        mask_np = _dummy_mask(dtype)
+        step = _chunk_size(g)
+        for b0 in range(0, g.batch, step):
+            b1 = min(g.batch, b0 + step)
+            nb = b1 - b0
+            go = gout[b0:b1]
+            m_chunk = None if m is None else m[b0:b1]
+            if need_w:
+                cols = _columns(x[b0:b1], off[b0:b1], m_chunk, p, g).view(nb, g.groups, -1, length)
+                grad_w += torch.matmul(go, cols.transpose(2, 3)).sum(dim=0)
+                del cols
+            if not (need_x or need_off or need_m):
+                continue
+            gcols = torch.matmul(wg.transpose(1, 2), go).view(nb, -1, length)  # [nb, C*K, L]
+            off_np = off[b0:b1].view(nb, off.shape[1], length).numpy()
+            mk = mask_np if m is None else m_chunk.view(nb, m.shape[1], length).numpy()
+            if need_x:
+                chunks = max(1, min(g.in_channels // g.offset_groups,
+                                    math.ceil(8 / max(1, nb * g.offset_groups))))
+                k.col2im(gcols.numpy(), off_np, mk, m is not None, p, chunks, grad_x[b0:b1].numpy())
+            if need_off or need_m:
+                gm = mask_np if grad_m is None else grad_m[b0:b1].view(nb, m.shape[1], length).numpy()
+                k.col2coord(gcols.numpy(), x[b0:b1].view(nb, g.in_channels, -1).numpy(), off_np, mk,
+                            m is not None, p, grad_off[b0:b1].view(nb, off.shape[1], length).numpy(), gm)
+        in_dt, off_dt, w_dt = ctx.dtypes
+        return (
+            None if grad_x is None else grad_x.view(g.batch, g.in_channels, g.height, g.width).to(in_dt),
+            grad_off.to(off_dt) if need_off else None,
+            grad_w.view(w.shape).to(w_dt) if need_w else None,
+            grad.sum(dim=(0, 2, 3)).to(ctx.bias_dtype) if need_b and ctx.has_bias else None,
+            grad_m.to(ctx.mask_dtype) if need_m and grad_m is not None else None,
+            None,
+        )
+
+
+def _dummy_mask(dtype) -> np.ndarray:
+    """The kernels always take a mask array; without a mask, a 1-element dummy."""
+    return np.ones((1, 1, 1), dtype=np.float64 if dtype == torch.float64 else np.float32)
+
+
+def _columns(x, off, m, p, g) -> torch.Tensor:
+    """Deformable im2col of a chunk of samples: [nb, C*K, L]."""
+    from edgekit.kernels import numba_deform as k
+    nb, length = x.shape[0], g.out_h * g.out_w
+    kk = g.kernel_h * g.kernel_w
+    cols = torch.empty(nb, g.in_channels * kk, length, dtype=x.dtype)
+    mk = _dummy_mask(x.dtype) if m is None else m.reshape(nb, m.shape[1], length).numpy()
+    k.im2col(x.reshape(nb, g.in_channels, -1).numpy(), off.reshape(nb, off.shape[1], length).numpy(), mk,
+             m is not None, p, cols.numpy())
+    return cols

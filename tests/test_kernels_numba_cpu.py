@@ -1,0 +1,228 @@
+"""The Numba CPU backend against the float64 PyTorch references, forward and every gradient.
+
+Float32 results are compared with the float64 reference run on the same (float32-rounded)
+inputs; the error is measured relative to the reference's norm. Cases are fresh each run
+(hypothesis draws the seeds); a failure prints the seed (``EDGEKIT_TEST_SEED`` replays a
+deform case).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deform_cases import describe, fresh_seed, random_deform_case, tensor_args
+from edgekit import ops
+from edgekit.kernels import dispatch, numba_cpu
+from edgekit.models.deform import DeformConv2d, deform_conv2d_reference
+from edgekit.models.grn import GRN, grn_reference
+
+TOL32 = 1e-5
+SETTINGS = settings(max_examples=25, deadline=None, print_blob=True)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def grads(fn, inputs, grad_out_seed):
+    """Output and gradients of ``fn(*inputs)`` w.r.t. every input that requires grad, for
+    a fixed random output gradient."""
+    out = fn(*inputs)
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return out, torch.autograd.grad(out, leaves, g)
+
+
+def detached(ts, dtype):
+    return [t if not isinstance(t, torch.Tensor) else t.detach().to(dtype).requires_grad_() for t in ts]
+
+
+# ----------------------------------------------------------------------------- GRN
+
+
+def grn_inputs(seed, n, h, w, c, data_format, dtype=torch.float32, zero_channel=False):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    if zero_channel:  # a channel whose norm is 0: the gradient must stay finite there
+        (x[..., 0] if data_format == "channels_last" else x[:, 0]).zero_()
+    gamma = torch.randn(1, 1, 1, c, generator=gen, dtype=torch.float64)
+    beta = torch.randn(1, 1, 1, c, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, gamma, beta)]
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3), h=st.integers(1, 11), w=st.integers(1, 11),
+       c=st.integers(1, 40), data_format=st.sampled_from(["channels_last", "channels_first"]),
+       zero_channel=st.booleans())
+def test_grn_float32_forward_and_grads_match_float64_reference(seed, n, h, w, c, data_format, zero_channel):
+    x, gamma, beta = grn_inputs(seed, n, h, w, c, data_format, zero_channel=zero_channel)
+    fn = lambda impl: lambda x, g, b: impl(x, g, b, 1e-6, data_format)  # noqa: E731
+    out, got = grads(fn(numba_cpu.grn), detached((x, gamma, beta), torch.float32), seed)
+    ref_out, ref = grads(fn(grn_reference), detached((x, gamma, beta), torch.float64), seed)
+    assert out.dtype == torch.float32
+    for name, a, b in zip(("out", "x", "gamma", "beta"), (out, *got), (ref_out, *ref)):
+        assert torch.isfinite(a).all(), f"{name}: non-finite (seed {seed})"
+        assert rel_err(a, b) <= TOL32, f"{name}: rel err {rel_err(a, b):.2e} (seed {seed}, {data_format})"
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_grn_gradcheck_float64(data_format):
+    seed = fresh_seed()
+    x, gamma, beta = detached(grn_inputs(seed, 2, 3, 5, 4, data_format, torch.float64), torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: numba_cpu.grn(*a, 1e-6, data_format), (x, gamma, beta)), seed
+    out = numba_cpu.grn(x, gamma, beta, 1e-6, data_format)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, grn_reference(x, gamma, beta, 1e-6, data_format), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_grn_half_input_is_reduced_in_float32(dtype, data_format):
+    seed = fresh_seed()
+    # Values whose float16 sum of squares over 32x32 pixels would overflow (> 65504).
+    x, gamma, beta = grn_inputs(seed, 2, 32, 32, 8, data_format, dtype)
+    x = (x.float() * 30).to(dtype)
+    out = numba_cpu.grn(x, gamma, beta, 1e-6, data_format)
+    ref = grn_reference(x, gamma, beta, 1e-6, data_format)
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    assert rel_err(out, ref) <= (2e-3 if dtype == torch.float16 else 1e-2), seed
+
+
+def test_grn_non_contiguous_input():
+    seed = fresh_seed()
+    x, gamma, beta = grn_inputs(seed, 2, 6, 5, 7, "channels_first")
+    nhwc = x.permute(0, 2, 3, 1)  # a channels_last view of NCHW memory
+    torch.testing.assert_close(numba_cpu.grn(nhwc, gamma, beta, 1e-6, "channels_last"),
+                               grn_reference(nhwc, gamma, beta), rtol=1e-5, atol=1e-5)
+
+
+def test_grn_rejects_bad_parameters():
+    x = torch.randn(1, 2, 2, 3)
+    with pytest.raises(ValueError, match="gamma and beta need 3"):
+        numba_cpu.grn(x, torch.ones(4), torch.ones(3))
+    with pytest.raises(ValueError, match="data_format"):
+        numba_cpu.grn(x, torch.ones(3), torch.ones(3), 1e-6, "nhwc")
+
+
+# ------------------------------------------------------------ deformable convolution
+
+
+def check_deform_case(case, seed):
+    """Forward and every gradient of the float32 kernel vs the float64 reference."""
+    args = tensor_args(case)
+    f32 = detached(args, torch.float32)
+    f64 = detached(f32, torch.float64)  # the same float32-rounded values
+    out, got = grads(numba_cpu.deform_conv2d, f32, seed)
+    ref_out, ref = grads(deform_conv2d_reference, f64, seed)
+    assert out.dtype == torch.float32 and out.shape == ref_out.shape
+    names = [n for n, t in zip(("out", "input", "offset", "weight", "bias", "mask"),
+                               (out, *args[:4], args[7])) if n == "out" or t is not None]
+    for name, a, b in zip(names, (out, *got), (ref_out, *ref)):
+        if b.norm() == 0:  # e.g. the offset gradient when every sample is off the map
+            assert a.abs().max() <= 1e-6, f"{name}: expected zeros (seed {seed}; {describe(case)})"
+            continue
+        err = rel_err(a, b)
+        assert err <= TOL32, f"{name}: rel err {err:.2e} (seed {seed}; {describe(case)})"
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1))
+def test_deform_random_cases_match_float64_reference(seed):
+    """Random shapes and options (groups, offset groups, mask, bias, stride, padding,
+    dilation, even kernels, batch 1/2, offsets on and off the borders)."""
+    case = random_deform_case(np.random.default_rng(seed), requires_grad=True)
+    check_deform_case(case, seed % 2**31)
+
+
+@pytest.mark.parametrize("options", [
+    dict(kernel=(2, 4), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+    dict(groups=2, offset_groups=3, kernel=3, use_mask=True, use_bias=True, batch=3),
+    dict(groups=1, offset_groups=1, kernel=3, stride=2, padding=1, offset_scale=40.0, batch=1),
+    dict(kernel=1, use_mask=False, use_bias=False, size=(1, 1), padding=0, stride=1, dilation=1),
+    dict(kernel=3, size=(37, 19), in_channels=8, out_channels=6, groups=2, offset_groups=2, batch=2),
+], ids=["even-kernel", "groups-offset-groups", "far-offsets", "one-pixel", "larger-map"])
+def test_deform_pinned_options(options):
+    seed = fresh_seed()
+    check_deform_case(random_deform_case(np.random.default_rng(seed), requires_grad=True, **options), seed % 2**31)
+
+
+def test_deform_chunked_batches_equal_one_chunk(monkeypatch):
+    """A columns budget smaller than one sample splits the batch into per-sample chunks."""
+    seed = fresh_seed()
+    case = random_deform_case(np.random.default_rng(seed), batch=3, use_mask=True, requires_grad=True)
+    args = detached(tensor_args(case), torch.float64)
+    whole, whole_g = grads(numba_cpu.deform_conv2d, args, 0)
+    monkeypatch.setattr(numba_cpu, "COLUMNS_BUDGET", 1)
+    split, split_g = grads(numba_cpu.deform_conv2d, args, 0)
+    for a, b in zip((whole, *whole_g), (split, *split_g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_deform_gradcheck_float64():
+    seed = fresh_seed()
+    case = random_deform_case(np.random.default_rng(seed), offset_kinds=("smooth",), use_mask=True,
+                              use_bias=True, max_size=5, requires_grad=True)
+    args = tensor_args(case)
+    assert torch.autograd.gradcheck(numba_cpu.deform_conv2d, args, nondet_tol=1e-12), f"seed {seed}"
+
+
+def test_deform_half_input_computes_in_float32():
+    seed = fresh_seed()
+    case = random_deform_case(np.random.default_rng(seed), dtype=torch.float16)
+    out = numba_cpu.deform_conv2d(*tensor_args(case))
+    ref = deform_conv2d_reference(*tensor_args(case))
+    assert out.dtype == torch.float16
+    assert rel_err(out, ref) <= 2e-3, f"seed {seed}"
+
+
+# ----------------------------------------------------------------- routing and modules
+
+
+def test_available_and_auto_picks_numba_on_cpu(monkeypatch):
+    monkeypatch.delenv("EDGEKIT_BACKEND", raising=False)
+    assert numba_cpu.unavailable_reason() is None
+    assert "numba" in dispatch.available_backends()
+    x = torch.randn(1, 2, 2, 3, requires_grad=True)
+    assert dispatch.resolve("grn", "auto", x) is numba_cpu.grn
+    assert dispatch.resolve("deform_conv2d", "auto", x) is numba_cpu.deform_conv2d
+
+
+def test_ops_route_to_numba():
+    x, gamma, beta = detached(grn_inputs(fresh_seed(), 1, 4, 4, 5, "channels_last"), torch.float32)
+    out = ops.grn(x, gamma, beta, backend="numba")
+    assert type(out.grad_fn).__name__.startswith("_GRNFunction")
+    case = random_deform_case(np.random.default_rng(fresh_seed()), dtype=torch.float32, requires_grad=True)
+    c = case
+    out = ops.deform_conv2d(c["input"], c["offset"], c["weight"], c["bias"], c["stride"], c["padding"],
+                            c["dilation"], c["mask"], backend="numba")
+    assert type(out.grad_fn).__name__.startswith("_DeformFunction")
+
+
+def test_modules_train_through_numba_like_torch():
+    """The same module on both backends gives the same parameter gradients."""
+    seed = fresh_seed()
+    torch.manual_seed(seed % 2**31)
+    layers = {b: (DeformConv2d(4, 6, 3, padding=1, offset_groups=2, backend=b), GRN(6, backend=b))
+              for b in ("numba", "torch")}
+    layers["torch"][0].load_state_dict(layers["numba"][0].state_dict())
+    for _, grn in layers.values():
+        with torch.no_grad():
+            grn.gamma.fill_(0.5)
+            grn.beta.fill_(-0.25)
+    x = torch.randn(2, 4, 9, 7)
+    offset = torch.randn(2, 36, 9, 7) * 2
+    mask = torch.rand(2, 18, 9, 7)
+    g = {}
+    for b, (dcn, grn) in layers.items():
+        y = grn(dcn(x, offset, mask).permute(0, 2, 3, 1))
+        y.square().mean().backward()
+        g[b] = [p.grad for p in (*dcn.parameters(), *grn.parameters())]
+    for a, b in zip(g["numba"], g["torch"]):
+        assert rel_err(a, b) <= 1e-4, f"seed {seed}"
