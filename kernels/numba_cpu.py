@@ -29,6 +29,7 @@ DEVICES = frozenset({"cpu"})
 SUPPORTS_BACKWARD = frozenset({"grn", "deform_conv2d"})
 COLUMNS_BUDGET = 1 << 24  # elements of the im2col buffer per chunk of samples (64 MiB in float32)
 _GRN_CHUNK_BYTES = 64 << 10  # bytes of one GRN row chunk: a task's unit of work
+_SERIAL_BYTES = 256 << 10  # GRN tensors below this run on one thread
 
 
 def unavailable_reason() -> str | None:
@@ -61,7 +62,47 @@ def grn(x, gamma, beta, eps=1e-6, data_format="channels_last"):
     if gamma.numel() != channels or beta.numel() != channels:
         raise ValueError(f"grn: gamma and beta need {channels} elements ({data_format} input of shape "
                          f"{tuple(x.shape)}), got {gamma.numel()} and {beta.numel()}")
-    return _GRNFunction.apply(x, gamma, beta, float(eps), data_format == "channels_last")
+    if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or beta.requires_grad):
+        return _GRNFunction.apply(x, gamma, beta, float(eps), data_format == "channels_last")
+    return _grn_forward(x, gamma, beta, float(eps), data_format == "channels_last")[0]
+
+
+def _grn_forward(x, gamma, beta, eps, channels_last):
+    """(out, saved x in the compute dtype, (G, mean+eps, Nx)); no autograd bookkeeping,
+    which is most of the cost on the small late-stage tensors (7x7)."""
+    dtype = _compute_dtype(x.dtype)
+    xc = x.detach().to(dtype).contiguous()
+    x3 = _grn_view(xc, channels_last)
+    with _serial_if_small(x3):
+        sums = _grn_reduce(x3, x3, channels_last, False)
+        gx = np.sqrt(sums[:, 0])  # [N, C] float64
+        denom = gx.mean(axis=1, keepdims=True) + eps
+        nx = gx / denom
+        g = gamma.detach().reshape(-1).to(torch.float64).numpy()
+        b = beta.detach().reshape(-1).to(dtype).contiguous().numpy()
+        scale = (g * nx + 1.0).astype(x3.dtype)
+        out = _grn_apply(x3, scale, None, None, b, channels_last)
+    return torch.from_numpy(out).view(xc.shape).to(x.dtype), xc, (gx, denom, nx)
+
+
+class _serial_if_small:
+    """Run Numba's parallel loops on one thread for tensors under ``_SERIAL_BYTES``: there
+    a parallel launch costs more than it saves, and on a shared machine its barrier can
+    wait a whole scheduler time slice for a descheduled worker."""
+
+    def __init__(self, arr: np.ndarray):
+        self.small = arr.nbytes < _SERIAL_BYTES
+
+    def __enter__(self):
+        if self.small:
+            import numba
+            self.saved = numba.get_num_threads()
+            numba.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.small:
+            import numba
+            numba.set_num_threads(self.saved)
 
 
 def _grn_view(x: torch.Tensor, channels_last: bool) -> np.ndarray:
@@ -106,22 +147,12 @@ class _GRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps, channels_last):
-        dtype = _compute_dtype(x.dtype)
-        xc = x.detach().to(dtype).contiguous()
-        x3 = _grn_view(xc, channels_last)
-        sums = _grn_reduce(x3, x3, channels_last, False)
-        gx = np.sqrt(sums[:, 0])  # [N, C] float64
-        denom = gx.mean(axis=1, keepdims=True) + eps
-        nx = gx / denom
-        g = gamma.detach().reshape(-1).to(torch.float64).numpy()
-        b = beta.detach().reshape(-1).to(dtype).contiguous().numpy()
-        scale = (g * nx + 1.0).astype(x3.dtype)
-        out = _grn_apply(x3, scale, None, None, b, channels_last)
+        out, xc, stats = _grn_forward(x, gamma, beta, eps, channels_last)
         ctx.save_for_backward(xc, gamma, beta)
-        ctx.stats = (gx, denom, nx)
+        ctx.stats = stats
         ctx.channels_last = channels_last
         ctx.x_dtype = x.dtype
-        return torch.from_numpy(out).view(xc.shape).to(x.dtype)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -166,10 +197,35 @@ def _chunk_size(g) -> int:
     return max(1, min(g.batch, COLUMNS_BUDGET // max(1, per_sample)))
 
 
-class _DeformFunction(torch.autograd.Function):
-    """im2col (Numba) + one batched GEMM per chunk of samples (torch.matmul).
+def _segments(g, min_tasks: int = 1) -> np.ndarray:
+    """Rows (offset group, c0, c1): runs of channels inside one offset group and one weight
+    group, split further until there are at least ``min_tasks`` runs (for col2im, whose
+    tasks own channels); runs stay multiples of 8 channels where they can (SIMD width)."""
+    cpg, cin_g = g.in_channels // g.offset_groups, g.in_channels // g.groups
+    bounds = sorted(set(range(0, g.in_channels + 1, cpg)) | set(range(0, g.in_channels + 1, cin_g)))
+    runs = list(zip(bounds, bounds[1:]))
+    pieces = max(1, math.ceil(min_tasks / len(runs)))
+    rows = []
+    for c0, c1 in runs:
+        width = max(1, math.ceil((c1 - c0) / pieces))
+        width = min(c1 - c0, math.ceil(width / 8) * 8) if c1 - c0 >= 16 else width
+        rows += [(c0 // cpg, a, min(c1, a + width)) for a in range(c0, c1, width)]
+    return np.array(rows, dtype=np.int64)
 
-    The columns are not kept for the backward (they are K times the input): the backward
+
+def _weight_t(w: torch.Tensor, g) -> torch.Tensor:
+    """Weight as the GEMM's right operand: [G, K*C/G, Cout/G], rows in the columns' (k, c) order."""
+    cin_g, cout_g, kk = g.in_channels // g.groups, g.out_channels // g.groups, g.kernel_h * g.kernel_w
+    return w.reshape(g.groups, cout_g, cin_g, kk).permute(0, 3, 2, 1).reshape(g.groups, kk * cin_g, cout_g)
+
+
+class _DeformFunction(torch.autograd.Function):
+    """Channels-last deformable im2col (Numba) + one batched GEMM per chunk (torch.matmul).
+
+    Columns are laid out [B, L, G, K, C/G] so that the innermost loops of every kernel
+    run over contiguous channels of a channels-last copy of the input (four vector loads
+    and four FMAs per 8 channels) and each weight group is a plain GEMM on them. The
+    columns are not kept for the backward (they are K times the input): the backward
     recomputes them chunk by chunk, which is cheaper than the GEMMs around them.
     """
 
@@ -177,20 +233,21 @@ class _DeformFunction(torch.autograd.Function):
     def forward(ctx, input, offset, weight, bias, mask, g):
         from edgekit.kernels import numba_deform as k
         dtype = _compute_dtype(input.dtype)
-        x = input.detach().to(dtype).contiguous()
+        x = input.detach().to(dtype).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
         off = offset.detach().to(dtype).contiguous()
         w = weight.detach().to(dtype).contiguous()
         m = None if mask is None else mask.detach().to(dtype).contiguous()
-        p = k.geometry_array(g)
-        length = g.out_h * g.out_w
-        wg = w.reshape(g.groups, g.out_channels // g.groups, -1)
+        length, cout_g = g.out_h * g.out_w, g.out_channels // g.groups
+        wt = _weight_t(w, g)
+        segs = _segments(g)
         out = torch.empty(g.batch, g.out_channels, length, dtype=dtype)
         step = _chunk_size(g)
         for b0 in range(0, g.batch, step):
             b1 = min(g.batch, b0 + step)
-            cols = _columns(x[b0:b1], off[b0:b1], None if m is None else m[b0:b1], p, g)
-            cols = cols.view(b1 - b0, g.groups, -1, length)
-            torch.matmul(wg, cols, out=out[b0:b1].view(b1 - b0, g.groups, -1, length))
+            nb = b1 - b0
+            cols = _columns(x[b0:b1], off[b0:b1], None if m is None else m[b0:b1], segs, g)
+            res = torch.matmul(cols.view(nb, length, g.groups, -1).transpose(1, 2), wt)  # [nb, G, L, Cout/G]
+            out[b0:b1].view(nb, g.groups, cout_g, length).copy_(res.transpose(2, 3))
         if bias is not None:
             out += bias.detach().to(dtype).view(1, -1, 1)
         ctx.save_for_backward(x, off, w, m)
@@ -206,48 +263,61 @@ class _DeformFunction(torch.autograd.Function):
         x, off, w, m = ctx.saved_tensors
         g = ctx.geometry
         need_x, need_off, need_w, need_b, need_m = ctx.needs_input_grad[:5]
+        need_coord = need_off or need_m
         dtype = x.dtype
         p = k.geometry_array(g)
-        length = g.out_h * g.out_w
-        gout = grad.to(dtype).contiguous().view(g.batch, g.groups, g.out_channels // g.groups, length)
-        wg = w.reshape(g.groups, g.out_channels // g.groups, -1)
-        grad_x = torch.zeros(g.batch, g.in_channels, g.height * g.width, dtype=dtype) if need_x else None
-        grad_off = torch.zeros(off.shape, dtype=dtype) if need_off or need_m else None
-        grad_m = torch.zeros(m.shape, dtype=dtype) if m is not None and (need_off or need_m) else None
-        grad_w = torch.zeros_like(wg) if need_w else None
-        mask_np = _dummy_mask(dtype)
+        length, cout_g, cin_g = g.out_h * g.out_w, g.out_channels // g.groups, g.in_channels // g.groups
+        gout = grad.to(dtype).contiguous().view(g.batch, g.groups, cout_g, length)
+        wt = _weight_t(w, g)
+        hw = g.height * g.width
+        grad_x = torch.zeros(g.batch, hw, g.in_channels, dtype=dtype) if need_x else None
+        grad_off = torch.zeros(off.shape, dtype=dtype) if need_coord else None
+        grad_m = torch.zeros(m.shape, dtype=dtype) if m is not None and need_coord else None
+        grad_wt = torch.zeros_like(wt) if need_w else None
+        segs = _segments(g)
         step = _chunk_size(g)
         for b0 in range(0, g.batch, step):
             b1 = min(g.batch, b0 + step)
             nb = b1 - b0
-            go = gout[b0:b1]
+            go_t = gout[b0:b1].transpose(2, 3)  # [nb, G, L, Cout/G]
             m_chunk = None if m is None else m[b0:b1]
             if need_w:
-                cols = _columns(x[b0:b1], off[b0:b1], m_chunk, p, g).view(nb, g.groups, -1, length)
-                grad_w += torch.matmul(go, cols.transpose(2, 3)).sum(dim=0)
+                cols = _columns(x[b0:b1], off[b0:b1], m_chunk, segs, g)
+                grad_wt += torch.matmul(cols.view(nb, length, g.groups, -1).permute(0, 2, 3, 1), go_t).sum(dim=0)
                 del cols
-            if not (need_x or need_off or need_m):
+            if not (need_x or need_coord):
                 continue
-            gcols = torch.matmul(wg.transpose(1, 2), go).view(nb, -1, length)  # [nb, C*K, L]
+            gcols = torch.matmul(go_t, wt.transpose(1, 2)).transpose(1, 2).contiguous().view(nb, length, -1)
             off_np = off[b0:b1].view(nb, off.shape[1], length).numpy()
-            mk = mask_np if m is None else m_chunk.view(nb, m.shape[1], length).numpy()
+            mk = _dummy_mask(dtype) if m is None else m_chunk.view(nb, m.shape[1], length).numpy()
             if need_x:
-                chunks = max(1, min(g.in_channels // g.offset_groups,
-                                    math.ceil(8 / max(1, nb * g.offset_groups))))
-                k.col2im(gcols.numpy(), off_np, mk, m is not None, p, chunks, grad_x[b0:b1].numpy())
-            if need_off or need_m:
-                gm = mask_np if grad_m is None else grad_m[b0:b1].view(nb, m.shape[1], length).numpy()
-                k.col2coord(gcols.numpy(), x[b0:b1].view(nb, g.in_channels, -1).numpy(), off_np, mk,
-                            m is not None, p, grad_off[b0:b1].view(nb, off.shape[1], length).numpy(), gm)
+                tasks = _segments(g, min_tasks=math.ceil(_col2im_tasks() / nb))
+                k.col2im(gcols.numpy(), off_np, mk, m is not None, p, tasks, cin_g,
+                         grad_x[b0:b1].numpy())
+            if need_coord:
+                gm = _dummy_mask(dtype) if grad_m is None else grad_m[b0:b1].view(nb, m.shape[1], length).numpy()
+                k.col2coord(gcols.numpy(), x[b0:b1].view(nb, hw, g.in_channels).numpy(), off_np, mk,
+                            m is not None, p, segs, cin_g, grad_off[b0:b1].view(nb, off.shape[1], length).numpy(), gm)
         in_dt, off_dt, w_dt = ctx.dtypes
+        if need_w:
+            kk = g.kernel_h * g.kernel_w
+            grad_w = grad_wt.view(g.groups, kk, cin_g, cout_g).permute(0, 3, 2, 1).reshape(w.shape)
         return (
-            None if grad_x is None else grad_x.view(g.batch, g.in_channels, g.height, g.width).to(in_dt),
+            None if grad_x is None else
+            grad_x.view(g.batch, g.height, g.width, g.in_channels).permute(0, 3, 1, 2).contiguous().to(in_dt),
             grad_off.to(off_dt) if need_off else None,
-            grad_w.view(w.shape).to(w_dt) if need_w else None,
+            grad_w.to(w_dt) if need_w else None,
             grad.sum(dim=(0, 2, 3)).to(ctx.bias_dtype) if need_b and ctx.has_bias else None,
             grad_m.to(ctx.mask_dtype) if need_m and grad_m is not None else None,
             None,
         )
+
+
+def _col2im_tasks() -> int:
+    """col2im tasks per chunk: they own channels, and every extra task recomputes the
+    sampling weights, so two per thread (enough to balance, few enough to stay cheap)."""
+    import numba
+    return 2 * numba.get_num_threads()
 
 
 def _dummy_mask(dtype) -> np.ndarray:
@@ -255,13 +325,13 @@ def _dummy_mask(dtype) -> np.ndarray:
     return np.ones((1, 1, 1), dtype=np.float64 if dtype == torch.float64 else np.float32)
 
 
-def _columns(x, off, m, p, g) -> torch.Tensor:
-    """Deformable im2col of a chunk of samples: [nb, C*K, L]."""
+def _columns(x, off, m, segs, g) -> torch.Tensor:
+    """Deformable im2col of a chunk of channels-last samples: [nb, L, G*K*C/G]."""
     from edgekit.kernels import numba_deform as k
     nb, length = x.shape[0], g.out_h * g.out_w
     kk = g.kernel_h * g.kernel_w
-    cols = torch.empty(nb, g.in_channels * kk, length, dtype=x.dtype)
+    cols = torch.empty(nb, length, g.in_channels * kk, dtype=x.dtype)
     mk = _dummy_mask(x.dtype) if m is None else m.reshape(nb, m.shape[1], length).numpy()
-    k.im2col(x.reshape(nb, g.in_channels, -1).numpy(), off.reshape(nb, off.shape[1], length).numpy(), mk,
-             m is not None, p, cols.numpy())
+    k.im2col(x.reshape(nb, g.height * g.width, g.in_channels).numpy(), off.reshape(nb, off.shape[1], length).numpy(),
+             mk, m is not None, k.geometry_array(g), segs, g.in_channels // g.groups, cols.numpy())
     return cols

@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 TILE = 128  # output pixels per task: small enough for L1, large enough to amortise set-up
+_LANES = 8  # independent accumulators of a reduction (no fastmath, so no reassociation)
 _OPTS = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
 
@@ -113,23 +114,31 @@ def _tile_weights(count, ly, lx, valid, mk, wts):
         wts[3, q] = ly[q] * lx[q] * valid[3, q] * m
 
 
+@njit(cache=True, fastmath=False, nogil=True)
+def _column_base(c0, cin_g, kk, k):
+    """Offset of channel 0 of kernel point k in a column row laid out [G, K, C/G],
+    such that the column of channel c (in the weight group of c0) is ``base + c``."""
+    gi = c0 // cin_g
+    return gi * kk * cin_g + k * cin_g - gi * cin_g
+
+
 @njit(**_OPTS)
-def im2col(x, offset, mask, use_mask, p, cols):
-    """x: [B, C, H*W]; offset: [B, 2*og*K, L]; mask: [B, og*K, L] (ignored unless
-    ``use_mask``); writes cols: [B, C*K, L]."""
-    nb, chans, _ = x.shape
+def im2col(x, offset, mask, use_mask, p, segments, cin_g, cols):
+    """x: [B, H*W, C] (channels last); offset: [B, 2*og*K, L]; mask: [B, og*K, L]
+    (ignored unless ``use_mask``); segments: [S, 3] rows (offset group, c0, c1) of
+    channel runs inside one offset group and one weight group; writes
+    cols: [B, L, G*K*C/G] (per pixel: weight group, kernel point, channel)."""
+    nb = x.shape[0]
     kk = p[0] * p[1]
     og = offset.shape[1] // (2 * kk)
-    cpg = chans // og
-    length = cols.shape[2]
+    length = cols.shape[1]
     ntiles = (length + TILE - 1) // TILE
-    for task in prange(nb * og * kk * ntiles):
+    nseg = segments.shape[0]
+    for task in prange(nb * kk * ntiles):
         t = task % ntiles
         rest = task // ntiles
         k = rest % kk
-        rest //= kk
-        g = rest % og
-        b = rest // og
+        b = rest // kk
         l0 = t * TILE
         count = min(length, l0 + TILE) - l0
         idx = np.empty((4, TILE), dtype=np.int64)
@@ -138,37 +147,50 @@ def im2col(x, offset, mask, use_mask, p, cols):
         lx = np.empty(TILE, dtype=np.float64)
         mk = np.empty(TILE, dtype=np.float64)
         wts = np.empty((4, TILE), dtype=cols.dtype)
-        _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
-        _tile_weights(count, ly, lx, valid, mk, wts)
-        for c in range(g * cpg, (g + 1) * cpg):
-            plane = x[b, c]
-            row = cols[b, c * kk + k]
-            for q in range(count):
-                row[l0 + q] = (wts[0, q] * plane[idx[0, q]] + wts[1, q] * plane[idx[1, q]]
-                               + wts[2, q] * plane[idx[2, q]] + wts[3, q] * plane[idx[3, q]])
+        for g in range(og):
+            _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
+            _tile_weights(count, ly, lx, valid, mk, wts)
+            for si in range(nseg):
+                if segments[si, 0] != g:
+                    continue
+                c0 = segments[si, 1]
+                c1 = segments[si, 2]
+                base = _column_base(c0, cin_g, kk, k)
+                n = c1 - c0
+                # Slices indexed from 0: the loop index is then provably non-negative, so
+                # Numba's negative-index wraparound does not block vectorisation.
+                for q in range(count):
+                    dst = cols[b, l0 + q, base + c0:base + c1]
+                    x0 = x[b, idx[0, q], c0:c1]
+                    x1 = x[b, idx[1, q], c0:c1]
+                    x2 = x[b, idx[2, q], c0:c1]
+                    x3 = x[b, idx[3, q], c0:c1]
+                    w0 = wts[0, q]
+                    w1 = wts[1, q]
+                    w2 = wts[2, q]
+                    w3 = wts[3, q]
+                    for c in range(n):
+                        dst[c] = w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c]
 
 
 @njit(**_OPTS)
-def col2im(gcols, offset, mask, use_mask, p, chunks, gx):
-    """Adjoint of :func:`im2col` w.r.t. x: gx[B, C, H*W] += scatter of gcols[B, C*K, L].
+def col2im(gcols, offset, mask, use_mask, p, segments, cin_g, gx):
+    """Adjoint of :func:`im2col` w.r.t. x: gx[B, H*W, C] += scatter of gcols[B, L, G*K*C/G].
 
-    Parallel over (b, offset group, channel chunk); a task owns its channels' planes."""
-    nb, chans, _ = gx.shape
+    Parallel over (b, segment); a task owns its segment's channels of every pixel, so no
+    two threads write the same element: no atomics, deterministic. The caller splits the
+    channels into enough segments to keep every core busy."""
+    nb = gx.shape[0]
     kk = p[0] * p[1]
-    og = offset.shape[1] // (2 * kk)
-    cpg = chans // og
-    per_chunk = (cpg + chunks - 1) // chunks
-    length = gcols.shape[2]
+    length = gcols.shape[1]
     ntiles = (length + TILE - 1) // TILE
-    for task in prange(nb * og * chunks):
-        ci = task % chunks
-        rest = task // chunks
-        g = rest % og
-        b = rest // og
-        c0 = g * cpg + ci * per_chunk
-        c1 = min((g + 1) * cpg, c0 + per_chunk)
-        if c0 >= c1:
-            continue
+    nseg = segments.shape[0]
+    for task in prange(nb * nseg):
+        si = task % nseg
+        b = task // nseg
+        g = segments[si, 0]
+        c0 = segments[si, 1]
+        c1 = segments[si, 2]
         idx = np.empty((4, TILE), dtype=np.int64)
         valid = np.empty((4, TILE), dtype=np.float64)
         ly = np.empty(TILE, dtype=np.float64)
@@ -176,33 +198,37 @@ def col2im(gcols, offset, mask, use_mask, p, chunks, gx):
         mk = np.empty(TILE, dtype=np.float64)
         wts = np.empty((4, TILE), dtype=gx.dtype)
         for k in range(kk):
+            base = _column_base(c0, cin_g, kk, k)
             for t in range(ntiles):
                 l0 = t * TILE
                 count = min(length, l0 + TILE) - l0
                 _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
                 _tile_weights(count, ly, lx, valid, mk, wts)
-                for c in range(c0, c1):
-                    plane = gx[b, c]
-                    row = gcols[b, c * kk + k]
-                    for q in range(count):
-                        v = row[l0 + q]
-                        plane[idx[0, q]] += wts[0, q] * v
-                        plane[idx[1, q]] += wts[1, q] * v
-                        plane[idx[2, q]] += wts[2, q] * v
-                        plane[idx[3, q]] += wts[3, q] * v
+                n = c1 - c0
+                for q in range(count):
+                    src = gcols[b, l0 + q, base + c0:base + c1]
+                    for corner in range(4):
+                        w = wts[corner, q]
+                        if w == 0:
+                            continue
+                        dst = gx[b, idx[corner, q], c0:c1]
+                        for c in range(n):
+                            dst[c] += w * src[c]
 
 
 @njit(**_OPTS)
-def col2coord(gcols, x, offset, mask, use_mask, p, goffset, gmask):
+def col2coord(gcols, x, offset, mask, use_mask, p, segments, cin_g, goffset, gmask):
     """Gradients w.r.t. offset ([B, 2*og*K, L]) and mask ([B, og*K, L], written only when
     ``use_mask``), torchvision's ``deformable_col2im_coord``: the derivative of the
-    bilinear sample w.r.t. y and x over the valid corners, times the mask."""
-    nb, chans, _ = x.shape
+    bilinear sample w.r.t. y and x over the valid corners, times the mask. Parallel over
+    (b, offset group, k, tile); each task owns its outputs and sums over the group's
+    channels in 8 float64 lanes (independent chains, no reassociation needed)."""
+    nb = x.shape[0]
     kk = p[0] * p[1]
     og = offset.shape[1] // (2 * kk)
-    cpg = chans // og
-    length = gcols.shape[2]
+    length = gcols.shape[1]
     ntiles = (length + TILE - 1) // TILE
+    nseg = segments.shape[0]
     for task in prange(nb * og * kk * ntiles):
         t = task % ntiles
         rest = task // ntiles
@@ -217,27 +243,66 @@ def col2coord(gcols, x, offset, mask, use_mask, p, goffset, gmask):
         ly = np.empty(TILE, dtype=np.float64)
         lx = np.empty(TILE, dtype=np.float64)
         mk = np.empty(TILE, dtype=np.float64)
-        acc_y = np.zeros(TILE, dtype=np.float64)
-        acc_x = np.zeros(TILE, dtype=np.float64)
-        acc_m = np.zeros(TILE, dtype=np.float64)
+        dots = np.empty((4, 1), dtype=np.float64)
         _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
-        for c in range(g * cpg, (g + 1) * cpg):
-            plane = x[b, c]
-            row = gcols[b, c * kk + k]
-            for q in range(count):
-                v00 = plane[idx[0, q]] * valid[0, q]
-                v01 = plane[idx[1, q]] * valid[1, q]
-                v10 = plane[idx[2, q]] * valid[2, q]
-                v11 = plane[idx[3, q]] * valid[3, q]
-                gc = np.float64(row[l0 + q])
-                fy = ly[q]
-                fx = lx[q]
-                acc_y[q] += gc * (fx * (v11 - v01) + (1.0 - fx) * (v10 - v00))
-                acc_x[q] += gc * (fy * (v11 - v10) + (1.0 - fy) * (v01 - v00))
-                acc_m[q] += gc * ((1.0 - fy) * ((1.0 - fx) * v00 + fx * v01) + fy * ((1.0 - fx) * v10 + fx * v11))
         ch = 2 * (g * kk + k)
         for q in range(count):
-            goffset[b, ch, l0 + q] = acc_y[q] * mk[q]
-            goffset[b, ch + 1, l0 + q] = acc_x[q] * mk[q]
+            # The four dot products D_corner = sum_c gcols[c] * x[corner, c]; the
+            # gradients are fixed combinations of them (torchvision's formulas, regrouped).
+            dots[:] = 0.0
+            row = gcols[b, l0 + q]
+            xr0 = x[b, idx[0, q]]
+            xr1 = x[b, idx[1, q]]
+            xr2 = x[b, idx[2, q]]
+            xr3 = x[b, idx[3, q]]
+            for si in range(nseg):
+                if segments[si, 0] != g:
+                    continue
+                c0 = segments[si, 1]
+                c1 = segments[si, 2]
+                base = _column_base(c0, cin_g, kk, k)
+                n = c1 - c0
+                gr = row[base + c0:base + c1]
+                x0 = xr0[c0:c1]
+                x1 = xr1[c0:c1]
+                x2 = xr2[c0:c1]
+                x3 = xr3[c0:c1]
+                # Two lanes per dot product in scalar locals (registers: Numba cannot prove
+                # that a lanes array does not alias the inputs, so it would spill every add).
+                a0 = a1 = b0 = b1 = e0 = e1 = h0 = h1 = 0.0
+                for c in range(0, n - 1, 2):
+                    g0 = np.float64(gr[c])
+                    g1 = np.float64(gr[c + 1])
+                    a0 += g0 * x0[c]
+                    a1 += g1 * x0[c + 1]
+                    b0 += g0 * x1[c]
+                    b1 += g1 * x1[c + 1]
+                    e0 += g0 * x2[c]
+                    e1 += g1 * x2[c + 1]
+                    h0 += g0 * x3[c]
+                    h1 += g1 * x3[c + 1]
+                if n % 2:
+                    g0 = np.float64(gr[n - 1])
+                    a0 += g0 * x0[n - 1]
+                    b0 += g0 * x1[n - 1]
+                    e0 += g0 * x2[n - 1]
+                    h0 += g0 * x3[n - 1]
+                dots[0, 0] += a0 + a1
+                dots[1, 0] += b0 + b1
+                dots[2, 0] += e0 + e1
+                dots[3, 0] += h0 + h1
+            d00 = dots[0, 0] * valid[0, q]
+            d01 = dots[1, 0] * valid[1, q]
+            d10 = dots[2, 0] * valid[2, q]
+            d11 = dots[3, 0] * valid[3, q]
+            fy = ly[q]
+            fx = lx[q]
+            hy = 1.0 - fy
+            hx = 1.0 - fx
+            ay = fx * (d11 - d01) + hx * (d10 - d00)
+            ax = fy * (d11 - d10) + hy * (d01 - d00)
+            am = hy * (hx * d00 + fx * d01) + fy * (hx * d10 + fx * d11)
+            goffset[b, ch, l0 + q] = ay * mk[q]
+            goffset[b, ch + 1, l0 + q] = ax * mk[q]
             if use_mask:
-                gmask[b, g * kk + k, l0 + q] = acc_m[q]
+                gmask[b, g * kk + k, l0 + q] = am
