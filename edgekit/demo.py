@@ -23,7 +23,7 @@ from edgekit.engine.predict import detect_array, draw_detections
 from edgekit.engine.train import train
 from edgekit.fileio import temp_path, write_json_atomic, write_text_atomic
 
-FULL = {"num_train": 480, "num_val": 120, "image_size": 256, "epochs": 40, "batch_size": 16}
+FULL = {"num_train": 480, "num_val": 120, "image_size": 256, "epochs": 40, "batch_size": 8}
 QUICK = {"num_train": 16, "num_val": 8, "image_size": 128, "epochs": 1, "batch_size": 8}
 
 

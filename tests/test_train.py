@@ -64,3 +64,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert s(100) == pytest.approx(0.01)
+
+
+def test_time_limit_shortens_the_plan(tiny_data, tmp_path):
+    cfg = make_config({"data": str(tiny_data), "out": str(tmp_path), "image_size": 128, "epochs": 5,
+                       "batch_size": 4, "progress": False, "time_limit": 1e-3, "ema": False})
+    result = train(cfg)
+    assert len(result["history"]) == 1  # the budget was spent after one epoch
