@@ -10,9 +10,9 @@ each way) and the result is cast back to the input's dtype; this is also what th
 reference does (it reduces GRN and samples DCN in float32).
 
 Compilation: every kernel is compiled on first use for each dtype and cached on disk
-next to the module (``cache=True``). The first GRN call costs about 5 s of compile and
-the first DCN forward+backward about 15 s on a 2-core machine; later processes load
-the cache in well under a second.
+next to the module (``cache=True``). On a 2-core machine the first GRN call costs about
+5 s of compile per dtype and the first DCN forward+backward about 15-20 s per dtype;
+later processes load the cache in well under a second.
 """
 
 from __future__ import annotations
@@ -197,20 +197,12 @@ def _chunk_size(g) -> int:
     return max(1, min(g.batch, COLUMNS_BUDGET // max(1, per_sample)))
 
 
-def _segments(g, min_tasks: int = 1) -> np.ndarray:
-    """Rows (offset group, c0, c1): runs of channels inside one offset group and one weight
-    group, split further until there are at least ``min_tasks`` runs (for col2im, whose
-    tasks own channels); runs stay multiples of 8 channels where they can (SIMD width)."""
+def _segments(g) -> np.ndarray:
+    """Rows (offset group, c0, c1): the runs of channels inside one offset group and one
+    weight group, over which the kernels' innermost loops run contiguously."""
     cpg, cin_g = g.in_channels // g.offset_groups, g.in_channels // g.groups
     bounds = sorted(set(range(0, g.in_channels + 1, cpg)) | set(range(0, g.in_channels + 1, cin_g)))
-    runs = list(zip(bounds, bounds[1:]))
-    pieces = max(1, math.ceil(min_tasks / len(runs)))
-    rows = []
-    for c0, c1 in runs:
-        width = max(1, math.ceil((c1 - c0) / pieces))
-        width = min(c1 - c0, math.ceil(width / 8) * 8) if c1 - c0 >= 16 else width
-        rows += [(c0 // cpg, a, min(c1, a + width)) for a in range(c0, c1, width)]
-    return np.array(rows, dtype=np.int64)
+    return np.array([(c0 // cpg, c0, c1) for c0, c1 in zip(bounds, bounds[1:])], dtype=np.int64)
 
 
 def _weight_t(w: torch.Tensor, g) -> torch.Tensor:
@@ -246,8 +238,10 @@ class _DeformFunction(torch.autograd.Function):
             b1 = min(g.batch, b0 + step)
             nb = b1 - b0
             cols = _columns(x[b0:b1], off[b0:b1], None if m is None else m[b0:b1], segs, g)
-            res = torch.matmul(cols.view(nb, length, g.groups, -1).transpose(1, 2), wt)  # [nb, G, L, Cout/G]
-            out[b0:b1].view(nb, g.groups, cout_g, length).copy_(res.transpose(2, 3))
+            # out[nb, G, Cout/G, L] = W^T @ cols^T: BLAS reads both transposed operands in
+            # place and writes NCHW directly (no transpose of the result).
+            torch.matmul(wt.transpose(1, 2), cols.view(nb, length, g.groups, -1).permute(0, 2, 3, 1),
+                         out=out[b0:b1].view(nb, g.groups, cout_g, length))
         if bias is not None:
             out += bias.detach().to(dtype).view(1, -1, 1)
         ctx.save_for_backward(x, off, w, m)
@@ -270,7 +264,7 @@ class _DeformFunction(torch.autograd.Function):
         gout = grad.to(dtype).contiguous().view(g.batch, g.groups, cout_g, length)
         wt = _weight_t(w, g)
         hw = g.height * g.width
-        grad_x = torch.zeros(g.batch, hw, g.in_channels, dtype=dtype) if need_x else None
+        grad_x = torch.empty(g.batch, hw, g.in_channels, dtype=dtype) if need_x else None
         grad_off = torch.zeros(off.shape, dtype=dtype) if need_coord else None
         grad_m = torch.zeros(m.shape, dtype=dtype) if m is not None and need_coord else None
         grad_wt = torch.zeros_like(wt) if need_w else None
@@ -291,9 +285,9 @@ class _DeformFunction(torch.autograd.Function):
             off_np = off[b0:b1].view(nb, off.shape[1], length).numpy()
             mk = _dummy_mask(dtype) if m is None else m_chunk.view(nb, m.shape[1], length).numpy()
             if need_x:
-                tasks = _segments(g, min_tasks=math.ceil(_col2im_tasks() / nb))
-                k.col2im(gcols.numpy(), off_np, mk, m is not None, p, tasks, cin_g,
-                         grad_x[b0:b1].numpy())
+                private = torch.zeros(_threads(), nb, hw, g.in_channels, dtype=dtype)
+                k.col2im(gcols.numpy(), off_np, mk, m is not None, p, segs, cin_g, private.numpy())
+                torch.sum(private, dim=0, out=grad_x[b0:b1])
             if need_coord:
                 gm = _dummy_mask(dtype) if grad_m is None else grad_m[b0:b1].view(nb, m.shape[1], length).numpy()
                 k.col2coord(gcols.numpy(), x[b0:b1].view(nb, hw, g.in_channels).numpy(), off_np, mk,
@@ -313,11 +307,10 @@ class _DeformFunction(torch.autograd.Function):
         )
 
 
-def _col2im_tasks() -> int:
-    """col2im tasks per chunk: they own channels, and every extra task recomputes the
-    sampling weights, so two per thread (enough to balance, few enough to stay cheap)."""
-    import numba
-    return 2 * numba.get_num_threads()
+def _threads() -> int:
+    """Upper bound of ``numba.get_thread_id()``: the size of Numba's thread pool."""
+    from numba import config
+    return config.NUMBA_NUM_THREADS
 
 
 def _dummy_mask(dtype) -> np.ndarray:

@@ -8,17 +8,19 @@ offset group g samples the map at ``y = ho*sh - ph + i*dh + dy``,
 makes every sample with y <= -1, y >= H, x <= -1 or x >= W zero). Coordinates are
 computed in float64 whatever the data type.
 
-Work is cut into tiles of ``TILE`` output pixels of one (sample, offset group, kernel
-point): the tile's sampling positions, corner indices and bilinear weights are computed
-once into small thread-local arrays and reused for every channel of the offset group,
-so the per-element inner loop is four gathers and four multiply-adds.
+Data are channels last: the input as [B, H*W, C] and the columns as [B, L, G*K*C/G]
+(per output pixel: weight group, kernel point, channel), so every innermost loop runs
+over a contiguous run of channels (four vector loads and four FMAs per SIMD width) and
+each weight group's GEMM reads the columns in place. Work is cut into tiles of ``TILE``
+output pixels of one (sample, kernel point): a tile's sampling positions, corner indices
+and bilinear weights are computed once into small thread-local arrays and reused for
+every channel of the offset group.
 
-- :func:`im2col` (forward): ``cols[b, c*K + k, l]``; parallel over (b, g, k, tile).
-- :func:`col2im` (grad input): scatters ``gcols`` back with the same weights. Tasks own
-  whole channels (parallel over b x g x channel chunks), so no two threads ever write the
-  same input pixel: no atomics, deterministic.
-- :func:`col2coord` (grad offset and mask): per (b, g, k, tile), sums over the channels
-  of the group; each task owns its outputs.
+- :func:`im2col` (forward): parallel over (b, k, tile).
+- :func:`col2im` (grad input): scatters ``gcols`` back with the same weights, each
+  thread into its own copy of the gradient (summed by the caller): no atomics, no races.
+- :func:`col2coord` (grad offset and mask): per (b, g, k, tile), four dot products over
+  the group's channels per pixel; each task owns its outputs.
 
 Kernels are compiled lazily per dtype (float32, float64) and cached on disk
 (``cache=True``): the first call of each compiles for a few seconds.
@@ -29,10 +31,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
 TILE = 128  # output pixels per task: small enough for L1, large enough to amortise set-up
-_LANES = 8  # independent accumulators of a reduction (no fastmath, so no reassociation)
 _OPTS = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
 
@@ -175,43 +176,49 @@ def im2col(x, offset, mask, use_mask, p, segments, cin_g, cols):
 
 @njit(**_OPTS)
 def col2im(gcols, offset, mask, use_mask, p, segments, cin_g, gx):
-    """Adjoint of :func:`im2col` w.r.t. x: gx[B, H*W, C] += scatter of gcols[B, L, G*K*C/G].
+    """Adjoint of :func:`im2col` w.r.t. x: gx[T, B, H*W, C] += scatter of gcols[B, L, G*K*C/G].
 
-    Parallel over (b, segment); a task owns its segment's channels of every pixel, so no
-    two threads write the same element: no atomics, deterministic. The caller splits the
-    channels into enough segments to keep every core busy."""
-    nb = gx.shape[0]
+    Parallel over (b, k, tile) like :func:`im2col`, so every scatter row covers a whole
+    channel run (splitting channels between tasks instead made the per-row overhead
+    dominate). Different pixels scatter into the same input pixel, so each thread adds
+    into its own copy ``gx[numba.get_thread_id()]``; the caller sums the T copies."""
+    nb = gcols.shape[0]
     kk = p[0] * p[1]
+    og = offset.shape[1] // (2 * kk)
     length = gcols.shape[1]
     ntiles = (length + TILE - 1) // TILE
     nseg = segments.shape[0]
-    for task in prange(nb * nseg):
-        si = task % nseg
-        b = task // nseg
-        g = segments[si, 0]
-        c0 = segments[si, 1]
-        c1 = segments[si, 2]
+    for task in prange(nb * kk * ntiles):
+        t = task % ntiles
+        rest = task // ntiles
+        k = rest % kk
+        b = rest // kk
+        l0 = t * TILE
+        count = min(length, l0 + TILE) - l0
+        mine = gx[get_thread_id(), b]
         idx = np.empty((4, TILE), dtype=np.int64)
         valid = np.empty((4, TILE), dtype=np.float64)
         ly = np.empty(TILE, dtype=np.float64)
         lx = np.empty(TILE, dtype=np.float64)
         mk = np.empty(TILE, dtype=np.float64)
         wts = np.empty((4, TILE), dtype=gx.dtype)
-        for k in range(kk):
-            base = _column_base(c0, cin_g, kk, k)
-            for t in range(ntiles):
-                l0 = t * TILE
-                count = min(length, l0 + TILE) - l0
-                _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
-                _tile_weights(count, ly, lx, valid, mk, wts)
+        for g in range(og):
+            _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
+            _tile_weights(count, ly, lx, valid, mk, wts)
+            for si in range(nseg):
+                if segments[si, 0] != g:
+                    continue
+                c0 = segments[si, 1]
+                c1 = segments[si, 2]
                 n = c1 - c0
+                base = _column_base(c0, cin_g, kk, k)
                 for q in range(count):
                     src = gcols[b, l0 + q, base + c0:base + c1]
                     for corner in range(4):
                         w = wts[corner, q]
                         if w == 0:
                             continue
-                        dst = gx[b, idx[corner, q], c0:c1]
+                        dst = mine[idx[corner, q], c0:c1]
                         for c in range(n):
                             dst[c] += w * src[c]
 
@@ -222,7 +229,7 @@ def col2coord(gcols, x, offset, mask, use_mask, p, segments, cin_g, goffset, gma
     ``use_mask``), torchvision's ``deformable_col2im_coord``: the derivative of the
     bilinear sample w.r.t. y and x over the valid corners, times the mask. Parallel over
     (b, offset group, k, tile); each task owns its outputs and sums over the group's
-    channels in 8 float64 lanes (independent chains, no reassociation needed)."""
+    channels as four dot products (two independent chains each, no reassociation needed)."""
     nb = x.shape[0]
     kk = p[0] * p[1]
     og = offset.shape[1] // (2 * kk)
@@ -244,6 +251,7 @@ def col2coord(gcols, x, offset, mask, use_mask, p, segments, cin_g, goffset, gma
         lx = np.empty(TILE, dtype=np.float64)
         mk = np.empty(TILE, dtype=np.float64)
         dots = np.empty((4, 1), dtype=np.float64)
+        zero = x.dtype.type(0)
         _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
         ch = 2 * (g * kk + k)
         for q in range(count):
@@ -267,12 +275,13 @@ def col2coord(gcols, x, offset, mask, use_mask, p, segments, cin_g, goffset, gma
                 x1 = xr1[c0:c1]
                 x2 = xr2[c0:c1]
                 x3 = xr3[c0:c1]
-                # Two lanes per dot product in scalar locals (registers: Numba cannot prove
-                # that a lanes array does not alias the inputs, so it would spill every add).
-                a0 = a1 = b0 = b1 = e0 = e1 = h0 = h1 = 0.0
+                # Two lanes per dot product in scalar locals of the data type (registers:
+                # Numba cannot prove that a lanes array does not alias the inputs, so it
+                # would spill every add). Float32 sums of one channel run lose < 1e-6.
+                a0 = a1 = b0 = b1 = e0 = e1 = h0 = h1 = zero
                 for c in range(0, n - 1, 2):
-                    g0 = np.float64(gr[c])
-                    g1 = np.float64(gr[c + 1])
+                    g0 = gr[c]
+                    g1 = gr[c + 1]
                     a0 += g0 * x0[c]
                     a1 += g1 * x0[c + 1]
                     b0 += g0 * x1[c]
@@ -282,7 +291,7 @@ def col2coord(gcols, x, offset, mask, use_mask, p, segments, cin_g, goffset, gma
                     h0 += g0 * x3[c]
                     h1 += g1 * x3[c + 1]
                 if n % 2:
-                    g0 = np.float64(gr[n - 1])
+                    g0 = gr[n - 1]
                     a0 += g0 * x0[n - 1]
                     b0 += g0 * x1[n - 1]
                     e0 += g0 * x2[n - 1]
