@@ -27,7 +27,7 @@ from edgekit.models.deform import deform_geometry
 
 DEVICES = frozenset({"cpu"})
 SUPPORTS_BACKWARD = frozenset({"grn", "deform_conv2d"})
-COLUMNS_BUDGET = 1 << 24  # elements of the im2col buffer per chunk of samples (64 MiB in float32)
+COLUMNS_BUDGET = 1 << 24  # elements of the im2col buffer per chunk (64 MiB in float32)
 _GRN_CHUNK_BYTES = 64 << 10  # bytes of one GRN row chunk: a task's unit of work
 _SERIAL_BYTES = 256 << 10  # GRN tensors below this run on one thread
 
@@ -43,10 +43,6 @@ def unavailable_reason() -> str | None:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
 
 
 # ---------------------------------------------------------------------------- GRN
@@ -191,10 +187,22 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     return _DeformFunction.apply(input, offset, weight, bias, mask, g)
 
 
-def _chunk_size(g) -> int:
-    """Samples per im2col chunk, so that the columns buffer stays within COLUMNS_BUDGET."""
-    per_sample = g.in_channels * g.kernel_h * g.kernel_w * g.out_h * g.out_w
-    return max(1, min(g.batch, COLUMNS_BUDGET // max(1, per_sample)))
+def _chunks(g):
+    """(b0, b1, l0, l1) blocks of samples and output pixels whose columns buffer stays
+    within COLUMNS_BUDGET elements, so memory stays bounded on large maps. (Smaller,
+    cache-sized blocks were measured slower here: smaller GEMMs and a strided copy of
+    each block's output outweigh the cache misses they avoid.)"""
+    length = g.out_h * g.out_w
+    row = g.in_channels * g.kernel_h * g.kernel_w
+    if row * length <= COLUMNS_BUDGET:
+        step = max(1, min(g.batch, COLUMNS_BUDGET // max(1, row * length)))
+        for b0 in range(0, g.batch, step):
+            yield b0, min(g.batch, b0 + step), 0, length
+        return
+    pixels = max(1, COLUMNS_BUDGET // row)
+    for b0 in range(g.batch):
+        for l0 in range(0, length, pixels):
+            yield b0, b0 + 1, l0, min(length, l0 + pixels)
 
 
 def _segments(g) -> np.ndarray:
@@ -232,16 +240,18 @@ class _DeformFunction(torch.autograd.Function):
         length, cout_g = g.out_h * g.out_w, g.out_channels // g.groups
         wt = _weight_t(w, g)
         segs = _segments(g)
-        out = torch.empty(g.batch, g.out_channels, length, dtype=dtype)
-        step = _chunk_size(g)
-        for b0 in range(0, g.batch, step):
-            b1 = min(g.batch, b0 + step)
+        out = torch.empty(g.batch, g.groups, cout_g, length, dtype=dtype)
+        for b0, b1, l0, l1 in _chunks(g):
             nb = b1 - b0
-            cols = _columns(x[b0:b1], off[b0:b1], None if m is None else m[b0:b1], segs, g)
+            cols = _columns(x[b0:b1], off[b0:b1], None if m is None else m[b0:b1], segs, g, l0, l1)
             # out[nb, G, Cout/G, L] = W^T @ cols^T: BLAS reads both transposed operands in
             # place and writes NCHW directly (no transpose of the result).
-            torch.matmul(wt.transpose(1, 2), cols.view(nb, length, g.groups, -1).permute(0, 2, 3, 1),
-                         out=out[b0:b1].view(nb, g.groups, cout_g, length))
+            cols_t = cols.view(nb, l1 - l0, g.groups, -1).permute(0, 2, 3, 1)
+            if l1 - l0 == length:
+                torch.matmul(wt.transpose(1, 2), cols_t, out=out[b0:b1])
+            else:
+                out[b0:b1, :, :, l0:l1] = torch.matmul(wt.transpose(1, 2), cols_t)
+        out = out.view(g.batch, g.out_channels, length)
         if bias is not None:
             out += bias.detach().to(dtype).view(1, -1, 1)
         ctx.save_for_backward(x, off, w, m)
@@ -269,29 +279,31 @@ class _DeformFunction(torch.autograd.Function):
         grad_m = torch.zeros(m.shape, dtype=dtype) if m is not None and need_coord else None
         grad_wt = torch.zeros_like(wt) if need_w else None
         segs = _segments(g)
-        step = _chunk_size(g)
-        for b0 in range(0, g.batch, step):
-            b1 = min(g.batch, b0 + step)
+        private = None
+        for b0, b1, l0, l1 in _chunks(g):
             nb = b1 - b0
-            go_t = gout[b0:b1].transpose(2, 3)  # [nb, G, L, Cout/G]
+            go_t = gout[b0:b1, :, :, l0:l1].transpose(2, 3)  # [nb, G, Lc, Cout/G]
             m_chunk = None if m is None else m[b0:b1]
             if need_w:
-                cols = _columns(x[b0:b1], off[b0:b1], m_chunk, segs, g)
-                grad_wt += torch.matmul(cols.view(nb, length, g.groups, -1).permute(0, 2, 3, 1), go_t).sum(dim=0)
+                cols = _columns(x[b0:b1], off[b0:b1], m_chunk, segs, g, l0, l1)
+                grad_wt += torch.matmul(cols.view(nb, l1 - l0, g.groups, -1).permute(0, 2, 3, 1), go_t).sum(dim=0)
                 del cols
             if not (need_x or need_coord):
                 continue
-            gcols = torch.matmul(go_t, wt.transpose(1, 2)).transpose(1, 2).contiguous().view(nb, length, -1)
+            gcols = torch.matmul(go_t, wt.transpose(1, 2)).transpose(1, 2).contiguous().view(nb, l1 - l0, -1)
             off_np = off[b0:b1].view(nb, off.shape[1], length).numpy()
             mk = _dummy_mask(dtype) if m is None else m_chunk.view(nb, m.shape[1], length).numpy()
             if need_x:
-                private = torch.zeros(_threads(), nb, hw, g.in_channels, dtype=dtype)
-                k.col2im(gcols.numpy(), off_np, mk, m is not None, p, segs, cin_g, private.numpy())
-                torch.sum(private, dim=0, out=grad_x[b0:b1])
+                if l0 == 0:  # one per-thread buffer per block of samples, summed at its end
+                    private = torch.zeros(_threads(), nb, hw, g.in_channels, dtype=dtype)
+                k.col2im(gcols.numpy(), off_np, mk, m is not None, p, l0, segs, cin_g, private.numpy())
+                if l1 == length:
+                    torch.sum(private, dim=0, out=grad_x[b0:b1])
             if need_coord:
                 gm = _dummy_mask(dtype) if grad_m is None else grad_m[b0:b1].view(nb, m.shape[1], length).numpy()
                 k.col2coord(gcols.numpy(), x[b0:b1].view(nb, hw, g.in_channels).numpy(), off_np, mk,
-                            m is not None, p, segs, cin_g, grad_off[b0:b1].view(nb, off.shape[1], length).numpy(), gm)
+                            m is not None, p, l0, segs, cin_g, grad_off[b0:b1].view(nb, off.shape[1], length).numpy(),
+                            gm)
         in_dt, off_dt, w_dt = ctx.dtypes
         if need_w:
             kk = g.kernel_h * g.kernel_w
@@ -318,13 +330,14 @@ def _dummy_mask(dtype) -> np.ndarray:
     return np.ones((1, 1, 1), dtype=np.float64 if dtype == torch.float64 else np.float32)
 
 
-def _columns(x, off, m, segs, g) -> torch.Tensor:
-    """Deformable im2col of a chunk of channels-last samples: [nb, L, G*K*C/G]."""
+def _columns(x, off, m, segs, g, l0: int, l1: int) -> torch.Tensor:
+    """Deformable im2col of a block of channels-last samples, output pixels l0..l1:
+    [nb, l1 - l0, G*K*C/G]."""
     from edgekit.kernels import numba_deform as k
     nb, length = x.shape[0], g.out_h * g.out_w
     kk = g.kernel_h * g.kernel_w
-    cols = torch.empty(nb, length, g.in_channels * kk, dtype=x.dtype)
+    cols = torch.empty(nb, l1 - l0, g.in_channels * kk, dtype=x.dtype)
     mk = _dummy_mask(x.dtype) if m is None else m.reshape(nb, m.shape[1], length).numpy()
     k.im2col(x.reshape(nb, g.height * g.width, g.in_channels).numpy(), off.reshape(nb, off.shape[1], length).numpy(),
-             mk, m is not None, k.geometry_array(g), segs, g.in_channels // g.groups, cols.numpy())
+             mk, m is not None, k.geometry_array(g), l0, segs, g.in_channels // g.groups, cols.numpy())
     return cols

@@ -16,6 +16,9 @@ output pixels of one (sample, kernel point): a tile's sampling positions, corner
 and bilinear weights are computed once into small thread-local arrays and reused for
 every channel of the offset group.
 
+Columns may cover a range of output pixels only (``l_begin`` and the columns' length),
+so that the caller can keep the buffer cache-sized.
+
 - :func:`im2col` (forward): parallel over (b, k, tile).
 - :func:`col2im` (grad input): scatters ``gcols`` back with the same weights, each
   thread into its own copy of the gradient (summed by the caller): no atomics, no races.
@@ -124,7 +127,7 @@ def _column_base(c0, cin_g, kk, k):
 
 
 @njit(**_OPTS)
-def im2col(x, offset, mask, use_mask, p, segments, cin_g, cols):
+def im2col(x, offset, mask, use_mask, p, l_begin, segments, cin_g, cols):
     """x: [B, H*W, C] (channels last); offset: [B, 2*og*K, L]; mask: [B, og*K, L]
     (ignored unless ``use_mask``); segments: [S, 3] rows (offset group, c0, c1) of
     channel runs inside one offset group and one weight group; writes
@@ -149,7 +152,7 @@ def im2col(x, offset, mask, use_mask, p, segments, cin_g, cols):
         mk = np.empty(TILE, dtype=np.float64)
         wts = np.empty((4, TILE), dtype=cols.dtype)
         for g in range(og):
-            _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
+            _sample_tile(b, g, k, l_begin + l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
             _tile_weights(count, ly, lx, valid, mk, wts)
             for si in range(nseg):
                 if segments[si, 0] != g:
@@ -175,7 +178,7 @@ def im2col(x, offset, mask, use_mask, p, segments, cin_g, cols):
 
 
 @njit(**_OPTS)
-def col2im(gcols, offset, mask, use_mask, p, segments, cin_g, gx):
+def col2im(gcols, offset, mask, use_mask, p, l_begin, segments, cin_g, gx):
     """Adjoint of :func:`im2col` w.r.t. x: gx[T, B, H*W, C] += scatter of gcols[B, L, G*K*C/G].
 
     Parallel over (b, k, tile) like :func:`im2col`, so every scatter row covers a whole
@@ -203,7 +206,7 @@ def col2im(gcols, offset, mask, use_mask, p, segments, cin_g, gx):
         mk = np.empty(TILE, dtype=np.float64)
         wts = np.empty((4, TILE), dtype=gx.dtype)
         for g in range(og):
-            _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
+            _sample_tile(b, g, k, l_begin + l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
             _tile_weights(count, ly, lx, valid, mk, wts)
             for si in range(nseg):
                 if segments[si, 0] != g:
@@ -224,7 +227,7 @@ def col2im(gcols, offset, mask, use_mask, p, segments, cin_g, gx):
 
 
 @njit(**_OPTS)
-def col2coord(gcols, x, offset, mask, use_mask, p, segments, cin_g, goffset, gmask):
+def col2coord(gcols, x, offset, mask, use_mask, p, l_begin, segments, cin_g, goffset, gmask):
     """Gradients w.r.t. offset ([B, 2*og*K, L]) and mask ([B, og*K, L], written only when
     ``use_mask``), torchvision's ``deformable_col2im_coord``: the derivative of the
     bilinear sample w.r.t. y and x over the valid corners, times the mask. Parallel over
@@ -252,7 +255,7 @@ def col2coord(gcols, x, offset, mask, use_mask, p, segments, cin_g, goffset, gma
         mk = np.empty(TILE, dtype=np.float64)
         dots = np.empty((4, 1), dtype=np.float64)
         zero = x.dtype.type(0)
-        _sample_tile(b, g, k, l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
+        _sample_tile(b, g, k, l_begin + l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
         ch = 2 * (g * kk + k)
         for q in range(count):
             # The four dot products D_corner = sum_c gcols[c] * x[corner, c]; the
@@ -311,7 +314,7 @@ def col2coord(gcols, x, offset, mask, use_mask, p, segments, cin_g, goffset, gma
             ay = fx * (d11 - d01) + hx * (d10 - d00)
             ax = fy * (d11 - d10) + hy * (d01 - d00)
             am = hy * (hx * d00 + fx * d01) + fy * (hx * d10 + fx * d11)
-            goffset[b, ch, l0 + q] = ay * mk[q]
-            goffset[b, ch + 1, l0 + q] = ax * mk[q]
+            goffset[b, ch, l_begin + l0 + q] = ay * mk[q]
+            goffset[b, ch + 1, l_begin + l0 + q] = ax * mk[q]
             if use_mask:
-                gmask[b, g * kk + k, l0 + q] = am
+                gmask[b, g * kk + k, l_begin + l0 + q] = am

@@ -153,16 +153,21 @@ def test_deform_pinned_options(options):
     check_deform_case(random_deform_case(np.random.default_rng(seed), requires_grad=True, **options), seed % 2**31)
 
 
-def test_deform_chunked_batches_equal_one_chunk(monkeypatch):
-    """A columns budget smaller than one sample splits the batch into per-sample chunks."""
+@pytest.mark.parametrize("block", ["sample", "pixels"])
+def test_deform_chunked_columns_equal_one_chunk(monkeypatch, block):
+    """A columns budget of one sample splits the batch; a smaller one splits the output
+    pixels too (the kernels then work on a range of pixels)."""
     seed = fresh_seed()
-    case = random_deform_case(np.random.default_rng(seed), batch=3, use_mask=True, requires_grad=True)
+    case = random_deform_case(np.random.default_rng(seed), batch=3, use_mask=True, min_size=4,
+                              requires_grad=True)
     args = detached(tensor_args(case), torch.float64)
     whole, whole_g = grads(numba_cpu.deform_conv2d, args, 0)
-    monkeypatch.setattr(numba_cpu, "COLUMNS_BUDGET", 1)
+    out_pixels = whole.shape[2] * whole.shape[3]
+    row = case["input"].shape[1] * case["kernel"][0] * case["kernel"][1]
+    monkeypatch.setattr(numba_cpu, "COLUMNS_BUDGET", row * (out_pixels if block == "sample" else 2))
     split, split_g = grads(numba_cpu.deform_conv2d, args, 0)
     for a, b in zip((whole, *whole_g), (split, *split_g)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
 
 
 def test_deform_gradcheck_float64():
