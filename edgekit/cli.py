@@ -69,8 +69,10 @@ def _cmd_eval(args) -> int:
     from edgekit.engine.evaluate import evaluate
     from edgekit.fileio import write_json_atomic
 
+    if args.batch_size < 1:
+        raise EdgekitError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, info = load_model(args.checkpoint)
-    classes = info["kwargs"]["class_names"]
+    classes = detector_classes(info, args.checkpoint)
     dataset = DetectionDataset(Path(args.data), classes, image_size=info.get("image_size", 256))
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_detection)
     metrics = evaluate(model, loader, classes, progress=not args.quiet)
@@ -80,10 +82,22 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def detector_classes(info: dict, path) -> list[str]:
+    classes = info.get("kwargs", {}).get("class_names")
+    if not classes:
+        raise EdgekitError(f"{path} is a {info.get('model')} checkpoint with no class names; eval and predict "
+                           f"need a detector checkpoint written by `edgekit train`")
+    return classes
+
+
 def format_metrics(metrics: dict) -> str:
     lines = [f"mAP@[.5:.95] {metrics['map']:.4f}  mAP@.5 {metrics['map50']:.4f}  ({metrics['num_images']} images)"]
-    lines += [f"  {name:<20} AP {m['ap']:.4f}  AP50 {m['ap50']:.4f}" for name, m in metrics["per_class"].items()]
+    lines += [f"  {name:<20} AP {_fmt(m['ap'])}  AP50 {_fmt(m['ap50'])}" for name, m in metrics["per_class"].items()]
     return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "  n/a " if value is None else f"{value:.4f}"
 
 
 def _add_predict(sub):
@@ -104,7 +118,7 @@ def _cmd_predict(args) -> int:
     if not 0 <= args.score_threshold <= 1:
         raise EdgekitError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     model, info = load_model(args.checkpoint)
-    results = predict_files(model, info["kwargs"]["class_names"], [Path(p) for p in args.images], Path(args.out),
+    results = predict_files(model, detector_classes(info, args.checkpoint), [Path(p) for p in args.images], Path(args.out),
                             info.get("image_size", 256), args.score_threshold, args.draw, not args.quiet)
     total = sum(len(r["detections"]) for r in results.values())
     print(f"{total} detections in {len(results)} images -> {Path(args.out) / 'predictions.json'}")
@@ -127,6 +141,29 @@ def _cmd_convert(args) -> int:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     summary = convert_dataset(Path(args.src), Path(args.dst), args.src_format, args.dst_format, classes)
     print(json.dumps(summary) if summary is not None else f"wrote {args.dst}")
+    return 0
+
+
+def _add_tile(sub):
+    p = sub.add_parser("tile", help="cut a DOTA folder's large images into overlapping tiles (DOTA devkit rule)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--tile-size", dest="tile_size", type=int, default=1024)
+    p.add_argument("--overlap", type=int, default=200)
+    p.add_argument("--min-visible", dest="min_visible", type=float, default=0.7,
+                   help="objects less visible than this in a tile are kept but marked difficult")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_tile)
+
+
+def _cmd_tile(args) -> int:
+    from edgekit.data.tiling import tile_dataset
+
+    if args.tile_size < 32 or not 0 <= args.overlap < args.tile_size:
+        raise EdgekitError(f"need --tile-size >= 32 and 0 <= --overlap < --tile-size, got {args.tile_size}/{args.overlap}")
+    summary = tile_dataset(Path(args.src), Path(args.dst), args.tile_size, args.overlap, args.min_visible,
+                           progress=not args.quiet)
+    print(json.dumps(summary))
     return 0
 
 
@@ -164,7 +201,7 @@ def _cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_convert, _add_models):
+    for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_convert, _add_tile, _add_models):
         add(sub)
     return parser
 

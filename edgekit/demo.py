@@ -96,6 +96,10 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def render_report(r: dict) -> str:
     val = r["val"]
     lines = [
@@ -106,7 +110,7 @@ def render_report(r: dict) -> str:
         f"**Held-out mAP@.5 = {val['map50']:.3f}, mAP@[.5:.95] = {val['map']:.3f}** "
         f"({val['num_images']} images), total time {r['total_seconds']:.0f} s.", "",
         "| class | AP@[.5:.95] | AP@.5 |", "|---|---|---|",
-        *[f"| {name} | {m['ap']:.3f} | {m['ap50']:.3f} |" for name, m in val["per_class"].items()], "",
+        *[f"| {name} | {_fmt(m['ap'])} | {_fmt(m['ap50'])} |" for name, m in val["per_class"].items()], "",
         "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in r["stage_seconds"].items()], "",
         "Predictions on held-out images: `predictions.png`. Checkpoint: `" + r["checkpoint"] + "`.", "",

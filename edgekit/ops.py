@@ -28,7 +28,7 @@ def grn(
     """
     if data_format not in ("channels_last", "channels_first"):
         raise ValueError(f"grn: data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
-    impl = dispatch.resolve("grn", backend, x)
+    impl = dispatch.resolve("grn", backend, x, _needs_grad(x, gamma, beta))
     return impl(x, gamma, beta, eps, data_format)
 
 
@@ -48,8 +48,13 @@ def deform_conv2d(
     ``offset`` is [B, 2*offset_groups*kh*kw, Ho, Wo] holding (dy, dx) per kernel point;
     ``mask`` is [B, offset_groups*kh*kw, Ho, Wo]; samples outside the map read zeros.
     """
-    impl = dispatch.resolve("deform_conv2d", backend, input)
+    impl = dispatch.resolve("deform_conv2d", backend, input, _needs_grad(input, offset, weight, bias, mask))
     return impl(input, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask)
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will need a backward through the op (any operand may be trainable)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _pair(v) -> tuple[int, int]:

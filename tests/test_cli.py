@@ -107,3 +107,22 @@ def test_no_traceback_from_the_real_command(tmp_path):
                            "--checkpoint", str(tmp_path / "c.safetensors")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("edgekit predict: error:")
+
+
+@pytest.mark.skipif(not DOTA_EXAMPLE.is_dir(), reason="shared/data/dota_example not beside the checkout")
+def test_large_images_must_be_tiled_before_eval(capsys, tiny_run, tmp_path):
+    """Whole DOTA scenes are refused (wrong scale); after `edgekit tile` the same data evaluates."""
+    import shutil
+
+    src = tmp_path / "dota"
+    (src / "images").mkdir(parents=True)
+    shutil.copytree(DOTA_EXAMPLE / "labelTxt", src / "labelTxt")
+    shutil.copy(DOTA_EXAMPLE / "images" / "P1888.png", src / "images")
+    ckpt = tiny_run[0]["checkpoint"]
+    code, _, err = run(capsys, "eval", "--checkpoint", ckpt, "--data", str(src), "--quiet")
+    assert_one_line_error(code, err, "tile the data set first")
+    code, out, _ = run(capsys, "tile", str(src), str(tmp_path / "tiles"), "--tile-size", "128", "--overlap", "32",
+                       "--quiet")
+    assert code == 0 and json.loads(out)["tiles"] > 1
+    code, out, err = run(capsys, "eval", "--checkpoint", ckpt, "--data", str(tmp_path / "tiles"), "--quiet")
+    assert code == 0, err

@@ -8,9 +8,9 @@ from edgekit.errors import EdgekitError
 
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("epochs: 3\nlr: 1\nclasses: [plane, ship]\n")
+    f.write_text("epochs: 3\nlr: 2e-3\nweight_decay: 1\nclasses: [plane, ship]\n")
     cfg = make_config({"epochs": 5}, f)
-    assert cfg.epochs == 5 and cfg.lr == 1.0 and cfg.classes == ["plane", "ship"]
+    assert cfg.epochs == 5 and cfg.lr == 2e-3 and cfg.weight_decay == 1.0 and cfg.classes == ["plane", "ship"]
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -18,6 +18,9 @@ def test_yaml_then_overrides(tmp_path):
     ("epochs: three\n", "key 'epochs' must be int"),
     ("lr: -1\n", "lr=-1.0 is invalid"),
     ("image_size: 100\n", "multiple of 32"),
+    ("lr: fast\n", "key 'lr' must be float"),
+    ("classes: [1, 2]\n", "classes="),
+    ("min_lr_ratio: 5\n", "min_lr_ratio=5.0 is invalid"),
     ("- just\n- a list\n", "expected a mapping"),
     ("epochs: [\n", "not valid YAML"),
 ])

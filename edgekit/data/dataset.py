@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from edgekit.data.dota import read_dota_dataset
-from edgekit.data.images import load_image
+from edgekit.data.images import image_size, load_image
 from edgekit.data.transforms import letterbox, normalize, random_flip_rotate, to_tensor
 from edgekit.errors import EdgekitError
 
@@ -39,6 +39,7 @@ class DetectionDataset(Dataset):
             raise EdgekitError(f"{self.root / 'images'} holds no images (.png, .jpg, .tif, .bmp)")
         index = {c: i for i, c in enumerate(self.classes)}
         self.paths = [p for p, _ in items]
+        self._check_scale()
         self.boxes, self.labels, self.difficult = [], [], []
         for _, annotation in items:
             objs = annotation.objects
@@ -48,6 +49,17 @@ class DetectionDataset(Dataset):
         if preload == "auto":
             preload = len(items) * self.image_size ** 2 * 3 <= PRELOAD_LIMIT_BYTES
         self._cache = [self._load(i) for i in range(len(items))] if preload else None
+
+    def _check_scale(self):
+        """Refuse images larger than the model input: letterboxing a large aerial scene
+        would shrink its objects far below the scale that ``predict`` (which tiles large
+        images at native resolution) shows the model. Such data sets are tiled first."""
+        for path in self.paths:
+            h, w = image_size(path)
+            if max(h, w) > self.image_size:
+                raise EdgekitError(
+                    f"{path} is {w}x{h}, larger than the model input {self.image_size}; tile the data set first "
+                    f"(edgekit tile SRC DST --tile-size {self.image_size}) or raise the image size")
 
     def __len__(self) -> int:
         return len(self.paths)

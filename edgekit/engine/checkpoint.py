@@ -45,9 +45,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict, str, dict, dict]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise EdgekitError(f"checkpoint {path} is not a readable safetensors file ({exc}); "
                            f"re-export it or point to another file") from None
-    if "edgekit.model" not in meta:
-        raise EdgekitError(f"checkpoint {path} has no edgekit model metadata; was it written by edgekit train?")
-    return state, meta["edgekit.model"], json.loads(meta["edgekit.kwargs"]), json.loads(meta.get("edgekit.info", "{}"))
+    try:
+        return state, meta["edgekit.model"], json.loads(meta["edgekit.kwargs"]), json.loads(meta.get("edgekit.info", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise EdgekitError(f"checkpoint {path} has no valid edgekit model metadata; "
+                           f"was it written by edgekit train?") from None
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:

@@ -52,6 +52,11 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),
             (self.time_limit >= 0, "time_limit", ">= 0"),
             (self.workers >= 0, "workers", ">= 0"),
+            (self.eval_every >= 0, "eval_every", ">= 0"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]"),
+            (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
+            (self.classes is None or (self.classes and all(isinstance(c, str) and c for c in self.classes)),
+             "classes", "a non-empty list of class names"),
         ]
         for ok, key, rule in checks:
             if not ok:
@@ -65,8 +70,11 @@ def _check_type(key: str, value, source: str):
     origin_ok = any((typing.get_origin(t) or t) is type(value) for t in allowed if t is not type(None))
     if value is None and type(None) in allowed:
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and float in allowed:
-        return float(value)
+    if float in allowed and not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:  # YAML reads 2e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if not origin_ok:
         names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
         raise EdgekitError(f"{source}: key {key!r} must be {names}, got {value!r}")

@@ -12,7 +12,8 @@ def init_distributed() -> tuple[int, int]:
     """(rank, world_size); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Training runs on the CPU today (the GPU path is the kernels'), so gloo everywhere.
+        dist.init_process_group("gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 

@@ -46,7 +46,8 @@ def coco_map(targets: list[dict], predictions: list[dict], class_names: list[str
     """mAP@[.5:.95], mAP@.5 and per-class AP for predictions against targets (same order)."""
     gt = COCO(coco_ground_truth(targets, class_names))
     dets = coco_detections(predictions)
-    per_class = {name: {"ap": float("nan"), "ap50": float("nan")} for name in class_names}
+    # None (JSON null), not NaN, for classes absent from the split: NaN is not valid JSON.
+    per_class = {name: {"ap": None, "ap50": None} for name in class_names}
     if not dets:
         return {"map": 0.0, "map50": 0.0, "per_class": per_class, "num_images": len(targets)}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -59,16 +60,23 @@ def coco_map(targets: list[dict], predictions: list[dict], class_names: list[str
         p = precision[:, :, k, 0, -1]
         if (p > -1).any():
             per_class[name] = {"ap": float(np.mean(p[p > -1])),
-                               "ap50": float(np.mean(p[0][p[0] > -1])) if (p[0] > -1).any() else float("nan")}
+                               "ap50": float(np.mean(p[0][p[0] > -1])) if (p[0] > -1).any() else None}
     stats = evaluator.stats
     return {"map": max(float(stats[0]), 0.0), "map50": max(float(stats[1]), 0.0), "per_class": per_class,
             "num_images": len(targets)}
 
 
 def to_original_coordinates(pred: dict, target: dict) -> dict:
-    """Undo the letterbox scaling of the data loader (boxes were scaled, not shifted)."""
-    scale = float(target["scale"])
-    return {**pred, "boxes": pred["boxes"] / scale}
+    """Undo the letterbox scaling (boxes were scaled, not shifted) and clip to the real image."""
+    return {**pred, "boxes": scale_and_clip(pred["boxes"], float(target["scale"]), target["orig_size"])}
+
+
+def scale_and_clip(boxes, scale: float, size) -> torch.Tensor:
+    """Boxes in letterboxed pixels -> original pixels, clipped to the (h, w) image, not its padding."""
+    h, w = size
+    boxes = boxes / scale
+    return torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                        boxes[:, 3].clamp(0, h)], dim=1)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from edgekit.data.images import load_image
 from edgekit.data.tiling import iter_tiles, merge_tile_detections
 from edgekit.data.transforms import to_model_input
+from edgekit.engine.evaluate import scale_and_clip
 from edgekit.errors import EdgekitError
 from edgekit.fileio import temp_path, write_json_atomic
 
@@ -35,7 +36,7 @@ def detect_array(model, image: np.ndarray, image_size: int, tile_overlap: int = 
     if max(h, w) <= image_size:
         tensor, scale = to_model_input(image, image_size)
         pred = model.predict(tensor[None], score_threshold=score_threshold, iou_threshold=iou_threshold)[0]
-        return {**pred, "boxes": pred["boxes"] / scale}
+        return {**pred, "boxes": scale_and_clip(pred["boxes"], scale, (h, w))}
     tiles = list(iter_tiles(image, image_size, tile_overlap))
     per_tile = []
     for start in range(0, len(tiles), batch_size):
@@ -73,13 +74,16 @@ def predict_files(model, class_names: list[str], paths: list[Path], out_dir: Pat
     images = _expand(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for path in tqdm(images, desc="predict", disable=not progress):
+    stems = [p.stem for p in images]
+    for index, path in enumerate(tqdm(images, desc="predict", disable=not progress)):
         image = load_image(path)
         dets = detect_array(model, image, image_size, score_threshold=score_threshold)
         results[str(path)] = {"width": image.shape[1], "height": image.shape[0],
                               "detections": detections_to_json(dets, class_names)}
         if draw:
-            target = out_dir / f"{path.stem}_pred.png"
+            # Two inputs with one stem (a.png, a.jpg, or two folders) must not overwrite each other.
+            stem = path.stem if stems.count(path.stem) == 1 else f"{path.stem}_{index}"
+            target = out_dir / f"{stem}_pred.png"
             tmp = temp_path(target)
             draw_detections(image, dets, class_names).save(tmp, format="PNG")
             tmp.replace(target)

@@ -87,11 +87,14 @@ def train(cfg: TrainConfig) -> dict:
     val_ds = DetectionDataset(val_dir, classes, image_size=cfg.image_size, augment=False)
     sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed) if world > 1 else None
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        collate_fn=collate_detection, num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size)
+                        collate_fn=collate_detection, num_workers=cfg.workers,
+                        drop_last=(len(sampler) if sampler else len(train_ds)) > cfg.batch_size)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_detection, num_workers=cfg.workers)
 
     model_kwargs = {"class_names": list(classes), "num_classes": len(classes), "deformable": cfg.deformable, **cfg.extra}
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (EMA copies them before DDP syncs)
     model = create_model(cfg.model, **model_kwargs)
+    torch.manual_seed(cfg.seed + rank)
     ema = ModelEMA(model, ema_decay_for(cfg.ema_decay, cfg.epochs * len(loader)),
                    warmup_steps=max(20, len(loader))) if cfg.ema else None
     decay, no_decay = [], []
@@ -107,12 +110,16 @@ def train(cfg: TrainConfig) -> dict:
     start_epoch, history, total_epochs = 0, [], cfg.epochs
     if cfg.resume:
         state = load_training_state(cfg.resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        start_epoch, history = state["epoch"], state["history"]
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])  # keeps the saved schedule (lr, warm-up)
+            if ema is not None and "ema" in state:
+                ema.load_state_dict(state["ema"])
+            start_epoch, history = state["epoch"], state["history"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise EdgekitError(f"{cfg.resume} does not match this run (model, classes or options changed?): "
+                               f"{str(exc).splitlines()[0][:200]}") from None
         # Continue the saved plan (possibly fitted to a time limit) unless --epochs changed it.
         total_epochs = state["total_epochs"] if cfg.epochs == state["config_epochs"] else cfg.epochs
         schedule.total_steps = total_epochs * len(loader)

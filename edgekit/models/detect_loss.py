@@ -90,6 +90,7 @@ def fcos_loss(outputs, targets, strides, focal_alpha=0.25, focal_gamma=2.0):
         loss_box = (giou_loss(box[pos], target) * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
         loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos].squeeze(-1), ctr_t, reduction="sum") / num_pos
     else:
-        loss_box = loss_ctr = box.sum() * 0
+        # Keep every head output in the graph, or DDP waits forever for their gradients.
+        loss_box = loss_ctr = (box.sum() + ctr.sum()) * 0
     return {"loss": loss_cls + loss_box + loss_ctr, "cls": loss_cls.detach(), "box": loss_box.detach(),
             "ctr": loss_ctr.detach(), "num_pos": torch.tensor(num_pos)}
