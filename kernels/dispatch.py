@@ -74,6 +74,9 @@ def resolve(op: str, backend: str, tensor: torch.Tensor, needs_grad: bool | None
             raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
         if not hasattr(module, op):
             raise BackendUnavailableError(f"backend {backend!r} does not implement {op}")
+        if (_needs_grad(tensor) if needs_grad is None else needs_grad) and op not in module.SUPPORTS_BACKWARD:
+            raise BackendUnavailableError(
+                f"backend {backend!r} has no backward for {op}; use backend 'auto' or 'torch' when training")
         if tensor.device.type not in module.DEVICES:
             raise BackendUnavailableError(
                 f"backend {backend!r} runs on {'/'.join(sorted(module.DEVICES))} tensors, got a {tensor.device.type} tensor; "
