@@ -73,6 +73,22 @@ def test_grn_float32_forward_and_grads_match_float64_reference(seed, n, h, w, c,
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_grn_parallel_chunks_match_reference(monkeypatch, data_format):
+    """The multi-threaded, multi-chunk path (small tensors run on one thread, in one chunk)."""
+    seed = fresh_seed()
+    monkeypatch.setattr(numba_cpu, "_SERIAL_BYTES", 0)
+    monkeypatch.setattr(numba_cpu, "_GRN_CHUNK_BYTES", 256)
+    x, gamma, beta = grn_inputs(seed, 3, 23, 17, 24, data_format)
+    fn = lambda impl: lambda x, g, b: impl(x, g, b, 1e-6, data_format)  # noqa: E731
+    out, got = grads(fn(numba_cpu.grn), detached((x, gamma, beta), torch.float32), seed)
+    ref_out, ref = grads(fn(grn_reference), detached((x, gamma, beta), torch.float64), seed)
+    for name, a, b in zip(("out", "x", "gamma", "beta"), (out, *got), (ref_out, *ref)):
+        assert rel_err(a, b) <= TOL32, f"{name}: rel err {rel_err(a, b):.2e} (seed {seed})"
+    with torch.no_grad():
+        assert rel_err(numba_cpu.grn(x, gamma, beta, 1e-6, data_format), ref_out) <= TOL32, seed
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_grn_gradcheck_float64(data_format):
     seed = fresh_seed()
     x, gamma, beta = detached(grn_inputs(seed, 2, 3, 5, 4, data_format, torch.float64), torch.float64)
