@@ -74,6 +74,15 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _command() -> str:
+    """The command line as typed: ``python -m pkg.mod args`` when run as a module."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return " ".join(["python", "-m", spec.name, *sys.argv[1:]])
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
 def machine_info() -> dict:
     """Machine, software versions and the command line, for a result file's header."""
     import torch
@@ -90,7 +99,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in ("torch", "numba", "numpy", "onnxruntime", "onnx")},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": _command(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
