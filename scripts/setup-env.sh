@@ -11,8 +11,9 @@ stamp=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ -f .venv/.edgekit-stamp ] && [ "$(cat .venv/.edgekit-stamp)" = "$stamp" ]; then exit 0; fi
 echo "setting up .venv (pinned dependencies from constraints.txt)..." >&2
 "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# pip -q still prints a warning per missing entry of some machines' local index mirrors.
+quiet_pip() { .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
 # torch first, so the CPU build is chosen before anything asks for an unpinned torch.
-.venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+quiet_pip -c constraints.txt "torch==2.13.0"
+quiet_pip -c constraints.txt -e ".[dev]"
 echo "$stamp" > .venv/.edgekit-stamp

@@ -83,7 +83,9 @@ def _dota_folder(root: Path, rng, n=4):
 def test_dataset_targets(tmp_path, preload):
     seed = random.randrange(2**32)
     truth = _dota_folder(tmp_path, np.random.default_rng(seed))
-    ds = DetectionDataset(tmp_path, ["plane", "ship"], image_size=128, preload=preload)
+    with pytest.raises(EdgekitError, match="tile the data set first"):
+        DetectionDataset(tmp_path, ["plane", "ship"], image_size=128, preload=preload)
+    ds = DetectionDataset(tmp_path, ["plane", "ship"], image_size=128, preload=preload, allow_downscale=True)
     assert len(ds) == 4
     for i, (h, w, boxes) in enumerate(truth):
         image, t = ds[i]

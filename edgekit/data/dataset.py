@@ -30,7 +30,8 @@ class DetectionDataset(Dataset):
     Boxes are clipped to the image; boxes with no area inside it are dropped.
     """
 
-    def __init__(self, root, classes, image_size: int = 256, augment: bool = False, preload="auto"):
+    def __init__(self, root, classes, image_size: int = 256, augment: bool = False, preload="auto",
+                 allow_downscale: bool = False):
         self.root, self.classes, self.image_size, self.augment = Path(root), list(classes), int(image_size), augment
         if self.image_size <= 0:
             raise EdgekitError(f"image size must be positive, got {image_size}")
@@ -39,7 +40,8 @@ class DetectionDataset(Dataset):
             raise EdgekitError(f"{self.root / 'images'} holds no images (.png, .jpg, .tif, .bmp)")
         index = {c: i for i, c in enumerate(self.classes)}
         self.paths = [p for p, _ in items]
-        self._check_scale()
+        if not allow_downscale:
+            self._check_scale()
         self.boxes, self.labels, self.difficult = [], [], []
         for _, annotation in items:
             objs = annotation.objects
@@ -53,7 +55,8 @@ class DetectionDataset(Dataset):
     def _check_scale(self):
         """Refuse images larger than the model input: letterboxing a large aerial scene
         would shrink its objects far below the scale that ``predict`` (which tiles large
-        images at native resolution) shows the model. Such data sets are tiled first."""
+        images at native resolution) shows the model. Such data sets are tiled first;
+        ``allow_downscale=True`` letterboxes them anyway (for whole-image models)."""
         for path in self.paths:
             h, w = image_size(path)
             if max(h, w) > self.image_size:
