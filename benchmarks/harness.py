@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from edgekit.sysinfo import cpu_model
+
 
 def measure(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 20, min_repeats: int = 3,
             budget_s: float = 2.0) -> dict:
@@ -42,16 +44,6 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 20, min
     median = statistics.median(times)
     return {"median_ms": median, "p90_ms": p90, "min_ms": times[0], "max_ms": times[-1],
             "repeats": len(times), "spread": p90 / median if median > 0 else float("nan")}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def last_level_cache_bytes() -> int | None:
@@ -91,7 +83,7 @@ def machine_info() -> dict:
     except OSError:
         load = None
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "last_level_cache_bytes": last_level_cache_bytes(),
         "torch_threads": torch.get_num_threads(),

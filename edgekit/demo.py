@@ -24,6 +24,7 @@ from edgekit.engine.config import make_config
 from edgekit.engine.predict import detect_array, draw_detections
 from edgekit.engine.train import train
 from edgekit.fileio import temp_path, write_json_atomic, write_text_atomic
+from edgekit.sysinfo import cpu_model
 
 FULL = {"num_train": 480, "num_val": 120, "image_size": 256, "epochs": 40, "batch_size": 8}
 GRID_SCORE_THRESHOLD = 0.4  # the picture shows confident boxes; mAP uses every score
@@ -88,17 +89,7 @@ def environment() -> dict:
 
     return {"command": " ".join(["edgekit"] + sys.argv[1:]) if sys.argv else "", "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "processor": _cpu_name(), "edgekit": getattr(edgekit, "__version__", "")}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+            "machine": platform.machine(), "processor": cpu_model(), "edgekit": getattr(edgekit, "__version__", "")}
 
 
 def _fmt(value) -> str:

@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DOTA_EXAMPLE = REPO.parent / "shared" / "data" / "dota_example"
@@ -27,3 +29,12 @@ def tiny_run(tiny_data, tmp_path_factory):
     cfg = make_config({"data": str(tiny_data), "out": str(out), "image_size": 128, "epochs": 1, "batch_size": 4,
                        "progress": False})
     return train(cfg), out
+
+
+@pytest.fixture
+def fresh_torch_seed():
+    """Fresh inputs each run; the seed is printed so a failure can be replayed."""
+    value = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"torch seed {value}")
+    torch.manual_seed(value)
+    return value

@@ -3,7 +3,6 @@
 
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,13 +15,7 @@ SIZES = ["atto", "femto", "pico", "nano", "tiny"]
 PAPER_PARAMS_M = {"atto": 3.7, "femto": 5.2, "pico": 9.1, "nano": 15.6, "tiny": 28.6}  # paper, Table 8
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    """Fresh inputs each run; the seed is printed so a failure can be replayed."""
-    value = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"torch seed {value}")
-    torch.manual_seed(value)
-    return value
+pytestmark = pytest.mark.usefixtures("fresh_torch_seed")
 
 
 def shapes(module):

@@ -8,13 +8,7 @@ from edgekit.models import GRN, grn_reference
 from reference_convnextv2_official import GRN as OfficialGRN
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    """Fresh inputs each run; the seed is printed so a failure can be replayed."""
-    value = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"torch seed {value}")
-    torch.manual_seed(value)
-    return value
+pytestmark = pytest.mark.usefixtures("fresh_torch_seed")
 
 
 def grn_float64_numpy(x, gamma, beta, eps=1e-6):
