@@ -74,6 +74,7 @@ def test_bad_inputs_give_one_line_and_status_2(capsys, tiny_run, tiny_data, tmp_
     cases = [
         (("train", "--data", str(tmp_path / "nowhere")), "not found"),
         (("train", "--data", str(tiny_data), "--model", "resnet50"), "unknown model 'resnet50'"),
+        (("train", "--data", str(tiny_data), "--model", "convnextv2_atto"), "is not a detector"),
         (("train", "--data", str(tiny_data), "--config", str(bad_cfg)), "unknown config key 'learning_rate'"),
         (("train", "--data", str(tiny_data), "--epochs", "0"), "epochs=0 is invalid"),
         (("eval", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", str(tiny_data / "val")), "not found"),

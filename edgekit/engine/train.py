@@ -26,7 +26,7 @@ from edgekit.engine.ema import ModelEMA
 from edgekit.engine.evaluate import evaluate
 from edgekit.errors import EdgekitError
 from edgekit.fileio import write_json_atomic
-from edgekit.models import create_model
+from edgekit.models import create_model, list_models
 
 
 def discover_classes(root: Path) -> list[str]:
@@ -92,6 +92,9 @@ def train(cfg: TrainConfig) -> dict:
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_detection, num_workers=cfg.workers)
 
     model_kwargs = {"class_names": list(classes), "num_classes": len(classes), "deformable": cfg.deformable, **cfg.extra}
+    detectors = list_models("rsdet_*")
+    if cfg.model in list_models() and cfg.model not in detectors:
+        raise EdgekitError(f"model {cfg.model!r} is not a detector; edgekit train takes one of {', '.join(detectors)}")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (EMA copies them before DDP syncs)
     model = create_model(cfg.model, **model_kwargs)
     torch.manual_seed(cfg.seed + rank)
