@@ -49,7 +49,8 @@ def deform_conv2d(
     ``mask`` is [B, offset_groups*kh*kw, Ho, Wo]; samples outside the map read zeros.
     """
     impl = dispatch.resolve("deform_conv2d", backend, input, _needs_grad(input, offset, weight, bias, mask))
-    return impl(input, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask)
+    return impl(input, offset, weight, bias, as_pair(stride, "stride"),
+                as_pair(padding, "padding"), as_pair(dilation, "dilation"), mask)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -57,10 +58,11 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _pair(v) -> tuple[int, int]:
+def as_pair(v, name: str = "argument") -> tuple[int, int]:
+    """An int or a pair of ints -> a pair (torchvision's convention for conv arguments)."""
     if isinstance(v, int):
         return (v, v)
     v = tuple(int(i) for i in v)
     if len(v) != 2:
-        raise ValueError(f"expected an int or a pair of ints, got {v!r}")
+        raise ValueError(f"deform_conv2d: {name} must be an int or a pair of ints, got {v!r}")
     return v

@@ -29,15 +29,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from edgekit import ops
-
-
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(i) for i in v)
-    if len(v) != 2:
-        raise ValueError(f"deform_conv2d: {name} must be an int or a pair of ints, got {v!r}")
-    return v
+from edgekit.ops import as_pair
 
 
 class DeformGeometry(NamedTuple):
@@ -67,7 +59,7 @@ def deform_geometry(input, offset, weight, bias=None, stride=(1, 1), padding=(0,
     ``ValueError`` messages. Groups and offset groups are inferred from the shapes:
     ``groups = C_in / weight.shape[1]``, ``offset_groups = offset.shape[1] / (2*kh*kw)``.
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation = as_pair(stride, "stride"), as_pair(padding, "padding"), as_pair(dilation, "dilation")
     for name, t in (("input", input), ("offset", offset), ("weight", weight), ("mask", mask)):
         if t is not None and t.ndim != 4:
             raise ValueError(f"deform_conv2d: {name} must be a 4-D tensor, got shape {tuple(t.shape)}")
@@ -229,9 +221,9 @@ class DeformConv2d(nn.Module):
             raise ValueError(f"DeformConv2d: in_channels={in_channels} must be divisible by "
                              f"offset_groups={offset_groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride, self.padding = as_pair(stride, "stride"), as_pair(padding, "padding")
+        self.dilation = as_pair(dilation, "dilation")
         self.groups, self.offset_groups, self.backend = groups, offset_groups, backend
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
