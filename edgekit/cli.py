@@ -198,11 +198,20 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# Stages that live in their own package register their sub-commands through a module with
+# ``add_subcommands(sub)``, so this file does not grow with every stage.
+STAGE_COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="edgekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_convert, _add_tile, _add_models):
         add(sub)
+    for module in STAGE_COMMAND_MODULES:
+        importlib.import_module(module).add_subcommands(sub)
     return parser
 
 
