@@ -1,0 +1,251 @@
+"""HQ: hybrid bit-width search (GHOST's threshold rule, and a budgeted exact allocation).
+
+Per layer and bit width n we measure how well n bits can represent the weights:
+``kmeans`` clusters them with 2^n centres (GHOST's rule), ``uniform`` uses the quantizer
+that :func:`edgekit.calibration.quantize` really applies (per-channel symmetric,
+narrow range, scale = channel abs-max / (2^(n-1)-1)). Errors are mean squared errors;
+the relative error divides by the mean squared weight, so one threshold fits all layers.
+
+1-D k-means is exact-enough and fast: on sorted weights every cluster is a contiguous
+run, so a Lloyd step is a ``searchsorted`` of the centre midpoints plus prefix sums,
+O(k log n) after one O(n log n) sort, whatever the layer size.
+
+``allocate_bits`` picks one width per layer minimising ``sum(objective[l][b])`` under a
+budget on ``sum(cost[l][b])``: a multiple-choice knapsack solved by dynamic programming
+over the cost *above each layer's cheapest choice*, discretised in ``resolution`` steps
+with costs rounded up (so the answer always meets the real budget). It is exact when
+those excess costs are multiples of the step; otherwise it is at least as good as the
+true optimum under a budget smaller by ``layers x step``. The all-cheapest allocation is
+always representable, so the DP is infeasible exactly when the budget is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+
+DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def kmeans_1d(values, k: int, iters: int = 40, presorted: bool = False) -> tuple[np.ndarray, float]:
+    """(sorted centres, mean squared distance) of a 1-D k-means with quantile init
+    (``presorted``: ``values`` is already a sorted 1-D float64 array)."""
+    w = np.asarray(values, dtype=np.float64).ravel()
+    w = w if presorted else np.sort(w)
+    n = w.size
+    if n == 0:
+        raise ValueError("kmeans_1d: empty input")
+    shift = w[n // 2]
+    w = w - shift  # centring keeps the prefix-sum differences accurate
+    k = max(1, min(int(k), n))
+    cs = np.concatenate(([0.0], np.cumsum(w)))
+    cs2 = np.concatenate(([0.0], np.cumsum(w * w)))
+    centres = w[np.minimum(((np.arange(k) + 0.5) / k * n).astype(np.int64), n - 1)]
+
+    def assign(c):
+        idx = np.concatenate(([0], np.searchsorted(w, (c[:-1] + c[1:]) / 2, side="right"), [n]))
+        cnt = np.diff(idx)
+        s = cs[idx[1:]] - cs[idx[:-1]]
+        return idx, cnt, s
+
+    for _ in range(iters):
+        idx, cnt, s = assign(centres)
+        new = np.where(cnt > 0, s / np.maximum(cnt, 1), centres)
+        if np.array_equal(new, centres):
+            break
+        centres = new
+    idx, cnt, s = assign(centres)
+    s2 = cs2[idx[1:]] - cs2[idx[:-1]]
+    means = np.where(cnt > 0, s / np.maximum(cnt, 1), centres)
+    sse = float(np.sum(np.maximum(s2 - 2 * means * s + means * means * cnt, 0.0)))
+    return means + shift, sse / n
+
+
+def uniform_mse(weight, bits: int) -> float:
+    """Mean squared error of per-channel (axis 0) symmetric narrow-range quantization."""
+    w = np.asarray(weight, dtype=np.float64)
+    w = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(w).max(axis=1, keepdims=True)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    q = np.clip(np.round(w / scale), -qmax, qmax)
+    return float(np.mean((q * scale - w) ** 2))
+
+
+@dataclasses.dataclass
+class LayerErrors:
+    """Per-bit-width MSE of one layer's weights."""
+
+    path: str
+    numel: int
+    mean_square: float
+    mse: dict  # bits -> mean squared error
+
+    def relative(self, bits: int) -> float:
+        return self.mse[bits] / self.mean_square if self.mean_square > 0 else 0.0
+
+
+def layer_errors(layers: dict, bits=DEFAULT_BITS, metric: str = "uniform", progress: bool = False) -> dict:
+    """``{path: LayerErrors}`` for ``{path: module}`` (each with a ``weight``)."""
+    if metric not in ("kmeans", "uniform"):
+        raise EdgekitError(f"unknown error metric {metric!r}; use kmeans or uniform")
+    items = layers.items()
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc=f"weight error ({metric})", unit="layer")
+    out = {}
+    for path, module in items:
+        w = module.weight.detach().cpu().double().numpy()
+        if metric == "kmeans":
+            flat = np.sort(w.ravel())
+            mse = {b: kmeans_1d(flat, 2 ** b, presorted=True)[1] for b in bits}
+        else:
+            mse = {b: uniform_mse(w, b) for b in bits}
+        out[path] = LayerErrors(path, w.size, float(np.mean(w * w)), mse)
+    return out
+
+
+def threshold_bits(errors: dict, threshold: float, bits=DEFAULT_BITS) -> dict:
+    """GHOST's rule: per layer the smallest width whose relative error is <= threshold
+    (the largest width when none is)."""
+    if not threshold > 0:
+        raise EdgekitError(f"threshold must be > 0, got {threshold}")
+    bits = sorted(bits)
+    return {path: next((b for b in bits if e.relative(b) <= threshold), bits[-1]) for path, e in errors.items()}
+
+
+def allocate_bits(cost: dict, objective: dict, budget: float, resolution: int = 4096) -> dict:
+    """``{layer: bits}`` minimising ``sum objective[l][b]`` with ``sum cost[l][b] <= budget``.
+
+    ``cost`` and ``objective`` map layer -> {bits: value} (same keys). Raises
+    EdgekitError stating the smallest achievable total when the budget is too small.
+    """
+    names = list(cost)
+    if not names:
+        return {}
+    choices = [sorted(cost[n]) for n in names]
+    floor = sum(min(cost[n].values()) for n in names)
+    spare = budget - floor
+    if spare < 0:
+        raise EdgekitError(f"budget {budget:.6g} is infeasible: the smallest achievable is {floor:.6g} "
+                           f"(every searched layer at its fewest bits); raise the budget or allow fewer bits")
+    step = spare / resolution if spare > 0 else 1.0
+    steps = resolution if spare > 0 else 0
+    dp = np.zeros(steps + 1)
+    picks = np.zeros((len(names), steps + 1), dtype=np.int64)
+    for i, (name, opts) in enumerate(zip(names, choices)):
+        low = min(cost[name].values())
+        best = np.full(steps + 1, np.inf)
+        for j, b in enumerate(opts):
+            units = math.ceil((cost[name][b] - low) / step - 1e-9)
+            if units > steps:
+                continue
+            cand = np.full(steps + 1, np.inf)
+            cand[units:] = dp[: steps + 1 - units] + objective[name][b]
+            better = cand < best
+            best[better] = cand[better]
+            picks[i, better] = j
+        dp = best
+    out, r = {}, steps
+    for i in range(len(names) - 1, -1, -1):
+        b = choices[i][picks[i, r]]
+        out[names[i]] = b
+        low = min(cost[names[i]].values())
+        r -= math.ceil((cost[names[i]][b] - low) / step - 1e-9)
+    return out
+
+
+@dataclasses.dataclass
+class SearchResult:
+    method: str
+    metric: str
+    weight_bits: dict       # searched layers only
+    fixed_bits: dict        # layers the policy fixes (first/last): path -> bits
+    errors: dict            # path -> LayerErrors
+    sensitivity: dict | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "metric": self.metric, "weight_bits": self.weight_bits,
+                "fixed_bits": self.fixed_bits, "seconds": self.seconds,
+                "relative_error": {p: {b: e.relative(b) for b in e.mse} for p, e in self.errors.items()},
+                "sensitivity": self.sensitivity}
+
+
+def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: float = 0.01, metric: str | None = None,
+                budget_bops: float | None = None, budget_bytes: float | None = None, act_bits: int | str = 8,
+                config=None, image_size=256, sensitivity: dict | None = None, progress: bool = False) -> SearchResult:
+    """Per-layer weight bits for ``model`` (float) by ``method``:
+
+    ``ghost``: threshold rule (default metric kmeans); ``budget``: minimise the summed
+    relative error under ``budget_bops`` or ``budget_bytes``; ``sensitivity``: the same
+    with each layer's MSE weighted by its Hessian trace (``sensitivity``, see
+    :mod:`edgekit.calibration.sensitivity`), HAWQ-v2's objective. Layers the config's
+    first/last policy fixes are not searched but count in the budget, as do float
+    layers (at 32 bits) and other parameters; BOPs budgets need fixed activation bits.
+    """
+    from edgekit.calibration.profiler import FLOAT_BITS, measure_layers
+    from edgekit.calibration.quantize import (QuantConfig, default_example_input, fixed_layer_bits,
+                                              quantizable_layers, trace_layers)
+
+    start = time.perf_counter()
+    if method not in ("ghost", "budget", "sensitivity"):
+        raise EdgekitError(f"unknown search method {method!r}; use ghost, budget or sensitivity")
+    bits = tuple(sorted(set(int(b) for b in bits)))
+    if not bits or bits[0] < 2 or bits[-1] > 8:
+        raise EdgekitError(f"bit widths must be in 2..8, got {list(bits)}")
+    metric = metric or ("kmeans" if method == "ghost" else "uniform")
+    config = config or QuantConfig(act_bits=act_bits)
+    layers = quantizable_layers(model, config)
+    graph = trace_layers(model, layers, default_example_input(model))
+    fixed = fixed_layer_bits(graph, config)
+    searched = {p: m for p, m in layers.items() if p not in fixed}
+    errors = layer_errors(searched, bits, metric, progress)
+    if method == "ghost":
+        chosen = threshold_bits(errors, threshold, bits)
+    else:
+        if (budget_bops is None) == (budget_bytes is None):
+            raise EdgekitError(f"method {method} needs exactly one budget: --budget-bops or --budget-mb")
+        if method == "sensitivity":
+            if sensitivity is None:
+                raise EdgekitError("method sensitivity needs per-layer sensitivities (edgekit.calibration.sensitivity)")
+            objective = {p: {b: sensitivity[p] * errors[p].mse[b] for b in bits} for p in searched}
+        else:
+            objective = {p: {b: errors[p].relative(b) for b in bits} for p in searched}
+        measured = measure_layers(model, image_size)
+        if budget_bops is not None:
+            if not isinstance(act_bits, int):
+                raise EdgekitError("a BOPs budget needs fixed activation bits (tied ones couple the layers); "
+                                   "use --act-bits-mode fixed, or a size budget (--budget-mb)")
+            cost = {p: {b: measured[p][2] * b * act_bits for b in bits} for p in searched}
+            outside = sum(measured[p][2] * b * b for p, b in fixed.items())  # fixed layers: W and A at b
+            outside += sum(v[2] * FLOAT_BITS * FLOAT_BITS for p, v in measured.items() if p not in layers)
+            budget = budget_bops
+        else:
+            cost = {p: {b: math.ceil(measured[p][1] * b / 8) for b in bits} for p in searched}
+            outside = sum(math.ceil(measured[p][1] * b / 8) for p, b in fixed.items())
+            weights = {f"{p}.weight" for p in measured if p in layers}
+            outside += 4 * sum(t.numel() for n, t in model.named_parameters() if n not in weights and "_quant." not in n)
+            budget = budget_bytes
+        try:
+            chosen = allocate_bits(cost, objective, budget - outside)
+        except EdgekitError:
+            floor = outside + sum(min(c.values()) for c in cost.values())
+            unit = ("GBOPs", 1e9) if budget_bops is not None else ("MB", 1e6)
+            raise EdgekitError(f"budget {budget / unit[1]:.6g} {unit[0]} is infeasible for this model: the smallest "
+                               f"achievable is {floor / unit[1]:.6g} {unit[0]} (searched layers at {bits[0]} bits, "
+                               f"first/last and float layers fixed); raise the budget") from None
+    return SearchResult(method, metric, chosen, fixed, errors, sensitivity, time.perf_counter() - start)
+
+
+def config_from_search(result: SearchResult, config=None):
+    """The QuantConfig applying ``result`` (searched widths; first/last by the policy)."""
+    from edgekit.calibration.quantize import QuantConfig
+
+    config = config or QuantConfig()
+    return dataclasses.replace(config, weight_bits=dict(result.weight_bits))
