@@ -1,0 +1,294 @@
+"""PyTorch -> ONNX: one function, :func:`export_onnx`, that writes a checked, self-describing file.
+
+Exporter: ``torch.onnx.export(dynamo=True)`` (torch 2.13's default; the TorchScript
+exporter is deprecated). It keeps every parameter initializer under its torch name
+("<module path>.weight"), which is how the QDQ writer finds layers; the custom
+deformable op reaches ONNX ``DeformConv`` through a translation table
+(:mod:`edgekit.export.deform_export`).
+
+Every file gets: the checker (full check) and strict shape inference, onnxslim
+simplification only when the simplified graph gives the same outputs, and metadata
+(edgekit version, model name, classes, input size, normalisation, precision, deform
+mode, plus the caller's entries) that :func:`read_metadata` returns as Python values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from edgekit.errors import EdgekitError
+from edgekit.export.deform_export import DEFORM_MODES
+
+PRECISIONS = ("fp32", "fp16")
+DETECTOR_OUTPUTS = ("boxes", "scores")
+CLASSIFIER_OUTPUTS = ("logits",)
+INPUT_NAME = "images"
+# Metadata values that are not strings are stored as JSON; this key lists them, so
+# :func:`read_metadata` gives back exactly what was written (strings stay readable).
+JSON_KEYS = "edgekit.json_keys"
+
+
+class DetectorOutputs(nn.Module):
+    """An RSDet whose forward gives ``boxes`` [B, N, 4] (xyxy, input pixels) and ``scores``
+    [B, N, C], computed by :func:`edgekit.models.detect_post.decode_predictions`.
+
+    The per-level outputs are decoded in float32 whatever the model's dtype: pixel
+    coordinates of a 1024-px input have a float16 spacing of 0.5-1 px.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        from edgekit.models.detect_post import decode_predictions
+
+        raw = self.model(images)
+        raw = tuple([t.float() for t in level] for level in raw)
+        return decode_predictions(raw, self.model.strides)
+
+
+class _Precision(nn.Module):
+    """Runs ``net`` in ``dtype`` behind float32 graph inputs and outputs."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, images: torch.Tensor):
+        out = self.net(images.to(self.dtype))
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        return tuple(t.float() for t in out)
+
+
+def is_detector(model: nn.Module) -> bool:
+    from edgekit.models.detector import RSDet
+
+    return isinstance(model, (RSDet, DetectorOutputs))
+
+
+def model_name(model: nn.Module) -> str:
+    """The registry name of an edgekit model (``rsdet_atto``, ``convnextv2_femto``), else its class name."""
+    from edgekit.models.convnextv2 import VARIANTS, ConvNeXtV2
+
+    inner = model.model if isinstance(model, DetectorOutputs) else model
+    config = getattr(inner, "config", None)
+    if isinstance(config, dict) and "backbone" in config:
+        return f"rsdet_{config['backbone']}"
+    if isinstance(inner, ConvNeXtV2):
+        for size, arch in VARIANTS.items():
+            if list(arch["dims"]) == list(inner.dims) and list(arch["depths"]) == list(inner.depths):
+                return f"convnextv2_{size}"
+    return type(inner).__name__
+
+
+def _check_options(image_size, precision, deform, opset):
+    if precision not in PRECISIONS:
+        raise EdgekitError(f"export: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if deform not in DEFORM_MODES:
+        raise EdgekitError(f"export: unknown deform mode {deform!r}; choose one of {', '.join(DEFORM_MODES)}")
+    if not isinstance(image_size, int) or image_size < 32 or image_size % 32:
+        raise EdgekitError(f"export: image_size must be a positive multiple of 32 (the backbone's stride), "
+                           f"got {image_size!r}; e.g. image_size=640")
+    if opset < 19:
+        raise EdgekitError(f"export: opset {opset} has no DeformConv/float16 GridSample; use opset >= 19")
+
+
+def _graph_module(model: nn.Module, precision: str) -> tuple[nn.Module, tuple[str, ...], str]:
+    """(module to export, output names, prefix its parameter names carry)."""
+    import copy
+
+    detector = is_detector(model)
+    net = model if isinstance(model, DetectorOutputs) or not detector else DetectorOutputs(model)
+    prefix = "model." if isinstance(net, DetectorOutputs) else ""
+    if precision == "fp16":
+        net = _Precision(_half(copy.deepcopy(net)), torch.float16)
+        prefix = "net." + prefix
+    return net.eval(), DETECTOR_OUTPUTS if detector else CLASSIFIER_OUTPUTS, prefix
+
+
+def _half(net: nn.Module) -> nn.Module:
+    """float16 parameters, except those of GRN and deformable convolution: those layers
+    compute in float32 anyway, and float32 parameters keep their initializer names (a
+    cast parameter would become a folded constant with a generated name)."""
+    from edgekit.models.deform import DeformConv2d
+    from edgekit.models.grn import GRN
+
+    net.half()
+    for module in net.modules():
+        if isinstance(module, (GRN, DeformConv2d)):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.float()
+    return net
+
+
+def _torch_export(net, example, output_names, deform, opset, dynamic_batch):
+    """torch.onnx.export (dynamo) -> ModelProto, with the ops routed to traceable implementations."""
+    import warnings
+
+    from edgekit.export.deform_export import export_backends, onnx_translations
+
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with export_backends(deform), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch.export)
+        try:
+            program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                        output_names=list(output_names), opset_version=opset,
+                                        dynamic_shapes=dynamic, custom_translation_table=onnx_translations(),
+                                        optimize=False, verbose=False)
+        except Exception as exc:  # the exporter's report is pages long: keep its first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgekitError(f"export: torch.onnx.export failed for {type(net).__name__}: {first}; "
+                               f"see the traceback of torch.onnx.export on this model for details") from exc
+    return program.model_proto
+
+
+def _parameter_names(model: nn.Module) -> set[str]:
+    inner = model.model if isinstance(model, DetectorOutputs) else model
+    return {name for name, _ in inner.named_parameters()} | {name for name, _ in inner.named_buffers()}
+
+
+def _strip_prefix(model, prefix: str) -> None:
+    """Rename initializers '<prefix><torch name>' (the export wrappers' names) to the user's torch names."""
+    if not prefix:
+        return
+    graph = model.graph
+    taken = {v for node in graph.node for v in node.output} | {i.name for i in graph.input}
+    renames = {}
+    for init in graph.initializer:
+        if init.name.startswith(prefix) and init.name[len(prefix):] not in taken:
+            renames[init.name] = init.name[len(prefix):]
+    from edgekit.export.onnx_checks import rename_values
+
+    rename_values(model, renames)
+
+
+def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dict | None) -> dict:
+    import edgekit
+    from edgekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    inner = model.model if isinstance(model, DetectorOutputs) else model
+    classes = getattr(inner, "class_names", None)
+    meta = {
+        "edgekit_version": edgekit.__version__,
+        "model": model_name(model),
+        "task": "detect" if is_detector(model) else "classify",
+        "classes": list(classes) if classes is not None else None,
+        "input_size": [int(image_size), int(image_size)],
+        "input_layout": "NCHW RGB float32, letterboxed (top-left), (x/255 - mean) / std",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "precision": precision,
+        "deform": deform,
+        "opset": int(opset),
+    }
+    if is_detector(model):
+        meta["strides"] = list(inner.strides)
+    meta.update(extra or {})
+    return meta
+
+
+def set_metadata(model, metadata: dict) -> None:
+    """Write ``metadata`` into ``model.metadata_props`` (replacing keys already there)."""
+    current = read_metadata(model)
+    current.pop(JSON_KEYS, None)
+    current.update(metadata)
+    del model.metadata_props[:]
+    json_keys = []
+    for key, value in current.items():
+        if not isinstance(value, str):
+            value = json.dumps(value)
+            json_keys.append(key)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = str(key), value
+    if json_keys:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = JSON_KEYS, json.dumps(json_keys)
+
+
+def read_metadata(source) -> dict:
+    """Metadata of an ONNX file or ModelProto, non-string values decoded from JSON."""
+    model = load_onnx(source) if isinstance(source, (str, os.PathLike)) else source
+    props = {p.key: p.value for p in model.metadata_props}
+    json_keys = json.loads(props.pop(JSON_KEYS, "[]"))
+    for key in json_keys:
+        if key in props:
+            props[key] = json.loads(props[key])
+    return props
+
+
+def load_onnx(path) -> "onnx.ModelProto":  # noqa: F821
+    """Load an ONNX file (external data included) or raise one clear line."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgekitError(f"{path}: no such ONNX file; check the path (export one with `edgekit export`)")
+    if path.stat().st_size == 0:
+        raise EdgekitError(f"{path}: the file is empty; re-export the model")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, RuntimeError, ValueError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgekitError(f"{path}: not a readable ONNX model ({msg}); the file is corrupt or truncated, "
+                           f"re-export it") from None
+    if not model.graph.node or not model.graph.output:
+        raise EdgekitError(f"{path}: the ONNX model has no graph (truncated or not an ONNX file); re-export it")
+    return model
+
+
+def _save_atomic(model, path: Path) -> Path:
+    from edgekit.fileio import temp_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        tmp.write_bytes(model.SerializeToString())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp32", deform: str = "native",
+                opset: int = 19, dynamic_batch: bool = True, metadata: dict | None = None,
+                simplify: bool = True, model_name: str | None = None) -> Path:
+    """Export ``model`` (an RSDet, a :class:`DetectorOutputs` or a classifier) to ``path``.
+
+    Input ``images`` [B, 3, image_size, image_size] float32; outputs ``boxes`` and
+    ``scores`` (detectors) or ``logits`` (classifiers), float32 in both precisions.
+    ``precision="fp16"`` runs the body in float16 (GRN's L2 reduction and the deformable
+    sampling stay float32); ``deform`` picks ONNX ``DeformConv`` (``native``) or standard
+    ops (``decompose``). Returns the path written (atomically).
+    """
+    from edgekit.export import onnx_checks
+
+    _check_options(image_size, precision, deform, opset)
+    path = Path(path)
+    was_training = model.training
+    model.eval()
+    try:
+        net, output_names, prefix = _graph_module(model, precision)
+        example = torch.randn(2 if dynamic_batch else 1, 3, image_size, image_size)
+        proto = _torch_export(net, example, output_names, deform, opset, dynamic_batch)
+    finally:
+        model.train(was_training)
+    _strip_prefix(proto, prefix)
+    proto.producer_name = "edgekit"
+    meta = _metadata(model, image_size, precision, deform, opset, metadata)
+    if model_name is not None:
+        meta["model"] = model_name
+    onnx_checks.check(proto, output_names)
+    if simplify:
+        proto, meta["simplified"] = onnx_checks.simplify(proto, keep=_parameter_names(model))
+    else:
+        meta["simplified"] = "no (simplify=False)"
+    set_metadata(proto, meta)
+    return _save_atomic(proto, path)
