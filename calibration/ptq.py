@@ -1,0 +1,184 @@
+"""Post-training calibration: run data through a float model, observe what each quantized
+layer sees, and write a quant spec (``edgekit.calibration.spec``).
+
+Weights are symmetric per output channel on the narrow signed range (what integer conv
+kernels expect: zero points of 0); each layer's INPUT activation gets one asymmetric
+grid, unsigned when everything observed was >= 0 (post-ReLU data wastes no code on
+negatives), signed otherwise. :func:`apply_fake_quant` simulates a spec in torch, the
+reference that the QDQ ONNX model is checked against.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import functools
+from collections.abc import Iterable
+
+from edgekit.errors import EdgekitError
+
+# Offset/mask predictors of deformable convs stay float: a one-step error in an offset
+# moves a sampling point, which costs far more accuracy than the layer's size saves.
+DEFAULT_EXCLUDE = ("*conv_offset",)
+
+
+def quantizable_layers(model, layers: Iterable[str] | None = None, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> dict:
+    """{module path: spec type} of the layers to quantize (default: every Conv2d, Linear and
+    edgekit DeformConv2d whose path matches no ``exclude`` pattern)."""
+    import torch.nn as nn
+
+    from edgekit.models.deform import DeformConv2d
+
+    kinds = ((DeformConv2d, "DeformConv2d"), (nn.Conv2d, "Conv2d"), (nn.Linear, "Linear"))
+    found = {}
+    for path, module in model.named_modules():
+        kind = next((k for cls, k in kinds if isinstance(module, cls)), None)
+        if kind is not None:
+            found[path] = kind
+    if layers is None:
+        return {p: k for p, k in found.items() if not any(fnmatch.fnmatchcase(p, pat) for pat in exclude)}
+    layers = list(layers)
+    unknown = [p for p in layers if p not in found]
+    if unknown:
+        raise EdgekitError(f"layers {', '.join(unknown[:3])} are not Conv2d/Linear/DeformConv2d modules of the model; "
+                           f"pick names from model.named_modules()")
+    return {p: found[p] for p in layers}
+
+
+def weight_qparams(weight, bits: int, per_channel: bool = True, observer: str = "minmax") -> dict:
+    """The spec's ``weight`` entry: symmetric, narrow range, one scale per output channel
+    (per-tensor calibration repeats its one scale, so readers see one layout)."""
+    from edgekit.calibration.observers import make_observer
+
+    obs = make_observer(observer, axis=0 if per_channel else None)
+    obs.update(weight)
+    scale, _ = obs.compute(bits, signed=True, symmetric=True, narrow=True)
+    channels = weight.shape[0]
+    scales = [float(s) for s in scale] if per_channel else [float(scale)] * channels
+    return {"bits": bits, "signed": True, "axis": 0, "scale": scales, "zero_point": [0] * channels}
+
+
+def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits: int = 8, act_bits: int = 8,
+              per_channel: bool = True, layers: Iterable[str] | None = None, exclude: Iterable[str] = DEFAULT_EXCLUDE,
+              weight_observer: str = "minmax", model_name: str | None = None, progress: bool = True) -> dict:
+    """Observe ``model`` on ``batches`` (tensors, or tuples whose first item is the input)
+    and return a PTQ quant spec for the chosen layers."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from edgekit.calibration.observers import make_observer
+    from edgekit.calibration.spec import MAX_BITS, MIN_BITS, new_spec
+
+    for name, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise EdgekitError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    chosen = quantizable_layers(model, layers, exclude)
+    if not chosen:
+        raise EdgekitError("the model has no Conv2d/Linear/DeformConv2d layer left to quantize")
+    modules = dict(model.named_modules())
+    observers = {p: make_observer(observer) for p in chosen}
+    hooks = [modules[p].register_forward_pre_hook(_recorder(observers[p])) for p in chosen]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in tqdm(batches, total=total, desc=f"calibrate ({observer})", disable=not progress):
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise EdgekitError("calibration got no batches; give it at least one (--batches N with a non-empty --data)")
+    spec = new_spec(model_name, "ptq")
+    for path, kind in chosen.items():
+        obs = observers[path]
+        signed = bool(obs.min is not None and obs.min.min() < 0)
+        scale, zp = obs.compute(act_bits, signed)
+        spec["layers"][path] = {
+            "type": kind,
+            "weight": weight_qparams(modules[path].weight.detach(), weight_bits, per_channel, weight_observer),
+            "input": {"bits": act_bits, "signed": signed, "scale": scale, "zero_point": zp, "observer": observer},
+        }
+    return spec
+
+
+def _recorder(obs):
+    def hook(module, args):
+        obs.update(args[0])
+    return hook
+
+
+def apply_fake_quant(model, spec: dict):
+    """A copy of ``model`` that computes as the spec's QDQ model does: fake-quantized
+    weights, and each quantized layer's input fake-quantized on entry."""
+    from edgekit.calibration.spec import fake_quantize, validate_spec
+
+    import torch
+
+    validate_spec(spec)
+    qmodel = copy.deepcopy(model)
+    modules = dict(qmodel.named_modules())
+    missing = [p for p in spec["layers"] if p not in modules or not hasattr(modules[p], "weight")]
+    if missing:
+        raise EdgekitError(f"quant spec layers {', '.join(missing[:3])} are not weighted modules of this model; "
+                           f"was the spec written for another model?")
+    for path, layer in spec["layers"].items():
+        module, w = modules[path], layer["weight"]
+        _check_layer_shape(path, module, w)
+        with torch.no_grad():
+            module.weight.copy_(fake_quantize(module.weight, w["scale"], w["zero_point"], w["bits"], True,
+                                              axis=w["axis"], narrow=True))
+        if layer.get("input") is None:
+            continue
+        if _is_deform(module):
+            # Only the deformable op's data input is quantized (as on the QDQ graph's edge);
+            # a DeformConv2dPack's own offset conv keeps reading the float input.
+            module.__class__ = _deform_quantizer_class(type(module))
+            module.edgekit_input_qparams = layer["input"]
+        else:
+            module.register_forward_pre_hook(_input_quantizer(layer["input"]))
+    return qmodel
+
+
+def _check_layer_shape(path: str, module, w: dict) -> None:
+    shape = tuple(module.weight.shape)
+    if w["axis"] >= len(shape) or len(w["scale"]) != shape[w["axis"]]:
+        raise EdgekitError(f"quant spec layer {path!r} has {len(w['scale'])} weight scales along axis {w['axis']}, "
+                           f"but the module's weight has shape {list(shape)}; the spec is for another model")
+
+
+def _is_deform(module) -> bool:
+    from edgekit.models.deform import DeformConv2d
+
+    return isinstance(module, DeformConv2d)
+
+
+def _quantize_input(x, a: dict):
+    from edgekit.calibration.spec import fake_quantize
+
+    return fake_quantize(x, a["scale"], a["zero_point"], a["bits"], a["signed"])
+
+
+def _input_quantizer(a: dict):
+    def hook(module, args):
+        return (_quantize_input(args[0], a),) + tuple(args[1:])
+    return hook
+
+
+@functools.cache
+def _deform_quantizer_class(cls):
+    """``cls`` with DeformConv2d.forward preceded by input fake-quantization: the mixin sits
+    between ``cls`` and DeformConv2d in the MRO, so subclasses' ``super().forward`` reach it."""
+    from edgekit.models.deform import DeformConv2d
+
+    class InputQuantized(DeformConv2d):
+        def forward(self, x, offset, mask=None):
+            return super().forward(_quantize_input(x, self.edgekit_input_qparams), offset, mask)
+
+    if cls is DeformConv2d:
+        return type(f"FakeQuant{cls.__name__}", (InputQuantized,), {})
+    return type(f"FakeQuant{cls.__name__}", (cls, InputQuantized), {})

@@ -1,0 +1,191 @@
+"""PTQ calibration, the quant spec file and the torch fake-quant simulation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgekit.calibration.ptq import apply_fake_quant, calibrate, quantizable_layers
+from edgekit.calibration.spec import (FORMAT, fake_quantize, load_spec, new_spec, qrange, save_spec,
+                                      validate_spec)
+from edgekit.errors import EdgekitError
+from edgekit.models.deform import DeformConv2dPack
+
+
+class TinyNet(nn.Module):
+    """Conv (signed input) -> ReLU -> grouped conv (unsigned input) -> DCNv2 -> pooled Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.dcn = DeformConv2dPack(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(self.dcn(x).mean((2, 3)))
+
+
+@pytest.fixture
+def net(fresh_torch_seed):
+    model = TinyNet().eval()
+    nn.init.normal_(model.dcn.conv_offset.weight, std=0.05)  # non-trivial offsets and mask
+    return model
+
+
+def layer_inputs(model, batches, paths):
+    """Every input each layer saw, recorded by plain hooks (independent of the observers)."""
+    seen = {p: [] for p in paths}
+    modules = dict(model.named_modules())
+    hooks = [modules[p].register_forward_pre_hook(lambda m, a, p=p: seen[p].append(a[0].detach().clone()))
+             for p in paths]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return {p: torch.cat([t.flatten() for t in v]) for p, v in seen.items()}
+
+
+def test_minmax_calibration_matches_the_observed_ranges(net):
+    batches = [torch.randn(2, 3, 12, 12) * 3 for _ in range(3)]
+    spec = calibrate(net, batches, progress=False, model_name="tiny")
+    assert validate_spec(spec) is spec and spec["source"] == "ptq" and spec["model"] == "tiny"
+    assert set(spec["layers"]) == {"conv1", "conv2", "dcn", "fc"}  # dcn.conv_offset stays float
+    assert spec["layers"]["dcn"]["type"] == "DeformConv2d" and spec["layers"]["fc"]["type"] == "Linear"
+    inputs = layer_inputs(net, batches, spec["layers"])
+    for path, layer in spec["layers"].items():
+        x, a = inputs[path].double(), layer["input"]
+        assert a["signed"] == bool(x.min() < 0)
+        assert not spec["layers"]["conv2"]["input"]["signed"]  # post-ReLU
+        qmin, qmax = qrange(8, a["signed"])
+        lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+        assert a["scale"] == pytest.approx((hi - lo) / (qmax - qmin), rel=1e-6)
+        assert (qmin - a["zero_point"]) * a["scale"] == pytest.approx(lo, abs=a["scale"] / 2 + 1e-9)
+        w = dict(net.named_modules())[path].weight.detach().double()
+        amax = w.flatten(1).abs().amax(1)
+        np.testing.assert_allclose(layer["weight"]["scale"], (amax / 127).numpy(), rtol=1e-6)
+        assert layer["weight"]["zero_point"] == [0] * w.shape[0] and layer["weight"]["axis"] == 0
+
+
+def test_per_tensor_weights_repeat_one_scale_and_low_bits_use_their_grid(net):
+    spec = calibrate(net, [torch.randn(1, 3, 8, 8)], per_channel=False, weight_bits=4, act_bits=6, progress=False)
+    for path, layer in spec["layers"].items():
+        w = dict(net.named_modules())[path].weight.detach()
+        assert layer["weight"]["scale"] == pytest.approx([w.abs().max().item() / 7] * w.shape[0], rel=1e-6)
+        assert layer["input"]["bits"] == 6 and layer["weight"]["bits"] == 4
+
+
+@pytest.mark.parametrize("observer", ["percentile", "entropy", "mse"])
+def test_histogram_observers_clip_inside_the_minmax_range(net, observer):
+    batches = [torch.randn(2, 3, 12, 12) for _ in range(2)]
+    minmax = calibrate(net, batches, progress=False, layers=["conv1"])
+    other = calibrate(net, batches, observer=observer, progress=False, layers=["conv1"])
+    a, b = minmax["layers"]["conv1"]["input"], other["layers"]["conv1"]["input"]
+    assert b["observer"] == observer and b["scale"] <= a["scale"] * (1 + 1e-6)
+
+
+def test_fake_quant_model_equals_an_independent_float64_computation(net):
+    spec = calibrate(net, [torch.randn(2, 3, 10, 10) for _ in range(2)], progress=False)
+    qnet = apply_fake_quant(net, spec)
+    x = torch.randn(2, 3, 10, 10)
+    L = spec["layers"]
+
+    def fq_in(t, path):
+        a = L[path]["input"]
+        qmin, qmax = qrange(a["bits"], a["signed"])
+        return (torch.clamp(torch.round(t / a["scale"]) + a["zero_point"], qmin, qmax) - a["zero_point"]) * a["scale"]
+
+    def fq_w(path):
+        w, s = dict(net.named_modules())[path].weight.detach(), torch.tensor(L[path]["weight"]["scale"])
+        s = s.view(-1, *[1] * (w.ndim - 1))
+        return torch.clamp(torch.round(w / s), -127, 127) * s
+
+    with torch.no_grad():
+        h = F.relu(F.conv2d(fq_in(x, "conv1"), fq_w("conv1"), net.conv1.bias, padding=1))
+        h = F.relu(F.conv2d(fq_in(h, "conv2"), fq_w("conv2"), net.conv2.bias, padding=1, groups=2))
+        o1, o2, m = torch.chunk(net.dcn.conv_offset(h), 3, dim=1)  # offsets from the FLOAT input
+        from edgekit.models.deform import deform_conv2d_reference
+        d = deform_conv2d_reference(fq_in(h, "dcn").double(), torch.cat((o1, o2), 1).double(), fq_w("dcn").double(),
+                                    net.dcn.bias.double(), padding=(1, 1), mask=torch.sigmoid(m).double())
+        expected = F.linear(fq_in(d.float().mean((2, 3)), "fc"), fq_w("fc"), net.fc.bias)
+        got = qnet(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(got, net(x))  # the simulation changes something
+    assert type(net.dcn) is DeformConv2dPack  # the original model is untouched
+
+
+def test_fake_quantize_per_channel_matches_torch_builtin():
+    x = torch.randn(4, 6, 5)
+    scale = torch.rand(6) + 0.01
+    zp = torch.randint(-10, 10, (6,))
+    ours = fake_quantize(x, scale, zp, 8, True, axis=1)
+    builtin = torch.fake_quantize_per_channel_affine(x, scale, zp.int(), 1, -128, 127)
+    torch.testing.assert_close(ours, builtin)
+
+
+def test_calibration_errors_are_clear(net):
+    with pytest.raises(EdgekitError, match="no batches"):
+        calibrate(net, [], progress=False)
+    with pytest.raises(EdgekitError, match="act_bits"):
+        calibrate(net, [torch.randn(1, 3, 8, 8)], act_bits=9, progress=False)
+    with pytest.raises(EdgekitError, match="not Conv2d/Linear"):
+        calibrate(net, [torch.randn(1, 3, 8, 8)], layers=["nope"], progress=False)
+    assert "dcn.conv_offset" in quantizable_layers(net, exclude=())
+
+
+def spec_for(model, bits=8) -> dict:
+    spec = new_spec("tiny", "uniform")
+    spec["layers"]["conv1"] = {"type": "Conv2d", "weight": {"bits": bits, "signed": True, "axis": 0,
+                                                           "scale": [0.01] * 8, "zero_point": [0] * 8},
+                               "input": {"bits": 8, "signed": True, "scale": 0.02, "zero_point": -3,
+                                         "observer": "minmax"}}
+    return spec
+
+
+def test_spec_roundtrip_and_atomic_save(tmp_path, net):
+    spec = calibrate(net, [torch.randn(1, 3, 8, 8)], progress=False)
+    path = save_spec(spec, tmp_path / "sub" / "spec.json")
+    assert load_spec(path) == json.loads(json.dumps(spec))
+    assert [p.name for p in path.parent.iterdir()] == ["spec.json"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (("format",), "other/1", "format"),
+    (("source",), "magic", "source"),
+    (("layers", "conv1", "type"), "Conv3d", "layer 'conv1': type"),
+    (("layers", "conv1", "weight", "bits"), 9, "layer 'conv1' weight: bits"),
+    (("layers", "conv1", "weight", "signed"), False, "signed must be true"),
+    (("layers", "conv1", "weight", "scale"), [0.1] * 7, "equal length"),
+    (("layers", "conv1", "weight", "zero_point"), [0] * 7 + [200], "zero_point"),
+    (("layers", "conv1", "input", "scale"), -1.0, "layer 'conv1' input: scale"),
+    (("layers", "conv1", "input", "zero_point"), 128, "input: zero_point"),
+    (("layers", "conv1", "input", "observer"), "kl", "observer"),
+])
+def test_validation_names_the_bad_layer_and_field(net, field, value, message):
+    spec = spec_for(net)
+    target = spec
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    with pytest.raises(EdgekitError, match=message) as info:
+        validate_spec(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_corrupt_spec_files(tmp_path, net):
+    with pytest.raises(EdgekitError, match="not found"):
+        load_spec(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": ')
+    with pytest.raises(EdgekitError, match="not valid JSON"):
+        load_spec(bad)
+    spec = spec_for(net)
+    spec["layers"]["conv9"] = spec["layers"].pop("conv1")
+    with pytest.raises(EdgekitError, match="conv9"):
+        apply_fake_quant(net, spec)
+    assert FORMAT == "edgekit.quant-spec/1"
