@@ -27,11 +27,21 @@ class RawDetector(torch.nn.Module):
 
 
 def export_raw_detector(model, path, image_size: int, opset: int = 18):
-    """A plain torch.onnx export of boxes/scores with a dynamic batch (traced at batch 1)."""
+    """A plain (TorchScript) torch.onnx export of boxes/scores with a dynamic batch, traced
+    at batch 1, initializers named by the model's own parameter names: seconds, where
+    export_onnx's dynamo export takes tens of seconds on a loaded 2-core machine."""
+    import onnx
+
+    from edgekit.export.onnx_checks import rename_values
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(RawDetector(model).eval(), (torch.randn(1, 3, image_size, image_size),), str(path),
                           input_names=["images"], output_names=["boxes", "scores"],
                           dynamic_axes={"images": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}},
                           opset_version=opset, dynamo=False)
+    proto = onnx.load(str(path))
+    rename_values(proto, {i.name: i.name[len("model."):] for i in proto.graph.initializer
+                          if i.name.startswith("model.")})
+    onnx.save(proto, str(path))
     return path
