@@ -1,0 +1,254 @@
+"""Rewrite an FP32 ONNX graph into explicit QDQ form from a quant spec.
+
+Every spec layer is found by its weight initializer ``<module path>.weight`` (the name
+torch's exporters keep). Its weight becomes a quantized initializer followed by a
+per-channel ``DequantizeLinear`` whose output keeps the original name, so every consumer
+is untouched; its data input gets ``QuantizeLinear -> DequantizeLinear`` on that one edge
+(other readers of the same tensor stay float). Biases stay float: ONNX Runtime's QDQ
+fusion folds a float bias into its integer kernels itself.
+
+Storage by bit width: 2- to 4-bit weights are INT4 (two per byte, opset 21), 5- to 8-bit
+weights INT8, so the file shrinks with the bits. 2-bit weights are INT4 holding values in
+[-1, 1]: ONNX has no 2-bit type before opset 25 and ONNX Runtime runs INT4 per-channel
+DequantizeLinear; 5-7 bits have no ONNX type between 4 and 8. Activations with fewer than 8 bits use
+INT4/UINT4 QuantizeLinear when they fit (bits <= 4) and an 8-bit container clipped to the
+narrower grid (QuantizeLinear -> DequantizeLinear -> Clip) otherwise; both reproduce
+``fake_quantize`` exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "DeformConv")
+PASS_THROUGH_OPS = ("Transpose", "Identity", "Cast", "Reshape")
+
+
+def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, model=None) -> Path:
+    """Write the QDQ model of ``fp32_onnx_path`` under ``spec`` to ``out_path``; return the path.
+
+    ``model`` (the float torch model, optional) lets weights that the exporter renamed or
+    transposed be found by value when '<path>.weight' is not in the graph.
+    """
+    import onnx
+
+    from edgekit.calibration.spec import validate_spec
+
+    spec = validate_spec(spec)
+    src = Path(fp32_onnx_path)
+    if not src.is_file():
+        raise EdgekitError(f"ONNX model {src} not found; export one first (edgekit export)")
+    try:
+        proto = onnx.load(str(src))
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a corrupt file
+        raise EdgekitError(f"{src} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
+    proto = _with_opset(proto, opset, src)
+    _QDQRewriter(proto, src).apply(spec["layers"], model)
+    onnx.checker.check_model(proto)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def _with_opset(model, opset: int, src: Path):
+    """INT4 DequantizeLinear needs opset 21; older graphs are converted up to it."""
+    import onnx
+    from onnx import version_converter
+
+    if opset < 21:
+        raise EdgekitError(f"QDQ export needs opset >= 21 (INT4 and per-channel DequantizeLinear), got {opset}")
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if current is None or current >= opset:
+        return model
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:
+        raise EdgekitError(f"{src} uses opset {current} and could not be converted to {opset} ({exc}); "
+                           f"re-export it with opset_version={opset}") from None
+
+
+class _QDQRewriter:
+    """One pass over the graph: weight DQ for each spec layer, QDQ on its data input."""
+
+    def __init__(self, model, src: Path):
+        self.model, self.graph, self.src = model, model.graph, src
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.consumers: dict[str, list] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.new_nodes: list = []  # (anchor node, node to insert before it)
+
+    def apply(self, layers: dict, model=None) -> None:
+        weights = self._weight_initializers(layers, model)
+        for path, layer in layers.items():
+            wname, axis = weights[path]
+            node, data_index = self._compute_node(wname, path)
+            self._quantize_weight(wname, layer["weight"], axis, path)
+            if layer.get("input") is not None:
+                self._quantize_input(node, data_index, layer["input"], path)
+        self._insert_nodes()
+
+    def _weight_initializers(self, layers: dict, model) -> dict:
+        """{path: (initializer name, output-channel axis)}: by name, else (with the torch
+        model) by value, which finds Linear weights that the exporter folded into a
+        transposed MatMul initializer (axis 1 there)."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        found = {p: (f"{p}.weight", layers[p]["weight"]["axis"]) for p in layers if f"{p}.weight" in self.inits}
+        missing = [p for p in layers if p not in found]
+        if missing and model is not None:
+            modules = dict(model.named_modules())
+            by_shape: dict[tuple, list] = {}
+            for init in self.inits.values():
+                by_shape.setdefault(tuple(init.dims), []).append(init)
+            for path in missing:
+                if path not in modules or not hasattr(modules[path], "weight"):
+                    continue
+                w = modules[path].weight.detach().cpu().float().numpy()
+                candidates = [(w, 0)] + ([(w.T, 1)] if w.ndim == 2 else [])
+                for target, axis in candidates:
+                    match = next((i.name for i in by_shape.get(target.shape, [])
+                                  if np.array_equal(numpy_helper.to_array(i), target)), None)
+                    if match is not None:
+                        found[path] = (match, axis)
+                        break
+            missing = [p for p in layers if p not in found]
+        names = [name for name, _ in found.values()]
+        shared = {n for n in names if names.count(n) > 1}
+        if shared:
+            raise EdgekitError(f"{self.src}: spec layers share weight initializer(s) {', '.join(sorted(shared)[:3])} "
+                               f"(identical weights merged by the exporter); quantize one of them or re-export "
+                               f"without simplification")
+        if missing:
+            hint = ("" if model is not None else "; pass the torch model (quantize_onnx(..., model=m)) so that "
+                    "renamed or transposed weights are found by value")
+            raise EdgekitError(f"{self.src}: {len(missing)} spec layer(s) match no weight initializer, e.g. "
+                               f"{', '.join(missing[:3])} (looked for '<path>.weight'){hint}; check that the spec "
+                               f"was made for this model")
+        return found
+
+    def _compute_node(self, wname: str, path: str):
+        """The Conv/Gemm/MatMul/DeformConv reading the weight (through transposes) and its data input."""
+        frontier, seen = [wname], set()
+        while frontier:
+            name = frontier.pop()
+            for node in self.consumers.get(name, []):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type in COMPUTE_OPS:
+                    index = list(node.input).index(name)
+                    data = 1 - index if node.op_type == "MatMul" else 0
+                    if node.op_type != "MatMul" and index != 1:
+                        continue
+                    return node, data
+                if node.op_type in PASS_THROUGH_OPS:
+                    frontier.extend(node.output)
+        raise EdgekitError(f"{self.src}: weight {wname} of spec layer {path!r} feeds no Conv/Gemm/MatMul/DeformConv "
+                           f"node; the spec's layer types do not match this graph")
+
+    def _quantize_weight(self, wname: str, wspec: dict, axis: int, path: str) -> None:
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        from edgekit.calibration.spec import qrange
+
+        w = numpy_helper.to_array(self.inits[wname]).astype(np.float32)
+        bits = wspec["bits"]
+        if axis >= w.ndim or len(wspec["scale"]) != w.shape[axis]:
+            raise EdgekitError(f"spec layer {path!r}: {len(wspec['scale'])} weight scales along axis {axis}, "
+                               f"but initializer {wname} has shape {list(w.shape)}; the spec is for another model")
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        scale = np.asarray(wspec["scale"], np.float32)
+        zp = np.asarray(wspec["zero_point"], np.float32)
+        qmin, qmax = qrange(bits, True, narrow=True)
+        q = np.clip(np.round(w / scale.reshape(shape)) + zp.reshape(shape), qmin, qmax).astype(np.int8)
+        elem = _int_type(bits, signed=True)
+        qname = f"{wname}_quantized"
+        init = self.inits[wname]
+        init.CopyFrom(_int_tensor(qname, q, elem))
+        self.graph.initializer.extend([numpy_helper.from_array(scale, f"{wname}_scale"),
+                                       _int_tensor(f"{wname}_zero_point", zp.astype(np.int8), elem)])
+        dq = helper.make_node("DequantizeLinear", [qname, f"{wname}_scale", f"{wname}_zero_point"], [wname],
+                              name=f"{wname}_DequantizeLinear", axis=axis)
+        self.new_nodes.append((None, dq))
+
+    def _quantize_input(self, node, data_index: int, aspec: dict, path: str) -> None:
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        from edgekit.calibration.spec import qrange
+
+        bits, signed = aspec["bits"], aspec["signed"]
+        x = node.input[data_index]
+        base = f"{path}.input"
+        container = bits if bits <= 4 else 8  # 5-7 bits live in an 8-bit container plus a Clip
+        elem = _int_type(container, signed)
+        self.graph.initializer.extend([
+            numpy_helper.from_array(np.array(aspec["scale"], np.float32), f"{base}_scale"),
+            _int_tensor(f"{base}_zero_point", np.array(aspec["zero_point"]), elem)])
+        q = helper.make_node("QuantizeLinear", [x, f"{base}_scale", f"{base}_zero_point"], [f"{base}_quantized"],
+                             name=f"{base}_QuantizeLinear")
+        dq_out = f"{base}_dequantized"
+        dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                              [dq_out], name=f"{base}_DequantizeLinear")
+        self.new_nodes += [(node, q), (node, dq)]
+        if container != bits:
+            qmin, qmax = qrange(bits, signed)
+            lo = (qmin - aspec["zero_point"]) * np.float32(aspec["scale"])
+            hi = (qmax - aspec["zero_point"]) * np.float32(aspec["scale"])
+            self.graph.initializer.extend([numpy_helper.from_array(np.array(lo, np.float32), f"{base}_clip_min"),
+                                           numpy_helper.from_array(np.array(hi, np.float32), f"{base}_clip_max")])
+            clip = helper.make_node("Clip", [dq_out, f"{base}_clip_min", f"{base}_clip_max"], [f"{base}_clipped"],
+                                    name=f"{base}_Clip")
+            self.new_nodes.append((node, clip))
+            dq_out = f"{base}_clipped"
+        node.input[data_index] = dq_out
+
+    def _insert_nodes(self) -> None:
+        """Weight DQs first, activation QDQ right before their node: topological order kept."""
+        before: dict[int, list] = {}
+        head = []
+        for anchor, new in self.new_nodes:
+            (head if anchor is None else before.setdefault(id(anchor), [])).append(new)
+        ordered = list(head)
+        for node in self.graph.node:
+            ordered += before.get(id(node), [])
+            ordered.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(ordered)
+
+
+def _int_type(bits: int, signed: bool) -> int:
+    from onnx import TensorProto
+
+    if bits <= 4:
+        return TensorProto.INT4 if signed else TensorProto.UINT4
+    return TensorProto.INT8 if signed else TensorProto.UINT8
+
+
+def _int_tensor(name: str, values, elem: int):
+    """An integer initializer; INT4/UINT4 are packed two per byte by onnx.helper."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    values = np.asarray(values)
+    if elem in (TensorProto.INT8, TensorProto.UINT8):
+        dtype = np.int8 if elem == TensorProto.INT8 else np.uint8
+        return helper.make_tensor(name, elem, values.shape, values.astype(dtype).tobytes(), raw=True)
+    # Raw bytes, two values per byte, first value in the low nibble (the ONNX layout);
+    # non-raw int32_data would spend a varint per pair and not shrink the file.
+    nibbles = (values.astype(np.int64).ravel() & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return helper.make_tensor(name, elem, values.shape, packed.tobytes(), raw=True)

@@ -1,0 +1,208 @@
+"""QDQ ONNX export against the torch fake-quant simulation, in ONNX Runtime.
+
+Found on this CI machine (x86-64 AVX2, no VNNI) and tested below: ONNX Runtime's fused
+integer Conv (QLinearConv) with 8-bit weights can saturate (u8 x s8 pairs summed in
+int16, VPMADDUBSW), so its output departs from the QDQ graph's meaning by more than a
+quantization step. The graph itself is exact (optimizations off: equal to fake-quant to
+float rounding); with 7-bit weights ("reduce range", ORT's advice for such CPUs) the
+fused integer kernels agree with fake-quant too.
+"""
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgekit.calibration.ptq import apply_fake_quant, calibrate
+from edgekit.errors import EdgekitError
+from edgekit.export.qdq import quantize_onnx
+
+
+class ConvNet(nn.Module):
+    """Plain conv stack the legacy exporter handles quickly; weights keep their names."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1, groups=4)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def export_legacy(model, path, size=16):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(path), dynamo=False, opset_version=18,
+                          input_names=["images"], dynamic_axes={"images": {0: "batch"}})
+    return path
+
+
+def run_ort(path, x, optimize=True, optimized_path=None):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if optimized_path:
+        options.optimized_model_filepath = str(optimized_path)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.fixture
+def convnet(fresh_torch_seed, tmp_path):
+    model = ConvNet().eval()
+    return model, export_legacy(model, tmp_path / "fp32.onnx")
+
+
+def last_layer_step(spec, model):
+    """Output change when every input of the last layer moves by one quantization step."""
+    a = spec["layers"]["fc"]["input"]
+    return a["scale"] * model.fc.weight.detach().abs().sum(1).max().item()
+
+
+@pytest.mark.parametrize("weight_bits, act_bits", [(8, 8), (4, 8), (4, 4), (2, 8), (6, 6), (3, 5)])
+def test_qdq_graph_equals_fake_quant(convnet, tmp_path, weight_bits, act_bits):
+    model, fp32 = convnet
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    spec = calibrate(model, batches, weight_bits=weight_bits, act_bits=act_bits, progress=False)
+    out = quantize_onnx(fp32, spec, tmp_path / "q.onnx")
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = apply_fake_quant(model, spec)(x).numpy()
+        float_out = model(x).numpy()
+    got = run_ort(out, x, optimize=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    if weight_bits >= 6 and act_bits >= 6:  # close to float at 6 bits and up
+        assert np.abs(got - float_out).max() <= 0.1 * np.abs(float_out).max() + 1e-6
+    assert not np.array_equal(got, float_out)
+
+
+def test_int8_runs_integer_kernels_and_matches_fake_quant_with_reduced_range(convnet, tmp_path):
+    model, fp32 = convnet
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    spec = calibrate(model, batches, weight_bits=7, progress=False)
+    out = quantize_onnx(fp32, spec, tmp_path / "q.onnx")
+    x = torch.randn(3, 3, 16, 16)
+    got = run_ort(out, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
+    kernels = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert kernels & {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}, kernels
+    with torch.no_grad():
+        expected = apply_fake_quant(model, spec)(x).numpy()
+    assert np.abs(got - expected).max() <= 2 * last_layer_step(spec, model)
+
+
+def test_weight_storage_shrinks_with_the_bits(fresh_torch_seed, tmp_path):
+    model = ConvNet(width=64).eval()
+    fp32 = export_legacy(model, tmp_path / "fp32.onnx")
+    n_weights = sum(m.weight.numel() for m in (model.conv1, model.conv2, model.conv3, model.fc))
+    batches = [torch.randn(1, 3, 16, 16)]
+    sizes = {}
+    for bits in (8, 4, 2):
+        spec = calibrate(model, batches, weight_bits=bits, progress=False)
+        sizes[bits] = quantize_onnx(fp32, spec, tmp_path / f"w{bits}.onnx").stat().st_size
+        types = {t.name: t.data_type for t in onnx.load(str(tmp_path / f"w{bits}.onnx")).graph.initializer}
+        assert types["conv2.weight_quantized"] == (onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4)
+    fp32_size = fp32.stat().st_size
+    # float32 -> int8 saves 3 bytes per weight, int8 -> int4 half a byte; 2 bits are stored as INT4.
+    assert fp32_size - sizes[8] == pytest.approx(3 * n_weights, rel=0.05)
+    assert sizes[8] - sizes[4] == pytest.approx(n_weights / 2, rel=0.05)
+    assert sizes[2] == sizes[4]
+
+
+def test_only_the_quantized_layers_data_edge_gets_qdq(convnet, tmp_path):
+    model, fp32 = convnet
+    spec = calibrate(model, [torch.randn(2, 3, 16, 16)], layers=["conv2"], progress=False)
+    out = onnx.load(str(quantize_onnx(fp32, spec, tmp_path / "q.onnx")))
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
+    conv2 = next(n for n in out.graph.node if n.op_type == "Conv" and n.input[1] == "conv2.weight")
+    assert conv2.input[0] == "conv2.input_dequantized"
+    dq = next(n for n in out.graph.node if n.output[0] == "conv2.weight")
+    assert dq.op_type == "DequantizeLinear" and next(a.i for a in dq.attribute if a.name == "axis") == 0
+    assert max(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) >= 21
+
+
+def test_spec_layers_that_match_nothing_are_reported(convnet, tmp_path):
+    model, fp32 = convnet
+    spec = calibrate(model, [torch.randn(1, 3, 16, 16)], progress=False)
+    spec["layers"]["head.conv9"] = spec["layers"]["conv1"]
+    with pytest.raises(EdgekitError, match="head.conv9"):
+        quantize_onnx(fp32, spec, tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
+    del spec["layers"]["head.conv9"]
+    spec["layers"]["conv1"]["weight"]["scale"] = spec["layers"]["conv1"]["weight"]["scale"][:3]
+    spec["layers"]["conv1"]["weight"]["zero_point"] = [0] * 3
+    with pytest.raises(EdgekitError, match="3 weight scales"):
+        quantize_onnx(fp32, spec, tmp_path / "q.onnx")
+    with pytest.raises(EdgekitError, match="not found"):
+        quantize_onnx(tmp_path / "none.onnx", spec, tmp_path / "q.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(EdgekitError, match="not a readable ONNX"):
+        quantize_onnx(tmp_path / "bad.onnx", spec, tmp_path / "q.onnx")
+
+
+def test_transposed_linear_weights_are_found_by_value(fresh_torch_seed, tmp_path):
+    """A Linear on channels-last maps exports as MatMul with a folded, renamed W^T (axis 1)."""
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Linear(8, 12)
+
+        def forward(self, x):
+            return self.pw(x.permute(0, 2, 3, 1))
+
+    model = ChannelsLast().eval()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 8, 4, 4),), str(path), dynamo=False, opset_version=18)
+    proto = onnx.load(str(path))
+    w = model.pw.weight.detach().numpy()
+    for init in proto.graph.initializer:  # make the file look like the folded dynamo export
+        if init.name == "pw.weight":
+            init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(w.T), "val_7"))
+    for node in proto.graph.node:
+        node.input[:] = ["val_7" if i == "pw.weight" else i for i in node.input]
+    onnx.save(proto, str(path))
+    spec = calibrate(model, [torch.randn(2, 8, 4, 4)], progress=False)
+    with pytest.raises(EdgekitError, match="pass the torch model"):
+        quantize_onnx(path, spec, tmp_path / "q.onnx")
+    out = quantize_onnx(path, spec, tmp_path / "q.onnx", model=model)
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        expected = apply_fake_quant(model, spec)(x).numpy()
+    np.testing.assert_allclose(run_ort(out, x, optimize=False), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rsdet_atto_qdq_matches_fake_quant(fresh_torch_seed, tmp_path):
+    """The detector through export_onnx (dynamo, DeformConv, folded Linear weights) at 64 px."""
+    from edgekit.export.to_onnx import DetectorOutputs, export_onnx
+    from edgekit.models import create_model
+
+    model = create_model("rsdet_atto", num_classes=3).eval()
+    for name, p in model.named_parameters():
+        if "conv_offset" in name:
+            nn.init.normal_(p, std=0.01)
+    fp32 = export_onnx(model, tmp_path / "rsdet.onnx", image_size=64)
+    spec = calibrate(model, [torch.randn(2, 3, 64, 64) for _ in range(2)], weight_bits=7, progress=False)
+    assert any(layer["type"] == "DeformConv2d" for layer in spec["layers"].values())
+    out = quantize_onnx(fp32, spec, tmp_path / "rsdet_qdq.onnx", model=model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = [t.numpy() for t in DetectorOutputs(apply_fake_quant(model, spec))(x)]
+    for optimize in (False, True):
+        got = run_ort(out, x, optimize=optimize)
+        # Rounding ties may flip one step somewhere in ~50 layers; boxes are exp-decoded pixels.
+        np.testing.assert_allclose(got, expected[0], rtol=1e-3, atol=0.05 if optimize else 1e-3)
