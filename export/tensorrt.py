@@ -1,0 +1,224 @@
+"""TensorRT engines from exported ONNX graphs, through the TensorRT Python API (10.x and 11.x).
+
+Precision follows what each TensorRT version offers:
+
+- ``fp32``: the ONNX graph as is.
+- ``fp16``: TensorRT 10 builds an FP32 graph with ``BuilderFlag.FP16`` (weak typing:
+  TensorRT may pick FP16 kernels). TensorRT 11 removed every precision flag (all networks
+  are strongly typed), so FP16 must be in the graph itself: pass an FP16 ONNX export
+  (``export_onnx(precision="fp16")``, ``edgekit export --format onnx-fp16``); a graph
+  with no float16 tensor is refused with that advice.
+- ``int8`` (also int8/mixed-bit QDQ graphs): explicit quantization from the graph's
+  QuantizeLinear/DequantizeLinear nodes, never calibration. TensorRT 10: ``INT8`` and
+  ``FP16`` flags (quantized layers in INT8, the rest free to use FP16); TensorRT 11: the
+  strongly typed graph alone.
+
+Deformable convolution: TensorRT's ONNX parser imports ``DeformConv`` natively from
+10.1 on; older versions are refused with the advice to export with ``--deform decompose``
+(standard ops only). End-to-end graphs use ONNX ``NonMaxSuppression``, which the parser
+maps to its NMS layer.
+
+Every build reads and updates a timing cache (faster rebuilds, reproducible tactic
+choices) and writes beside the engine ``<engine>.trtexec.sh``, the equivalent ``trtexec``
+command, so the same engine can be rebuilt on the target (a Jetson) without Python.
+
+What was never run: tensorrt cannot be installed on the machine this was written on (no
+NVIDIA GPU), so :func:`build_engine` has only run against a stand-in module that checks
+which API calls it makes (tests/test_export_tensorrt.py); no engine has been built, no
+``trtexec`` command executed, and the TensorRT 11 strong-typing path and native
+DeformConv import are written from NVIDIA's migration guide and release notes, untested.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+MIN_VERSION = (10, 0)
+DEFORM_VERSION = (10, 1)  # ONNX parser imports DeformConv natively from TensorRT 10.1
+INSTALL_HINT = "pip install 'edgekit[tensorrt]' (tensorrt>=10.1) on a machine with an NVIDIA GPU and driver"
+
+
+def tensorrt_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed tensorrt package, None when it is not importable."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return None
+    major, minor = (trt.__version__.split(".") + ["0"])[:2]
+    return int(major), int(minor)
+
+
+def require_tensorrt():
+    """The tensorrt module, or one clear error saying why it cannot be used."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise EdgekitError(f"TensorRT is not installed ({exc}); {INSTALL_HINT}, or export --format onnx-fp16 "
+                           f"and build on the target with trtexec") from None
+    version = tensorrt_version()
+    if version < MIN_VERSION:
+        raise EdgekitError(f"TensorRT {trt.__version__} is too old; edgekit builds with TensorRT >= 10.0 "
+                           f"({INSTALL_HINT})")
+    return trt
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise EdgekitError(f"unknown TensorRT precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def _shape(dims) -> str:
+    return "x".join(str(int(d)) for d in dims)
+
+
+def trtexec_command(onnx_path, engine_path, *, precision: str = "fp16", trt_major: int = 10,
+                    shapes: dict | None = None, timing_cache=None, workspace_mib: int | None = None,
+                    strongly_typed: bool = False) -> str:
+    """The ``trtexec`` command line that builds the same engine as :func:`build_engine`.
+
+    ``shapes`` maps dynamic input names to (min, opt, max) shapes. TensorRT 10 gets the
+    precision flags (``--fp16``; ``--int8 --fp16`` for QDQ graphs); TensorRT 11 gets none,
+    its precision coming from the graph (strong typing is always on); ``strongly_typed``
+    asks TensorRT 10 for the same (``--stronglyTyped``, no precision flags).
+    """
+    _check_precision(precision)
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    if trt_major < 11 and strongly_typed:
+        args.append("--stronglyTyped")
+    elif trt_major < 11:
+        args += {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}[precision]
+    for flag, index in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
+        if shapes:
+            args.append(f"{flag}=" + ",".join(f"{name}:{_shape(s[index])}" for name, s in shapes.items()))
+    if timing_cache is not None:
+        args.append(f"--timingCacheFile={timing_cache}")
+    if workspace_mib is not None:
+        args.append(f"--memPoolSize=workspace:{int(workspace_mib)}M")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _graph_facts(onnx_path: Path) -> dict:
+    """What the builder must know before parsing: float16 tensors, DeformConv, dynamic inputs."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    dynamic = {}
+    for value in graph.input:
+        if value.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        dynamic[value.name] = dims
+    fp16 = any(i.data_type == TensorProto.FLOAT16 for i in graph.initializer) or any(
+        a.name == "to" and a.i == TensorProto.FLOAT16 for n in graph.node if n.op_type == "Cast" for a in n.attribute)
+    return {"fp16": fp16, "deform": any(n.op_type == "DeformConv" for n in graph.node),
+            "qdq": any(n.op_type == "QuantizeLinear" or n.op_type == "DequantizeLinear" for n in graph.node),
+            "inputs": dynamic}
+
+
+def _profile_shapes(inputs: dict, min_batch: int, opt_batch: int, max_batch: int) -> dict:
+    """(min, opt, max) shapes for inputs with a dynamic batch; other dynamic dims are refused."""
+    shapes = {}
+    for name, dims in inputs.items():
+        if -1 not in dims:
+            continue
+        if -1 in dims[1:]:
+            raise EdgekitError(f"input {name!r} has dynamic dimensions besides the batch ({dims}); "
+                               f"export with a fixed image size for TensorRT")
+        shapes[name] = tuple([b, *dims[1:]] for b in (min_batch, opt_batch, max_batch))
+    return shapes
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from edgekit.fileio import temp_path
+
+    tmp = temp_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: int = 1, opt_batch: int = 1,
+                 max_batch: int = 8, timing_cache=None, workspace_mib: int | None = None) -> dict:
+    """Build and serialize a TensorRT engine from an ONNX file; return what was done.
+
+    Writes ``engine_path``, the timing cache (default ``<engine>.timing.cache``) and
+    ``<engine>.trtexec.sh``, each atomically. Returns {"engine", "trtexec", "timing_cache",
+    "tensorrt", "precision", "build_seconds"}.
+    """
+    _check_precision(precision)
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise EdgekitError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}/{opt_batch}/{max_batch}")
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise EdgekitError(f"{onnx_path}: no such ONNX file; export one first (edgekit export)")
+    trt = require_tensorrt()
+    version = tensorrt_version()
+    facts = _graph_facts(onnx_path)
+    if facts["deform"] and version < DEFORM_VERSION:
+        raise EdgekitError(f"TensorRT {trt.__version__} cannot import ONNX DeformConv (needs >= 10.1); upgrade "
+                           f"TensorRT or export with --deform decompose")
+    if precision == "fp16" and version[0] >= 11 and not facts["fp16"]:
+        raise EdgekitError(f"{onnx_path} is an FP32 graph and TensorRT {trt.__version__} has no FP16 builder flag "
+                           f"(strong typing only); export it with --format onnx-fp16 (precision='fp16') first")
+    if precision == "int8" and not facts["qdq"]:
+        raise EdgekitError(f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes; int8 engines come from QDQ "
+                           f"graphs (--format onnx-int8 with --calibration SPEC.json)")
+    cache_path = Path(timing_cache) if timing_cache is not None else engine_path.with_name(engine_path.name + ".timing.cache")
+    shapes = _profile_shapes(facts["inputs"], min_batch, opt_batch, max_batch)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # 11.x: always strongly typed (the flag is accepted); 10.x: only to keep an FP16 graph's
+    # own types when FP32 was asked for (weak typing could not honour it).
+    strongly_typed = version[0] >= 11 or (precision == "fp32" and facts["fp16"])
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EdgekitError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[0] if errors else 'unknown error'}"
+                           f" ({len(errors)} error(s)); check the opset and operators against TensorRT {trt.__version__}")
+    config = builder.create_builder_config()
+    if not strongly_typed:
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: scales come from the Q/DQ nodes
+    if workspace_mib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise EdgekitError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path}; "
+                           f"its log above says why (often an unsupported layer or too small a workspace)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(engine_path, bytes(serialized))
+    _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    command = trtexec_command(onnx_path, engine_path, precision=precision, trt_major=version[0], shapes=shapes,
+                              timing_cache=cache_path, workspace_mib=workspace_mib, strongly_typed=strongly_typed)
+    script = engine_path.with_name(engine_path.name + ".trtexec.sh")
+    _write_atomic(script, f"#!/bin/sh\n# Rebuilds {engine_path.name} as edgekit did (TensorRT {trt.__version__}).\n"
+                          f"{command}\n".encode())
+    return {"engine": str(engine_path), "trtexec": command, "trtexec_script": str(script),
+            "timing_cache": str(cache_path), "tensorrt": trt.__version__, "precision": precision,
+            "build_seconds": seconds}
