@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Detect objects with an edgekit deploy bundle, using only numpy, onnxruntime and Pillow.
+
+    python infer.py IMAGE_OR_FOLDER... [--model fp32|int8|PATH.onnx] [--out DIR]
+                    [--score-threshold S] [--iou-threshold T] [--cpu]
+
+Writes DIR/predictions.json ({image: {width, height, detections: [{box, score, label}]}},
+boxes x1 y1 x2 y2 in the image's own pixels) and prints one summary line per image.
+Bad input prints one line on stderr and exits with status 2.
+
+This file is edgekit's ``export/infer_template.py``, copied verbatim into each bundle as
+``infer.py``. It must not import torch or edgekit (the target device has neither), so it
+re-implements, in numpy, the few pieces of edgekit it needs: image decoding
+(``edgekit.data.images``), letterbox + normalisation (``edgekit.data.transforms``), tiling
+(``edgekit.data.tiling``), decoding + class-aware NMS (``edgekit.models.detect_post``,
+``edgekit.boxes``) and the tiled detection loop (``edgekit.engine.predict.detect_array``).
+edgekit's tests check that each piece gives the same result as the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BUNDLE_FORMAT = "edgekit.bundle/1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DEFAULT_BATCH = 8  # tiles per model call when the model's batch size is dynamic (as detect_array)
+
+# Aerial scenes are huge; raise PIL's decompression-bomb guard as edgekit does.
+MAX_IMAGE_PIXELS = 40000 * 40000
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class UserError(Exception):
+    """Bad input from the user; the message is one line (what, where, how to fix)."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# ---------------------------------------------------------------- images (edgekit.data.images)
+
+def load_image(path) -> np.ndarray:
+    """An image file -> HxWx3 uint8 RGB (16-bit grey rescaled by its range, not clipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image {path} not found; check the path")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                a = np.asarray(img).astype(np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+                grey = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    except _READ_ERRORS as e:
+        raise UserError(f"cannot read image {path}: {_one_line(e)}; the file is corrupt or not an image") from None
+
+
+def expand_images(paths) -> list[Path]:
+    """Files as given; folders expand to the images directly inside them, sorted."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UserError(f"image {p} not found; check the path")
+    if not files:
+        raise UserError(f"no images found in {', '.join(map(str, paths))}; give image files or folders of them")
+    return files
+
+
+# ------------------------------------------------------- preprocessing (edgekit.data.transforms)
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Longer side scaled to ``size`` (PIL bilinear), zero padding bottom/right; returns (image, scale)."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = min(size, max(1, round(h * scale))), min(size, max(1, round(w * scale)))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    if (nh, nw) == (size, size):
+        return np.ascontiguousarray(image), scale
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    out[:nh, :nw] = image
+    return out, scale
+
+
+def normalize(image: np.ndarray, mean, std) -> np.ndarray:
+    """HxWx3 uint8 -> float32 [3, H, W], (x / 255 - mean) / std in float32 like edgekit."""
+    x = image.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
+
+
+def to_model_input(image: np.ndarray, size: int, mean, std) -> tuple[np.ndarray, float]:
+    boxed, scale = letterbox(image, size)
+    return normalize(boxed, mean, std), scale
+
+
+# ------------------------------------------------------------------ tiling (edgekit.data.tiling)
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)  # the last window lies flush with the border
+    return sorted(set(starts))
+
+
+def tile_windows(height: int, width: int, tile_size: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) windows every tile_size - overlap pixels, row-major, as DOTA's ImgSplit."""
+    stride = tile_size - overlap
+    return [(x0, y0, min(x0 + tile_size, width), min(y0 + tile_size, height))
+            for y0 in _starts(height, tile_size, stride) for x0 in _starts(width, tile_size, stride)]
+
+
+def crop_padded(image: np.ndarray, window, tile_size: int) -> np.ndarray:
+    x0, y0, x1, y1 = window
+    crop = image[y0:y1, x0:x1]
+    if crop.shape[:2] == (tile_size, tile_size):
+        return np.ascontiguousarray(crop)
+    tile = np.zeros((tile_size, tile_size, *image.shape[2:]), dtype=image.dtype)
+    tile[:y1 - y0, :x1 - x0] = crop
+    return tile
+
+
+# ------------------------------------------------------------------------- NMS (edgekit.boxes)
+
+def _iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one box against many, in the boxes' dtype, with edgekit.boxes.box_iou's operation order."""
+    lt = np.maximum(box[:2], boxes[:, :2])
+    rb = np.minimum(box[2:], boxes[:, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[:, 0] * wh[:, 1]
+    area_a = np.clip(box[2] - box[0], 0, None) * np.clip(box[3] - box[1], 0, None)
+    area_b = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    union = area_a + area_b - inter
+    return inter / np.maximum(union, boxes.dtype.type(1e-9))
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS; kept indices by decreasing score (a box goes when IoU > threshold with a kept one)."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        order = rest[_iou_one(boxes[i], boxes[rest]) <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Class-aware NMS: boxes of different labels never suppress each other."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(boxes) <= 4096:
+        # Each class shifted into its own coordinate range (as edgekit, so IoUs agree bit for bit).
+        offsets = labels.astype(boxes.dtype) * (boxes.max() - boxes.min() + boxes.dtype.type(1))
+        return nms(boxes + offsets[:, None], scores, iou_threshold)
+    keep = np.concatenate([idx[nms(boxes[idx], scores[idx], iou_threshold)]
+                           for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))])
+    return keep[np.argsort(-scores[keep], kind="stable")]
+
+
+# ----------------------------------------------------------- decoding (edgekit.models.detect_post)
+
+def _empty():
+    return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+
+
+def postprocess_raw(boxes: np.ndarray, scores: np.ndarray, size: int, score_threshold: float,
+                    iou_threshold: float, max_detections: int, pre_nms_top_k: int) -> list[tuple]:
+    """boxes [B, N, 4] and scores [B, N, C] -> per image (boxes, scores, labels) after NMS."""
+    results = []
+    num_classes = scores.shape[-1]
+    for b, s in zip(boxes, scores):
+        b = np.clip(b, 0, size)  # clamp to the input (a square of side ``size``)
+        flat = s.reshape(-1)
+        idx = np.flatnonzero(flat > score_threshold)
+        flat = flat[idx]
+        if flat.size > pre_nms_top_k:
+            top = np.argpartition(-flat, pre_nms_top_k - 1)[:pre_nms_top_k]
+            flat, idx = flat[top], idx[top]
+        box_idx, labels = idx // num_classes, idx % num_classes
+        cand = b[box_idx]
+        kept = batched_nms(cand, flat, labels, iou_threshold)[:max_detections]
+        results.append((cand[kept], flat[kept], labels[kept].astype(np.int64)))
+    return results
+
+
+def postprocess_end2end(detections: np.ndarray, batch: int, size: int, score_threshold: float,
+                        max_detections: int) -> list[tuple]:
+    """An end-to-end model's [M, 7] (batch, x1, y1, x2, y2, score, class) rows -> per image results."""
+    detections = np.asarray(detections, dtype=np.float32).reshape(-1, 7)
+    results = []
+    for i in range(batch):
+        d = detections[(detections[:, 0] == i) & (detections[:, 5] > score_threshold)]
+        d = d[np.argsort(-d[:, 5], kind="stable")][:max_detections]
+        results.append((np.clip(d[:, 1:5], 0, size), d[:, 5].copy(), d[:, 6].astype(np.int64)))
+    return results
+
+
+# ----------------------------------------------------------------------------------- the model
+
+class Detector:
+    """An ONNX detector session plus the bundle's preprocessing and post-processing settings."""
+
+    def __init__(self, model_path: Path, config: dict, num_classes: int, cpu_only: bool = False):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("onnxruntime is not installed; install it with 'pip install onnxruntime'") from None
+        providers = ort.get_available_providers()
+        wanted = [p for p in ("CUDAExecutionProvider",) if p in providers and not cpu_only] + ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=wanted)
+        except Exception as e:  # ORT raises its own exception types for every kind of bad file
+            raise UserError(f"cannot load model {model_path}: {_one_line(e)[:300]}; give an ONNX file exported by "
+                            f"edgekit") from None
+        self.size = int(config["input"]["size"])
+        self.mean, self.std = config["input"]["mean"], config["input"]["std"]
+        post = config["postprocess"]
+        self.iou_threshold = float(post["iou_threshold"])
+        self.max_detections = int(post["max_detections"])
+        self.pre_nms_top_k = int(post["pre_nms_top_k"])
+        self.overlap = int(config["tiling"]["overlap"])
+        self.num_classes = num_classes
+        self._check_io(model_path)
+
+    def _check_io(self, model_path: Path):
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise UserError(f"model {model_path} must take one [B, 3, H, W] image input; it takes "
+                            f"{[(i.name, i.shape) for i in inputs]}; export it with edgekit")
+        self.input = inputs[0]
+        b, c, h, w = self.input.shape
+        if any(isinstance(d, int) and d != want for d, want in ((c, 3), (h, self.size), (w, self.size))):
+            raise UserError(f"model {model_path} takes input {self.input.shape}, but this bundle feeds "
+                            f"[B, 3, {self.size}, {self.size}]; use the model the bundle was written with")
+        self.batch = b if isinstance(b, int) and b > 0 else DEFAULT_BATCH
+        self.fixed_batch = isinstance(b, int) and b > 0
+        self.dtype = np.float16 if self.input.type == "tensor(float16)" else np.float32
+        names = [o.name for o in self.session.get_outputs()]
+        if {"boxes", "scores"} <= set(names):
+            self.kind, self.outputs = "raw", ["boxes", "scores"]
+        elif "detections" in names:
+            self.kind, self.outputs = "end2end", ["detections"]
+        else:
+            raise UserError(f"model {model_path} has outputs {names}; expected 'boxes' and 'scores' or "
+                            f"'detections'; export it with edgekit")
+
+    def run(self, batch: np.ndarray, score_threshold: float) -> list[tuple]:
+        """A [B, 3, size, size] float batch -> per image (boxes in input pixels, scores, labels)."""
+        n = len(batch)
+        if self.fixed_batch and n != self.batch:  # a static-batch model: pad with blank inputs
+            pad = np.zeros((self.batch - n, *batch.shape[1:]), dtype=batch.dtype)
+            batch = np.concatenate([batch, pad])
+        out = self.session.run(self.outputs, {self.input.name: batch.astype(self.dtype, copy=False)})
+        if self.kind == "end2end":
+            return postprocess_end2end(out[0], n, self.size, score_threshold, self.max_detections)
+        boxes, scores = (np.asarray(o, dtype=np.float32)[:n] for o in out)
+        if scores.shape[-1] != self.num_classes:
+            raise UserError(f"the model scores {scores.shape[-1]} classes but labels.txt lists {self.num_classes}; "
+                            f"use the model this bundle was written with")
+        return postprocess_raw(boxes, scores, self.size, score_threshold, self.iou_threshold,
+                               self.max_detections, self.pre_nms_top_k)
+
+    def detect(self, image: np.ndarray, score_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Detections in the image's own pixels; large images are tiled at native resolution."""
+        h, w = image.shape[:2]
+        if max(h, w) <= self.size:
+            x, scale = to_model_input(image, self.size, self.mean, self.std)
+            boxes, scores, labels = self.run(x[None], score_threshold)[0]
+            boxes = boxes / np.float32(scale)
+            return _clip(boxes, h, w), scores, labels
+        windows = tile_windows(h, w, self.size, self.overlap)
+        merged = []
+        for start in range(0, len(windows), self.batch):
+            chunk = windows[start:start + self.batch]
+            batch = np.stack([to_model_input(crop_padded(image, win, self.size), self.size, self.mean, self.std)[0]
+                              for win in chunk])
+            for (x0, y0, _, _), (b, s, lab) in zip(chunk, self.run(batch, score_threshold)):
+                merged.append((b + np.array([x0, y0, x0, y0], dtype=np.float32), s, lab))
+        if not merged:
+            return _empty()
+        boxes = np.concatenate([m[0] for m in merged]).astype(np.float32)
+        scores = np.concatenate([m[1] for m in merged]).astype(np.float32)
+        labels = np.concatenate([m[2] for m in merged]).astype(np.int64)
+        keep = batched_nms(boxes, scores, labels, self.iou_threshold)  # duplicates from overlapping tiles
+        return _clip(boxes[keep], h, w), scores[keep], labels[keep]
+
+
+def _clip(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+    boxes = boxes.astype(np.float32, copy=True)
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
+    return boxes
+
+
+def to_json(boxes, scores, labels, class_names: list[str]) -> list[dict]:
+    """The schema of edgekit.engine.predict.detections_to_json."""
+    return [{"box": [round(v, 2) for v in box], "score": round(float(score), 4), "label": class_names[int(label)]}
+            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
+
+
+# ------------------------------------------------------------------------------------ the bundle
+
+def load_bundle(bundle_dir: Path) -> tuple[dict, list[str]]:
+    """preprocess.json and labels.txt of a bundle folder, checked."""
+    path = bundle_dir / "preprocess.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; run infer.py from inside an edgekit bundle folder") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {_one_line(e)}; re-create the bundle with edgekit") from None
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        raise UserError(f"{path} is not an {BUNDLE_FORMAT} file; re-create the bundle with this edgekit version")
+    labels_path = bundle_dir / config.get("labels", "labels.txt")
+    try:
+        class_names = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read {labels_path}: {_one_line(e)}; re-create the bundle with edgekit") from None
+    return config, class_names
+
+
+def resolve_model(bundle_dir: Path, config: dict, choice: str | None) -> Path:
+    """A model name from the bundle (fp32, int8, ...) or a path to an .onnx file."""
+    models = config.get("models", {})
+    if choice is None:
+        choice = config.get("default_model") or next(iter(models), None)
+    if choice in models:
+        return bundle_dir / models[choice]["file"]
+    path = Path(choice) if choice else None
+    if path is not None and path.suffix == ".onnx" and path.is_file():
+        return path
+    names = ", ".join(models) or "none"
+    raise UserError(f"model {choice!r} is neither in this bundle (it has: {names}) nor an existing .onnx file; "
+                    f"pass --model with one of those names or a path")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Detect objects in images with this edgekit bundle "
+                                            "(numpy + onnxruntime + Pillow only).")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--model", help="a model of this bundle (see preprocess.json 'models') or a path to an .onnx file")
+    p.add_argument("--out", default="predictions", help="output folder for predictions.json (default ./predictions)")
+    p.add_argument("--score-threshold", dest="score_threshold", type=float, help="keep scores above this")
+    p.add_argument("--iou-threshold", dest="iou_threshold", type=float, help="NMS IoU threshold")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    return p.parse_args(argv)
+
+
+def main(argv=None, bundle_dir=None) -> int:
+    args = parse_args(argv)
+    bundle_dir = Path(bundle_dir) if bundle_dir is not None else Path(__file__).resolve().parent
+    try:
+        config, class_names = load_bundle(bundle_dir)
+        if args.iou_threshold is not None:
+            config["postprocess"]["iou_threshold"] = args.iou_threshold
+        score_threshold = (args.score_threshold if args.score_threshold is not None
+                           else float(config["postprocess"]["score_threshold"]))
+        for name, value in (("--score-threshold", score_threshold), ("--iou-threshold", args.iou_threshold)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise UserError(f"{name} {value} is outside [0, 1]; give a value between 0 and 1")
+        images = expand_images(args.images)
+        model_path = resolve_model(bundle_dir, config, args.model)
+        detector = Detector(model_path, config, len(class_names), cpu_only=args.cpu)
+        results = {}
+        for path in images:
+            image = load_image(path)
+            start = time.perf_counter()
+            boxes, scores, labels = detector.detect(image, score_threshold)
+            ms = 1000 * (time.perf_counter() - start)
+            results[str(path)] = {"width": image.shape[1], "height": image.shape[0],
+                                  "detections": to_json(boxes, scores, labels, class_names)}
+            counts = {}
+            for label in labels.tolist():
+                counts[class_names[label]] = counts.get(class_names[label], 0) + 1
+            summary = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            print(f"{path}: {len(labels)} detections{' (' + summary + ')' if summary else ''} in {ms:.1f} ms")
+        out = Path(args.out) / "predictions.json"
+        try:
+            write_json_atomic(out, results)
+        except OSError as e:
+            raise UserError(f"cannot write {out}: {_one_line(e)}; choose another --out folder") from None
+        print(f"wrote {out} ({len(results)} images, model {model_path.name})")
+        return 0
+    except UserError as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
