@@ -189,3 +189,43 @@ def test_missing_and_corrupt_spec_files(tmp_path, net):
     with pytest.raises(EdgekitError, match="conv9"):
         apply_fake_quant(net, spec)
     assert FORMAT == "edgekit.quant-spec/1"
+
+
+@pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory):
+    """A fresh rsdet_atto checkpoint (calibration needs no training), 128 px like tiny_data."""
+    from edgekit.data.synthetic import SYNTHETIC_CLASSES
+    from edgekit.engine.checkpoint import save_checkpoint
+    from edgekit.models import create_model
+
+    kwargs = {"num_classes": len(SYNTHETIC_CLASSES), "class_names": list(SYNTHETIC_CLASSES)}
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    return save_checkpoint(path, create_model("rsdet_atto", **kwargs), "rsdet_atto", kwargs, {"image_size": 128})
+
+
+def test_calibrate_command_writes_a_valid_spec(capsys, untrained_checkpoint, tiny_data, tmp_path):
+    from edgekit.cli import main
+
+    out = tmp_path / "spec.json"
+    code = main(["calibrate", str(untrained_checkpoint), "--data", str(tiny_data / "val"), "--batches", "1",
+                 "--batch-size", "2", "--observer", "percentile", "--act-bits", "7", "--out", str(out), "--quiet"])
+    assert code == 0 and "calibrated" in capsys.readouterr().out
+    spec = load_spec(out)
+    assert spec["model"] == "rsdet_atto" and spec["layers"]
+    assert all(layer["input"]["observer"] == "percentile" and layer["input"]["bits"] == 7
+               for layer in spec["layers"].values())
+    assert not any(path.endswith("conv_offset") for path in spec["layers"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--observer", "kl"], "--observer"),
+    (["--batches", "0"], "--batches"),
+    (["--weight-bits", "1"], "weight_bits"),
+])
+def test_calibrate_command_errors_are_one_line(capsys, untrained_checkpoint, tiny_data, tmp_path, args, needle):
+    from edgekit.cli import main
+
+    code = main(["calibrate", str(untrained_checkpoint), "--data", str(tiny_data / "val"), "--out",
+                 str(tmp_path / "s.json"), "--quiet", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1 and not (tmp_path / "s.json").exists()
