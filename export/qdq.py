@@ -89,10 +89,11 @@ class _QDQRewriter:
         weights = self._weight_initializers(layers, model)
         for path, layer in layers.items():
             wname, axis = weights[path]
-            node, data_index = self._compute_node(wname, path)
+            nodes = self._compute_nodes(wname, path)
             self._quantize_weight(wname, layer["weight"], axis, path)
             if layer.get("input") is not None:
-                self._quantize_input(node, data_index, layer["input"], path)
+                for k, (node, data_index) in enumerate(nodes):
+                    self._quantize_input(node, data_index, layer["input"], f"{path}.input" + (f"_{k}" if k else ""))
         self._insert_nodes()
 
     def _weight_initializers(self, layers: dict, model) -> dict:
@@ -135,9 +136,10 @@ class _QDQRewriter:
                                f"was made for this model")
         return found
 
-    def _compute_node(self, wname: str, path: str):
-        """The Conv/Gemm/MatMul/DeformConv reading the weight (through transposes) and its data input."""
-        frontier, seen = [wname], set()
+    def _compute_nodes(self, wname: str, path: str) -> list:
+        """[(node, data input index)] of every Conv/Gemm/MatMul/DeformConv reading the weight
+        (through transposes): a module shared across pyramid levels is one node per call."""
+        found, frontier, seen = [], [wname], set()
         while frontier:
             name = frontier.pop()
             for node in self.consumers.get(name, []):
@@ -146,14 +148,16 @@ class _QDQRewriter:
                 seen.add(id(node))
                 if node.op_type in COMPUTE_OPS:
                     index = list(node.input).index(name)
-                    data = 1 - index if node.op_type == "MatMul" else 0
-                    if node.op_type != "MatMul" and index != 1:
-                        continue
-                    return node, data
-                if node.op_type in PASS_THROUGH_OPS:
+                    if node.op_type == "MatMul":
+                        found.append((node, 1 - index))
+                    elif index == 1:
+                        found.append((node, 0))
+                elif node.op_type in PASS_THROUGH_OPS:
                     frontier.extend(node.output)
-        raise EdgekitError(f"{self.src}: weight {wname} of spec layer {path!r} feeds no Conv/Gemm/MatMul/DeformConv "
-                           f"node; the spec's layer types do not match this graph")
+        if not found:
+            raise EdgekitError(f"{self.src}: weight {wname} of spec layer {path!r} feeds no Conv/Gemm/MatMul/"
+                               f"DeformConv node; the spec's layer types do not match this graph")
+        return found
 
     def _quantize_weight(self, wname: str, wspec: dict, axis: int, path: str) -> None:
         import numpy as np
@@ -182,7 +186,7 @@ class _QDQRewriter:
                               name=f"{wname}_DequantizeLinear", axis=axis)
         self.new_nodes.append((None, dq))
 
-    def _quantize_input(self, node, data_index: int, aspec: dict, path: str) -> None:
+    def _quantize_input(self, node, data_index: int, aspec: dict, base: str) -> None:
         import numpy as np
         from onnx import helper, numpy_helper
 
@@ -190,7 +194,6 @@ class _QDQRewriter:
 
         bits, signed = aspec["bits"], aspec["signed"]
         x = node.input[data_index]
-        base = f"{path}.input"
         container = bits if bits <= 4 else 8  # 5-7 bits live in an 8-bit container plus a Clip
         elem = _int_type(container, signed)
         self.graph.initializer.extend([

@@ -133,6 +133,30 @@ def test_only_the_quantized_layers_data_edge_gets_qdq(convnet, tmp_path):
     assert max(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) >= 21
 
 
+def test_a_module_called_twice_gets_qdq_on_every_call(fresh_torch_seed, tmp_path):
+    """Like RSDet's head shared across pyramid levels: one weight, several Conv nodes."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = F.relu(self.stem(x))
+            return self.head(y) + self.head(F.max_pool2d(y, 2).repeat_interleave(2, -1).repeat_interleave(2, -2))
+
+    model = Shared().eval()
+    fp32 = export_legacy(model, tmp_path / "fp32.onnx")
+    spec = calibrate(model, [torch.randn(2, 3, 16, 16)], progress=False)
+    out = quantize_onnx(fp32, spec, tmp_path / "q.onnx")
+    heads = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv" and n.input[1] == "head.weight"]
+    assert len(heads) == 2 and all(n.input[0].startswith("head.input") for n in heads)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = apply_fake_quant(model, spec)(x).numpy()
+    np.testing.assert_allclose(run_ort(out, x, optimize=False), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_spec_layers_that_match_nothing_are_reported(convnet, tmp_path):
     model, fp32 = convnet
     spec = calibrate(model, [torch.randn(1, 3, 16, 16)], progress=False)
