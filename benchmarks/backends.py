@@ -1,0 +1,311 @@
+"""Runners: one callable per inference backend, with the same input and output convention.
+
+Every runner takes a float32 NCHW ``torch.Tensor`` on the CPU and returns the model's
+outputs as a flat list of CPU tensors (the order ``torch.onnx.export`` flattens nested
+outputs in), so timing, decoding and accuracy code never branch on the backend.
+
+A backend that cannot run here (no GPU, no TensorRT, torch.compile failing on this
+platform, an ONNX file that ONNX Runtime rejects) is never an exception: :func:`make_runner`
+returns a :class:`Skipped` record with the reason, and the report shows it as a row.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+# Names users pass to --backends; the value is the Ultralytics-style "format" column.
+BACKENDS = {
+    "eager": "PyTorch eager",
+    "compile": "torch.compile",
+    "ort": "ONNX Runtime CPU",
+    "ort-int8": "ONNX Runtime CPU",   # a torch source's export, PTQ-calibrated, every layer INT8 (QDQ)
+    "ort-mixed": "ONNX Runtime CPU",  # ... backbone and neck INT8, detection head float
+    "ort-cuda": "ONNX Runtime CUDA EP",
+    "ort-trt": "ONNX Runtime TensorRT EP",
+    "tensorrt": "TensorRT engine",
+    "cuda-graph": "PyTorch CUDA graph",
+}
+ONNX_BACKENDS = ("ort", "ort-int8", "ort-mixed", "ort-cuda", "ort-trt")
+QUANTIZED_BACKENDS = ("ort-int8", "ort-mixed")
+PROVIDERS = {"ort": "CPUExecutionProvider", "ort-int8": "CPUExecutionProvider", "ort-mixed": "CPUExecutionProvider",
+             "ort-cuda": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}
+
+
+@dataclass
+class Skipped:
+    """A backend that did not run, and why (``status`` is "skipped" or "failed")."""
+
+    backend: str
+    reason: str
+    status: str = "skipped"
+    format: str = ""
+
+    def __post_init__(self):
+        self.format = self.format or BACKENDS.get(self.backend, self.backend)
+
+
+@dataclass
+class Runner:
+    """A ready backend: ``runner(x)`` runs one batch; ``sync()`` waits for device work."""
+
+    backend: str
+    fn: Callable
+    session_ms: float  # building the session / engine / compiled module (before the first call)
+    format: str = ""
+    precision: str = "fp32"
+    sync: Callable[[], None] = field(default=lambda: None)
+    fixed_batch: int | None = None  # an ONNX graph with a static batch dimension
+    status: str = "ok"
+    close: Callable[[], None] = field(default=lambda: None)  # release what the runner holds
+
+    def __post_init__(self):
+        self.format = self.format or BACKENDS.get(self.backend, self.backend)
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+def flatten_outputs(out) -> list:
+    """Nested tuples/lists of tensors -> a flat list, depth-first (torch.onnx.export's order)."""
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in flatten_outputs(o)]
+    return [out]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+def make_runner(backend: str, *, model=None, onnx_path: str | Path | None = None, threads: int | None = None,
+                example=None) -> Runner | Skipped:
+    """Build the runner for ``backend`` or say why it cannot run. ``model`` (a torch module)
+    serves eager/compile/cuda-graph; ``onnx_path`` serves the ONNX Runtime backends and
+    ``tensorrt`` (an engine file, ``.engine``/``.plan``). ``example`` is an input used to
+    capture CUDA graphs."""
+    if backend not in BACKENDS:
+        return Skipped(backend, f"unknown backend; choose from {', '.join(BACKENDS)}", status="failed")
+    try:
+        if backend in ("eager", "compile", "cuda-graph"):
+            if model is None:
+                return Skipped(backend, "needs a PyTorch model (an .onnx file was given)")
+            return {"eager": _eager, "compile": _compiled, "cuda-graph": _cuda_graph}[backend](model, threads, example)
+        if backend in ONNX_BACKENDS:
+            if onnx_path is None:
+                return Skipped(backend, "needs an .onnx file (export the model first or pass one)")
+            return _onnxruntime(backend, Path(onnx_path), threads)
+        return _tensorrt(onnx_path)
+    except Exception as exc:  # a backend failing here is a result, not a crash
+        return Skipped(backend, _one_line(exc), status="failed")
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def _eager(model, threads, example):
+    import torch
+
+    t0 = time.perf_counter()
+    model = model.eval()
+
+    def run(x):
+        with torch.inference_mode():
+            return flatten_outputs(model(x))
+    return Runner("eager", run, (time.perf_counter() - t0) * 1e3)
+
+
+def _compiled(model, threads, example):
+    """torch.compile of the model with GRN and deformable convolution routed to the export
+    stage's traceable implementations (the Numba kernels are opaque to Dynamo): GRN as the
+    torch reference, which Inductor fuses, and DCN as the ``edgekit::deform_conv2d``
+    custom op. The routing is process-wide, so it is held only while this runner lives
+    (``close()`` ends it). torch.compile is lazy: the first call compiles, and the timing
+    reports it as first-inference time."""
+    import contextlib
+
+    import torch
+
+    from edgekit.export.deform_export import export_backends
+
+    t0 = time.perf_counter()
+    stack = contextlib.ExitStack()
+    stack.enter_context(export_backends("native"))
+    try:
+        compiled = torch.compile(model.eval())
+    except Exception:
+        stack.close()
+        raise
+
+    def run(x):
+        with torch.inference_mode():
+            return flatten_outputs(compiled(x))
+    return Runner("compile", run, (time.perf_counter() - t0) * 1e3, format="torch.compile (Inductor)",
+                  close=stack.close)
+
+
+def _cuda_graph(model, threads, example):
+    import torch
+
+    if not torch.cuda.is_available():
+        return Skipped("cuda-graph", "no CUDA device (torch.cuda.is_available() is False)")
+    if example is None:
+        return Skipped("cuda-graph", "needs an example input to capture the graph")
+    t0 = time.perf_counter()
+    gpu_model = model.eval().cuda()
+    static_in = example.cuda().clone()
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up on a side stream, as the CUDA-graph docs require
+                gpu_model(static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = flatten_outputs(gpu_model(static_in))
+    session_ms = (time.perf_counter() - t0) * 1e3
+
+    def run(x):
+        if x.shape != static_in.shape:
+            raise ValueError(f"CUDA graph captured for {tuple(static_in.shape)}, got {tuple(x.shape)}")
+        static_in.copy_(x, non_blocking=True)
+        graph.replay()
+        return static_out
+    return Runner("cuda-graph", run, session_ms, sync=torch.cuda.synchronize, fixed_batch=example.shape[0])
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+
+def onnx_precision(path: Path) -> str:
+    """"int8-qdq" when the graph has Q/DQ pairs (fully or partly quantized: "mixed" when
+    some Conv/Gemm weights stay float), "fp16" for float16 initializers, else "fp32"."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    if "DequantizeLinear" in ops:
+        dq_out = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        float_weights = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
+                         and n.input[1] not in dq_out]
+        return "mixed" if float_weights else "int8-qdq"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def _onnxruntime(backend: str, path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        return Skipped(backend, f"{path} not found", status="failed")
+    provider = PROVIDERS[backend]
+    if provider not in ort.get_available_providers():
+        return Skipped(backend, f"{provider} is not in this onnxruntime build "
+                                f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a GPU machine")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    t0 = time.perf_counter()
+    session = ort.InferenceSession(str(path), options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+    session_ms = (time.perf_counter() - t0) * 1e3
+    if provider not in session.get_providers():
+        return Skipped(backend, f"{provider} could not be created (ONNX Runtime fell back to "
+                                f"{session.get_providers()})")
+    inp = session.get_inputs()[0]
+    batch_dim = inp.shape[0] if inp.shape else None
+    import torch
+
+    def run(x):
+        return [torch.from_numpy(o) for o in session.run(None, {inp.name: x.numpy()})]
+    precision = onnx_precision(path)
+    return Runner(backend, run, session_ms, format=f"{BACKENDS[backend]} ({precision})", precision=precision,
+                  fixed_batch=batch_dim if isinstance(batch_dim, int) else None)
+
+
+# ----------------------------------------------------------------------------- TensorRT
+
+
+def _tensorrt(engine_path):
+    """A serialized TensorRT engine run through TensorRT's Python API with torch CUDA
+    buffers (no pycuda). Written against TensorRT 10's tensor-address API; it runs only
+    where TensorRT and a GPU exist, so the CPU test suite sees it as skipped."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return Skipped("tensorrt", "the tensorrt package is not installed (pip install edgekit[tensorrt] on a GPU machine)")
+    import torch
+
+    if not torch.cuda.is_available():
+        return Skipped("tensorrt", "no CUDA device")
+    if engine_path is None or Path(engine_path).suffix not in (".engine", ".plan"):
+        return Skipped("tensorrt", "needs a serialized engine (.engine/.plan); build one with `edgekit export`")
+    t0 = time.perf_counter()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    stream = torch.cuda.Stream()
+    session_ms = (time.perf_counter() - t0) * 1e3
+
+    def run(x):
+        xg = x.cuda(non_blocking=True).contiguous()
+        context.set_input_shape(inputs[0], tuple(xg.shape))
+        context.set_tensor_address(inputs[0], xg.data_ptr())
+        outs = []
+        for n in outputs:
+            out = torch.empty(tuple(context.get_tensor_shape(n)), device="cuda", dtype=_torch_dtype(trt, engine, n))
+            context.set_tensor_address(n, out.data_ptr())
+            outs.append(out)
+        context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return [o.cpu() for o in outs]
+    return Runner("tensorrt", run, session_ms, sync=torch.cuda.synchronize)
+
+
+def _torch_dtype(trt, engine, name):
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
+
+
+def export_onnx(model, example, path: Path, opset: int = 19) -> Path:
+    """Export ``model`` for the ONNX Runtime rows through the export stage's
+    :func:`edgekit.export.to_onnx.export_onnx` (decoded ``boxes``/``scores`` outputs,
+    dynamic batch) when it is importable; otherwise ``torch.onnx.export`` (TorchScript
+    path, raw head outputs) with the deformable convolution decomposed into standard ops
+    by :func:`edgekit.export.deform_export.export_backends`. Written atomically."""
+    import os
+
+    import torch
+
+    try:
+        from edgekit.export.to_onnx import export_onnx as stage_export
+    except ImportError:
+        stage_export = None
+    if stage_export is not None:
+        return stage_export(model, path, image_size=example.shape[-1])
+
+    from edgekit.export.deform_export import export_backends
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with export_backends("decompose"), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks turned constant
+            torch.onnx.export(model.eval(), (example,), str(tmp), input_names=["images"], opset_version=opset,
+                              dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
