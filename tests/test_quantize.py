@@ -1,0 +1,174 @@
+"""quantize(): which layers change and how many bits they get, the fake-quantized maths
+against an independent QuantizeLinear/DequantizeLinear reference, QAT gradients, the
+quant spec, and rebuilding from checkpoints."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgekit.calibration.quantize import (QuantConfig, calibrate_activations, load_float_weights, load_quantized,
+                                          quant_spec_from_model, quantize, quantized_layer_types, save_quantized)
+from edgekit.calibration.spec import fake_quantize, validate_spec
+from edgekit.errors import EdgekitError
+from edgekit.models import GRN, DeformConv2dPack, deform_conv2d_reference
+from edgekit.models.layers import LayerNorm
+
+
+class Toy(nn.Module):
+    """stem conv -> LayerNorm -> Linear (NHWC) -> GELU -> GRN -> Linear -> DCNv2 (+ residual) -> head conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = LayerNorm(8)
+        self.fc1, self.grn, self.fc2 = nn.Linear(8, 16), GRN(16, backend="torch"), nn.Linear(16, 8)
+        self.dcn = DeformConv2dPack(8, 8, 3, padding=1, backend="torch")
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc2(self.grn(F.gelu(self.fc1(self.norm(x.permute(0, 2, 3, 1)))))).permute(0, 3, 1, 2)
+        return self.head(self.dcn(y) + x)
+
+
+def toy():
+    model = Toy()
+    with torch.no_grad():  # non-zero offsets, so the DCN really deforms
+        model.dcn.conv_offset.weight.normal_(0, 0.05)
+        model.grn.gamma.normal_(0, 0.5)
+    return model
+
+
+def test_layers_replaced_paths_kept_and_higher_precision_parts_float(fresh_torch_seed):
+    float_model = toy()
+    q = quantize(toy(), QuantConfig(weight_bits=4, act_bits=6))
+    qtypes = quantized_layer_types()
+    assert {p for p, m in q.named_modules() if isinstance(m, qtypes)} == {"stem", "fc1", "fc2", "dcn", "head"}
+    assert type(q.dcn.conv_offset) is nn.Conv2d and type(q.grn) is GRN and type(q.norm) is LayerNorm
+    assert [p for p, _ in q.named_modules() if "_quant" not in p] == [p for p, _ in float_model.named_modules()]
+    load_float_weights(q, float_model.state_dict())
+    assert torch.equal(q.fc1.weight, float_model.fc1.weight)
+    bits = {p: (int(m.weight_quant.bit_width()), int(m.input_quant.bit_width()))
+            for p, m in q.named_modules() if isinstance(m, qtypes)}
+    assert bits == {"stem": (8, 8), "fc1": (4, 6), "fc2": (4, 6), "dcn": (4, 6), "head": (8, 8)}  # first/last at 8
+    q2 = quantize(toy(), QuantConfig(weight_bits={"fc1": 3}, act_bits=5, default_bits=7, first_layer_bits=None,
+                                     last_layer_bits=None, quantize_offset_branch=True, skip=("head",)))
+    assert isinstance(q2.dcn.conv_offset, qtypes) and type(q2.head) is nn.Conv2d
+    assert int(q2.fc1.weight_quant.bit_width()) == 3 and int(q2.stem.weight_quant.bit_width()) == 7
+    with pytest.raises(EdgekitError, match="unexpected"):
+        load_float_weights(q, {**float_model.state_dict(), "extra.weight": torch.zeros(1)})
+    with pytest.raises(EdgekitError, match="already quantized"):
+        quantize(q)
+
+
+def test_tied_activation_bits_follow_the_producing_layer():
+    q = quantize(toy(), QuantConfig(weight_bits={"fc1": 3, "fc2": 5, "dcn": 2}, act_bits="tied",
+                                    first_layer_bits=8, last_layer_bits=None))
+    act = q.quant_config.act_bits
+    # fc1 <- stem (through LayerNorm); fc2 <- fc1 (through GELU, GRN); dcn <- fc2;
+    # head <- dcn + stem (residual): the wider of the two.
+    assert act["stem"] == 8 and act["fc1"] == 8 and act["fc2"] == 3 and act["dcn"] == 5 and act["head"] == 8
+    assert q.quant_config.weight_bits["head"] == 8  # default_bits, not in the dict
+    q = quantize(toy(), QuantConfig(weight_bits={"stem": 6, "dcn": 2}, act_bits="tied", first_layer_bits=None,
+                                    last_layer_bits=None, default_bits=4))
+    assert q.quant_config.act_bits["head"] == 6 and q.quant_config.act_bits["stem"] == 6  # input: own bits
+
+
+def test_fake_quant_matches_an_independent_qdq_reference(fresh_torch_seed):
+    q = quantize(toy(), QuantConfig(weight_bits=3, act_bits=5, first_layer_bits=None, last_layer_bits=None))
+    x = torch.randn(2, 3, 10, 12)
+    with pytest.raises(EdgekitError, match="calibrate_activations"):
+        quant_spec_from_model(q)
+    calibrate_activations(q, [x, torch.randn(2, 3, 10, 12)])
+    spec = validate_spec(quant_spec_from_model(q, "toy", source="uniform", observer="percentile"))
+    assert spec["layers"]["dcn"]["type"] == "DeformConv2d" and spec["layers"]["fc1"]["type"] == "Linear"
+    assert "dcn.conv_offset" not in spec["layers"]
+    q.eval()
+
+    def qdq_input(t, entry):
+        a = entry["input"]
+        return fake_quantize(t, a["scale"], a["zero_point"], a["bits"], a["signed"])
+
+    def qdq_weight(w, entry):
+        e = entry["weight"]
+        return fake_quantize(w, e["scale"], e["zero_point"], e["bits"], True, axis=0, narrow=True)
+
+    with torch.no_grad():
+        layers = spec["layers"]
+        h = F.conv2d(qdq_input(x, layers["stem"]), qdq_weight(q.stem.weight, layers["stem"]), q.stem.bias, padding=1)
+        torch.testing.assert_close(q.stem(x), h, rtol=1e-5, atol=1e-5)
+        t = q.norm(h.permute(0, 2, 3, 1))
+        torch.testing.assert_close(q.fc1(t), F.linear(qdq_input(t, layers["fc1"]), qdq_weight(q.fc1.weight, layers["fc1"]),
+                                                      q.fc1.bias), rtol=1e-5, atol=1e-5)
+        offset = q.dcn.conv_offset(h)  # the offset branch sees the float input
+        o1, o2, m = offset.chunk(3, dim=1)
+        ref = deform_conv2d_reference(qdq_input(h, layers["dcn"]), torch.cat((o1, o2), 1),
+                                      qdq_weight(q.dcn.weight, layers["dcn"]), q.dcn.bias, padding=(1, 1),
+                                      mask=torch.sigmoid(m))
+        torch.testing.assert_close(q.dcn(h), ref, rtol=1e-5, atol=1e-5)
+        w = spec["layers"]["fc2"]["weight"]
+        assert len(w["scale"]) == 8 and w["bits"] == 3 and w["zero_point"] == [0] * 8
+        assert spec["layers"]["fc2"]["input"]["bits"] == 5
+
+
+def test_qat_trains_weights_and_scales(fresh_torch_seed):
+    q = quantize(toy(), QuantConfig(weight_bits=4, act_bits=4))
+    x = torch.randn(4, 3, 8, 8)
+    calibrate_activations(q, [x])
+    q.train()
+    scales = {n: p for n, p in q.named_parameters() if "scaling_impl.value" in n}
+    assert any(n.startswith("dcn.weight_quant") for n in scales) and any(n.startswith("fc1.input_quant") for n in scales)
+    before = {n: p.detach().clone() for n, p in scales.items()}
+    opt = torch.optim.SGD(q.parameters(), lr=1e-2)
+    loss = q(x).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in q.parameters())
+    assert all(scales[n].grad.abs().sum() > 0 for n in ("fc1.input_quant.fused_activation_quant_proxy.tensor_quant."
+                                                         "scaling_impl.value", "fc2.weight_quant.tensor_quant."
+                                                         "scaling_impl.value"))
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in scales.items())
+
+
+def test_config_json_and_errors(tmp_path):
+    config = QuantConfig(weight_bits={"a.b": 3}, act_bits="tied", skip=("x.*",))
+    assert QuantConfig.load(config.save(tmp_path / "q.json")) == config
+    for bad in (dict(weight_bits=9), dict(act_bits="loose"), dict(weight_bits={"a": 1}), dict(first_layer_bits=True)):
+        with pytest.raises(EdgekitError, match="quant config"):
+            QuantConfig(**bad)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "edgekit.quant-config/1", "bitz": 4}))
+    with pytest.raises(EdgekitError, match="unknown keys"):
+        QuantConfig.load(tmp_path / "bad.json")
+    with pytest.raises(EdgekitError, match="does not have"):
+        quantize(toy(), QuantConfig(weight_bits={"nope": 4}))
+
+
+def test_detector_quantizes_calibrates_and_reloads(tmp_path, fresh_torch_seed):
+    from edgekit.engine.checkpoint import save_checkpoint
+    from edgekit.models import create_model
+
+    kwargs = {"num_classes": 3}
+    float_model = create_model("rsdet_atto", **kwargs)
+    q = quantize(create_model("rsdet_atto", **kwargs), QuantConfig(weight_bits=4, act_bits="tied"))
+    load_float_weights(q, float_model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    calibrate_activations(q, [x])
+    spec = quant_spec_from_model(q, "rsdet_atto")
+    assert spec["layers"]["head.cls_tower.1.conv"]["type"] == "DeformConv2d"
+    assert spec["layers"]["backbone.downsample_layers.0.0"]["weight"]["bits"] == 8
+    q.eval()
+    path = save_quantized(tmp_path / "q.safetensors", q, "rsdet_atto", kwargs)
+    again, info = load_quantized(path)
+    with torch.no_grad():
+        for a, b in zip(q(x), again(x)):
+            for u, v in zip(a, b):
+                torch.testing.assert_close(u, v)
+    # A float checkpoint plus the config JSON rebuilds the same layers (scales from calibration differ).
+    save_checkpoint(tmp_path / "f.safetensors", float_model, "rsdet_atto", kwargs)
+    rebuilt, _ = load_quantized(tmp_path / "f.safetensors", q.quant_config.save(tmp_path / "q.json"))
+    assert rebuilt.quant_config == q.quant_config
+    with pytest.raises(EdgekitError, match="float checkpoint"):
+        load_quantized(tmp_path / "f.safetensors")
