@@ -1,0 +1,506 @@
+"""Model benchmark: every (model, backend) row with latency, throughput, memory, accuracy.
+
+``edgekit bench`` and ``python -m edgekit.benchmarks.model_bench`` both call :func:`bench`.
+A row holds the Ultralytics columns (format, status, size MB, mAP, ms/img, FPS) and the
+full record: the batch-1 latency block (model only), throughput per batch size, MLPerf
+SingleStream p90 and Offline throughput, first-inference and session-creation time,
+peak host RSS, and the end-to-end pipeline (letterbox + normalise, inference, decoding
+and NMS) timed apart from the model.
+
+``--quick`` (module entry point) runs the default detector (rsdet_atto, untrained, at 128 px
+to keep it short; the full run uses 256 px) on eager / torch.compile / ONNX Runtime and writes
+``benchmarks/results/model_cpu.{json,md,png}``, with the roofline prediction for this
+CPU beside the measured eager latency and the device table's predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCH_FORMAT = "edgekit.bench/1"
+DEFAULT_STRIDES = (8, 16, 32)  # RSDet's; used to decode outputs of a bare .onnx detector
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class ModelSource:
+    """What the user named: a torch model (checkpoint or registry name) and/or an ONNX file."""
+
+    name: str
+    model: object | None = None
+    onnx: Path | None = None
+    size_bytes: int | None = None
+    image_size: int = 256
+    class_names: list | None = None
+    strides: tuple = DEFAULT_STRIDES
+
+
+def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
+    """A checkpoint file, an .onnx file or a model name -> :class:`ModelSource`."""
+    path = Path(item)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise EdgekitError(f"ONNX file {item} not found")
+        return ModelSource(path.stem, onnx=path, size_bytes=path.stat().st_size, image_size=image_size or 256)
+    if path.is_file():
+        from edgekit.engine.checkpoint import load_model
+
+        model, info = load_model(path)
+        return ModelSource(path.stem, model=model, size_bytes=path.stat().st_size,
+                           image_size=image_size or info.get("image_size", 256),
+                           class_names=info.get("kwargs", {}).get("class_names"),
+                           strides=tuple(getattr(model, "strides", DEFAULT_STRIDES)))
+    from edgekit.models import create_model, list_models
+
+    if item not in list_models():
+        raise EdgekitError(f"{item!r} is neither a file nor a model name; pass a checkpoint (.safetensors), an "
+                           f".onnx file or one of: {', '.join(list_models())}")
+    model = create_model(item).eval()
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return ModelSource(item, model=model, size_bytes=size, image_size=image_size or 256,
+                       class_names=getattr(model, "class_names", None),
+                       strides=tuple(getattr(model, "strides", DEFAULT_STRIDES)))
+
+
+def decode_outputs(flat: list, strides):
+    """Runner outputs -> (boxes [B, P, 4], scores [B, P, K]) before NMS, or None when the
+    outputs are neither a raw dense head (3 maps per level: eager, TorchScript export) nor
+    decoded ``boxes``/``scores`` (the export stage's graphs); e.g. an end-to-end graph
+    with NMS inside, or a classifier."""
+    from edgekit.models.detect_post import decode_predictions
+
+    n = len(strides)
+    if len(flat) == 3 * n:
+        return decode_predictions((list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])), strides)
+    if len(flat) == 2 and flat[0].ndim == 3 and flat[0].shape[-1] == 4 and flat[1].ndim == 3:
+        return flat[0], flat[1]
+    return None
+
+
+def detections(runner, images, strides, score_threshold: float = 0.01) -> list[dict] | None:
+    from edgekit.models.detect_post import postprocess
+
+    decoded = decode_outputs(runner(images), strides)
+    if decoded is None:
+        return None
+    return postprocess(*decoded, score_threshold, image_size=images.shape[-2:])
+
+
+def accuracy(runner, source: ModelSource, data: Path, batch_size: int = 8) -> dict:
+    """COCO mAP of a runner's detections on a DOTA-format split (images/ + labelTxt/)."""
+    from torch.utils.data import DataLoader
+
+    from edgekit.data.dataset import DetectionDataset, collate_detection
+    from edgekit.engine.evaluate import coco_map, to_original_coordinates
+
+    if not source.class_names:
+        return {"map": None, "map50": None, "reason": "no class names (pass the checkpoint, not only the .onnx)"}
+    dataset = DetectionDataset(data, source.class_names, image_size=source.image_size)
+    preds, targets = [], []
+    bs = runner.fixed_batch or batch_size
+    for images, tgts in DataLoader(dataset, batch_size=bs, collate_fn=collate_detection):
+        if runner.fixed_batch and images.shape[0] != runner.fixed_batch:
+            break  # a static-batch graph cannot run the last partial batch
+        dets = detections(runner, images, source.strides)
+        if dets is None:
+            return {"map": None, "map50": None, "reason": "outputs are not a raw detector head"}
+        for p, t in zip(dets, tgts):
+            preds.append(to_original_coordinates(p, t))
+            targets.append({**t, "boxes": t["boxes"] / float(t["scale"])})
+    m = coco_map(targets, preds, source.class_names)
+    return {"map": m["map"], "map50": m["map50"], "num_images": m["num_images"]}
+
+
+def end_to_end(runner, source: ModelSource, timing: dict) -> dict:
+    """Pre-processing + inference + decoding/NMS on a random uint8 image of 1.5x the model
+    size (so the letterbox resizes), each stage timed in the same calls."""
+    import numpy as np
+    import torch
+
+    from edgekit.benchmarks.latency import time_stages
+    from edgekit.data.transforms import to_model_input
+    from edgekit.models.detect_post import postprocess
+
+    size = source.image_size
+    probe = runner(torch.zeros(1, 3, size, size))
+    if decode_outputs(probe, source.strides) is None:
+        return {"status": "skipped", "reason": "outputs are not a raw detector head (decode stage unknown)"}
+    rng = np.random.default_rng()
+    big = int(size * 1.5)
+
+    def make_input():
+        return rng.integers(0, 256, (big, big, 3), dtype=np.uint8)
+
+    def decode_nms(flat):
+        boxes, scores = decode_outputs(flat, source.strides)
+        return postprocess(boxes, scores, 0.05, image_size=(size, size))
+
+    stages = [("preprocess", lambda img: to_model_input(img, size)[0][None]), ("inference", runner),
+              ("decode_nms", decode_nms)]
+    with torch.inference_mode():
+        result = time_stages(stages, make_input, **timing)
+    for block in (result["end_to_end"], *result["stages"].values()):
+        block.pop("values", None)  # the model-only block keeps its values; these keep stats
+    return {"status": "ok", **result}
+
+
+MIXED_FLOAT_PREFIXES = ("head.",)  # "mixed": these layers stay float (the detection head's outputs)
+CALIBRATION_BATCHES = 4
+
+
+def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path | None) -> Path:
+    """The .onnx file an ONNX Runtime row of a torch model runs: the FP32 export (made once
+    per source and size), or its QDQ version from PTQ (min-max) calibration: every
+    quantizable layer INT8 ("ort-int8"), or all but the detection head ("ort-mixed")."""
+    import torch
+
+    from edgekit.benchmarks.backends import QUANTIZED_BACKENDS, export_onnx
+
+    size = source.image_size
+    fp32 = onnx_dir / f"{source.name}_{size}_fp32.onnx"
+    if not fp32.is_file():
+        export_onnx(source.model, torch.zeros(1, 3, size, size), fp32)
+    if backend not in QUANTIZED_BACKENDS:
+        return fp32
+    from edgekit.calibration.ptq import calibrate
+    from edgekit.export.qdq import quantize_onnx
+
+    spec = calibrate(source.model, calibration_batches(source, data), model_name=source.name, progress=False)
+    if backend == "ort-mixed":
+        spec["layers"] = {k: v for k, v in spec["layers"].items() if not k.startswith(MIXED_FLOAT_PREFIXES)}
+    out = onnx_dir / f"{source.name}_{size}_{backend.split('-')[1]}.onnx"
+    return quantize_onnx(fp32, spec, out, model=source.model)
+
+
+def calibration_batches(source: ModelSource, data: Path | None) -> list:
+    """A few batches for PTQ: images of the accuracy split when given (so the measured mAP
+    is that of a properly calibrated model), else random noise images through the same
+    pre-processing (enough for latency, which does not depend on the scales)."""
+    import numpy as np
+    import torch
+
+    from edgekit.data.transforms import to_model_input
+
+    if data is not None and source.class_names:
+        from edgekit.data.dataset import DetectionDataset
+
+        ds = DetectionDataset(data, source.class_names, image_size=source.image_size)
+        idx = list(range(min(len(ds), 4 * CALIBRATION_BATCHES)))
+        return [torch.stack([ds[i][0] for i in idx[j:j + 4]]) for j in range(0, len(idx), 4)]
+    rng = np.random.default_rng()
+    return [torch.stack([to_model_input(rng.integers(0, 256, (source.image_size,) * 2 + (3,), dtype=np.uint8),
+                                        source.image_size)[0] for _ in range(2)]) for _ in range(CALIBRATION_BATCHES)]
+
+
+def bench_row(source: ModelSource, backend: str, *, batch_sizes=(1,), threads=None, duration=5.0, warmup=1.0,
+              data: Path | None = None, onnx_dir: Path, e2e: bool = True, min_count: int = 10) -> dict:
+    """One table row: build the runner (or record why not), time it, measure accuracy."""
+    import torch
+
+    from edgekit.benchmarks.backends import ONNX_BACKENDS, QUANTIZED_BACKENDS, Skipped, _one_line, make_runner
+    from edgekit.benchmarks.latency import reset_peak_rss, torch_threads
+
+    row = {"model": source.name, "backend": backend, "threads": threads}
+    size = source.image_size
+    onnx_path = source.onnx
+    if backend in QUANTIZED_BACKENDS and source.model is None:
+        return {**row, "format": backend, "status": "skipped",
+                "reason": "quantizes a torch model's export; a given .onnx file runs as it is under 'ort'"}
+    if backend in ONNX_BACKENDS and source.model is not None:
+        t = time.perf_counter()
+        try:
+            onnx_path = prepare_onnx(source, backend, onnx_dir, data)
+        except Exception as exc:  # the export or quantization failing is this row's result
+            return {**row, "format": backend, "status": "failed", "reason": f"ONNX preparation: {_one_line(exc)}"}
+        row["prepare_s"] = time.perf_counter() - t
+    with torch_threads(threads):
+        reset_peak_rss()
+        runner = make_runner(backend, model=source.model, onnx_path=onnx_path, threads=threads,
+                             example=torch.zeros(1, 3, size, size))
+        if isinstance(runner, Skipped):
+            return {**row, "format": runner.format, "status": runner.status, "reason": runner.reason}
+        try:
+            _time_runner(row, runner, source, onnx_path, batch_sizes, (duration, warmup, min_count), data, e2e)
+        finally:
+            runner.close()
+    return row
+
+
+def _time_runner(row, runner, source, onnx_path, batch_sizes, budget, data, e2e) -> None:
+    """Fill ``row`` with what ``runner`` measures: latency per batch size, end-to-end,
+    memory and accuracy."""
+    import torch
+
+    from edgekit.benchmarks.backends import ONNX_BACKENDS, _one_line
+    from edgekit.benchmarks.latency import mlperf_summary, peak_rss_bytes, throughput, time_callable
+
+    duration, warmup, min_count = budget
+    row.update(format=runner.format, precision=runner.precision, status="ok", session_ms=runner.session_ms)
+    path_size = onnx_path.stat().st_size if row["backend"] in ONNX_BACKENDS else source.size_bytes
+    row["size_mb"] = path_size / 1e6 if path_size else None
+    size = source.image_size
+    by_batch, skipped_batches = {}, {}
+    try:
+        for b in batch_sizes:
+            if runner.fixed_batch and b != runner.fixed_batch:
+                skipped_batches[b] = f"graph has a static batch of {runner.fixed_batch}"
+                continue
+            x = torch.randn(b, 3, size, size)
+            timing = time_callable(lambda: runner(x), warmup_s=warmup, duration_s=duration, min_count=min_count,
+                                   sync=runner.sync)
+            by_batch[b] = timing
+            log(f"  {source.name} {row['backend']} batch {b}: mean {timing.latency['mean']:.2f} ms "
+                f"({timing.latency['count']} calls)")
+    except Exception as exc:  # a backend failing while running is this row's result too
+        row.update(status="failed", reason=_one_line(exc))
+        if not by_batch:
+            return
+    single = by_batch[min(by_batch)]
+    row["latency"] = single.latency
+    row["batch"] = min(by_batch)
+    row["first_ms"] = single.first_ms
+    row["ms_per_img"] = single.latency["mean"] / row["batch"]
+    row["fps"] = 1e3 / row["ms_per_img"]
+    row["throughput"] = {str(b): {**throughput(t.latency, b),
+                                  "latency": {k: v for k, v in t.latency.items() if k != "values"}}
+                         for b, t in by_batch.items()}
+    row["skipped_batches"] = skipped_batches
+    row["mlperf"] = mlperf_summary(single.latency, {b: t.latency for b, t in by_batch.items()})
+    if single.latency.get("warning"):
+        row["warning"] = single.latency["warning"]
+    if e2e:
+        row["end_to_end"] = end_to_end(runner, source, {"warmup_s": min(warmup, 0.5), "duration_s": duration,
+                                                        "min_count": min_count})
+    row["peak_rss_mb"] = peak_rss_bytes() / 1e6
+    if torch.cuda.is_available():
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1e6
+    if data is not None:
+        row["accuracy"] = accuracy(runner, source, data)
+
+
+def bench(items: list[str], backends=("eager", "compile", "ort"), batch_sizes=(1,), threads=None, duration=5.0,
+          warmup=1.0, data: Path | None = None, out: Path | None = None, image_size: int | None = None,
+          roofline: bool = True, min_count: int = 10) -> dict:
+    """Benchmark every model x backend; returns the JSON record (also written under ``out``)."""
+    from edgekit.benchmarks.harness import machine_info
+
+    if data is not None and not Path(data).is_dir():
+        raise EdgekitError(f"--data {data} is not a folder; pass a DOTA split folder with images/ and labelTxt/")
+    sources = [resolve_source(i, image_size) for i in items]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
+        onnx_dir = out / "onnx" if out else Path(tmp)  # exports are kept beside a CLI run's results
+        for s in sources:
+            for b in backends:
+                log(f"bench {s.name} [{b}]")
+                rows.append(bench_row(s, b, batch_sizes=batch_sizes, threads=threads, duration=duration,
+                                      warmup=warmup, data=data, onnx_dir=onnx_dir, min_count=min_count))
+    record = {"format": BENCH_FORMAT, "machine": machine_info(),
+              "settings": {"backends": list(backends), "batch_sizes": list(batch_sizes), "threads": threads,
+                           "duration_s": duration, "warmup_s": warmup, "min_count": min_count,
+                           "image_size": image_size, "data": str(data) if data else None},
+              "rows": rows}
+    if roofline:
+        record["roofline"] = roofline_section(sources, rows)
+    for row in rows:
+        row["bops"] = _row_bops(row, record.get("roofline", {}))
+    return record
+
+
+def _row_bops(row: dict, roof: dict):
+    """Float rows of a torch source: BOPs from the layer profile (int8 rows need a quant spec)."""
+    per_model = roof.get("models", {}).get(row["model"], {})
+    return per_model.get("bops") if row.get("precision", "fp32") == "fp32" else None
+
+
+def roofline_section(sources: list[ModelSource], rows: list[dict]) -> dict:
+    """Predicted vs measured eager latency on this CPU, and predictions for every device."""
+    import torch
+
+    from edgekit.benchmarks.devices import DEVICES, ci_cpu
+    from edgekit.benchmarks.roofline import predict, predict_all, profile_layers
+
+    cpu = ci_cpu(threads=rows[0].get("threads") if rows else None)
+    out = {"cpu": cpu.to_dict(), "models": {}}
+    for s in sources:
+        if s.model is None:
+            continue
+        costs = profile_layers(s.model, torch.zeros(1, 3, s.image_size, s.image_size))
+        pred = predict(costs, cpu, "fp32")
+        eager = next((r for r in rows if r["model"] == s.name and r["backend"] == "eager" and r["status"] == "ok"
+                      and r.get("batch") == 1), None)
+        measured = eager["latency"]["mean"] if eager else None
+        top = sorted(pred.pop("layers"), key=lambda l: -l["time_us"])[:8]
+        out["models"][s.name] = {
+            "bops": pred["bops"], "flops": pred["flops"], "cpu_predicted": pred, "cpu_measured_eager_ms": measured,
+            "measured_over_predicted": measured / pred["total_ms"] if measured else None,
+            "top_layers_predicted": top, "devices": predict_all(costs, list(DEVICES.values()))}
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _f(v, fmt="{:.2f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def table(record: dict) -> str:
+    """The Ultralytics-style table: format, status, size, mAP, ms/img, FPS."""
+    lines = [f"{'model':<16} {'format':<34} {'status':<8} {'size MB':>8} {'mAP50-95':>9} {'ms/img':>9} {'FPS':>8}"]
+    for r in record["rows"]:
+        acc = (r.get("accuracy") or {}).get("map")
+        lines.append(f"{r['model'][:16]:<16} {r.get('format', r['backend'])[:34]:<34} {r['status']:<8} "
+                     f"{_f(r.get('size_mb'), '{:.1f}'):>8} {_f(acc, '{:.4f}'):>9} {_f(r.get('ms_per_img')):>9} "
+                     f"{_f(r.get('fps'), '{:.1f}'):>8}")
+        if r["status"] != "ok" and r.get("reason"):
+            lines.append(f"{'':<16} -> {r['reason']}")
+        if r.get("warning"):
+            lines.append(f"{'':<16} !! {r['warning']}")
+    return "\n".join(lines)
+
+
+def markdown(record: dict) -> str:
+    m = record["machine"]
+    s = record["settings"]
+    lines = ["# Model latency benchmark", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average "
+             f"{m['load_average_1_5_15']}; {m['platform']}; versions {m['versions']}; {m['date']}.", "",
+             f"Command: `{m['command']}`", "",
+             f"Settings: backends {s['backends']}, batch sizes {s['batch_sizes']}, threads {s['threads']}, "
+             f"{s['duration_s']} s per measurement after {s['warmup_s']} s warm-up.", "",
+             "| model | format | status | size MB | mAP50-95 | ms/img (mean) | p50 | p90 | p99 | CV | FPS | first call ms "
+             "| session ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        lat = r.get("latency") or {}
+        pct = lat.get("percentiles", {})
+        acc = (r.get("accuracy") or {}).get("map")
+        lines.append(f"| {r['model']} | {r.get('format', r['backend'])} | {r['status']} | {_f(r.get('size_mb'), '{:.1f}')} "
+                     f"| {_f(acc, '{:.4f}')} | {_f(r.get('ms_per_img'))} | {_f(pct.get('p50'))} | {_f(pct.get('p90'))} "
+                     f"| {_f(pct.get('p99'))} | {_f(lat.get('cv'), '{:.1%}')} | {_f(r.get('fps'), '{:.1f}')} "
+                     f"| {_f(r.get('first_ms'), '{:.1f}')} | {_f(r.get('session_ms'), '{:.1f}')} "
+                     f"| {_f(r.get('peak_rss_mb'), '{:.0f}')} |")
+    notes = [f"- {r['model']} / {r.get('format', r['backend'])}: {r['reason']}" for r in record["rows"]
+             if r.get("reason")] + [f"- {r['model']} / {r.get('format')}: {r['warning']}" for r in record["rows"]
+                                   if r.get("warning")]
+    if notes:
+        lines += ["", "Skipped, failed and unstable rows:", "", *notes]
+    lines += ["", "## Throughput, MLPerf-style scenarios and end-to-end time", "",
+              "| model | format | batch | ms/batch | images/s | SingleStream p90 ms | Offline samples/s |",
+              "|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        for b, t in (r.get("throughput") or {}).items():
+            lines.append(f"| {r['model']} | {r['format']} | {b} | {_f(t['ms_per_batch'])} | {_f(t['images_per_s'], '{:.1f}')} "
+                         f"| {_f(r['mlperf']['single_stream_p90_ms'])} | {_f(r['mlperf']['offline_samples_per_s'], '{:.1f}')} |")
+    lines += ["", "| model | format | end-to-end mean ms | preprocess | inference | decode + NMS |", "|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        e = r.get("end_to_end") or {}
+        if e.get("status") == "ok":
+            st = e["stages"]
+            lines.append(f"| {r['model']} | {r['format']} | {_f(e['end_to_end']['mean'])} | {_f(st['preprocess']['mean'])} "
+                         f"| {_f(st['inference']['mean'])} | {_f(st['decode_nms']['mean'])} |")
+    roof = record.get("roofline")
+    if roof:
+        cpu = roof["cpu"]
+        lines += ["", "## Roofline: predicted vs measured on this CPU", "",
+                  f"CPU roofline: peak FP32 {_f(cpu['fp32_tflops'] and cpu['fp32_tflops'] * 1e3, '{:.0f}')} GFLOP/s "
+                  f"({cpu['derived'].get('fp32_tflops')}), copy bandwidth {_f(cpu['bandwidth_gbs'], '{:.1f}')} GB/s "
+                  f"(measured), per-layer overhead {cpu['launch_us']:.1f} µs (measured).", "",
+                  "| model | GFLOPs | predicted ms (FP32) | measured eager ms | measured / predicted |", "|---|---|---|---|---|"]
+        for name, mm in roof["models"].items():
+            lines.append(f"| {name} | {mm['flops'] / 1e9:.2f} | {_f(mm['cpu_predicted']['total_ms'])} "
+                         f"| {_f(mm['cpu_measured_eager_ms'])} | {_f(mm['measured_over_predicted'])} |")
+        for name, mm in roof["models"].items():
+            lines += ["", f"Predicted latency of {name} at batch 1 on other devices (roofline, **predicted**, not "
+                          "measured):", "", "| device | precision | predicted ms | why no figure |", "|---|---|---|---|"]
+            for d in mm["devices"]:
+                lines.append(f"| {d['device_name']} | {d['precision']} | {_f(d['total_ms'], '{:.3f}')} "
+                             f"| {d.get('reason', '')} |")
+        from edgekit.benchmarks.devices import DEVICES, device_table_markdown
+        lines += ["", "Device figures and sources:", "", device_table_markdown(list(DEVICES.values()))]
+    return "\n".join(lines) + "\n"
+
+
+def compare(a_path: str, b_path: str) -> str:
+    """Ratios B/A per matching (model, format) row: ms/img, p90, FPS."""
+    a, b = (_load_record(p) for p in (a_path, b_path))
+    index = {(r["model"], r.get("format")): r for r in a["rows"] if r["status"] == "ok"}
+    lines = [f"B = {b_path} vs A = {a_path} (ratio < 1 on ms means B is faster)",
+             f"{'model':<16} {'format':<34} {'ms/img B/A':>11} {'p90 B/A':>9} {'FPS B/A':>9}"]
+    matched = 0
+    for r in b["rows"]:
+        ra = index.get((r["model"], r.get("format")))
+        if ra is None or r["status"] != "ok":
+            continue
+        matched += 1
+        p90 = r["latency"]["percentiles"]["p90"] / ra["latency"]["percentiles"]["p90"]
+        lines.append(f"{r['model'][:16]:<16} {r['format'][:34]:<34} {r['ms_per_img'] / ra['ms_per_img']:>11.3f} "
+                     f"{p90:>9.3f} {r['fps'] / ra['fps']:>9.3f}")
+    if not matched:
+        raise EdgekitError(f"{a_path} and {b_path} have no successful rows with the same model and format to compare")
+    return "\n".join(lines)
+
+
+def _load_record(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise EdgekitError(f"--compare: {path} not found")
+    try:
+        record = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgekitError(f"--compare: {path} is not JSON ({exc.msg if hasattr(exc, 'msg') else exc}); pass a "
+                           f"file written by edgekit bench") from None
+    if not isinstance(record, dict) or record.get("format") != BENCH_FORMAT or not isinstance(record.get("rows"), list):
+        raise EdgekitError(f"--compare: {path} is not an edgekit bench result (format {BENCH_FORMAT!r}); pass a file "
+                           f"written by edgekit bench")
+    return record
+
+
+def write_outputs(record: dict, out: Path, stem: str) -> list[Path]:
+    """JSON + markdown + PNG, each written through a temporary name."""
+    from edgekit.benchmarks.plots import plot_record
+    from edgekit.fileio import write_json_atomic, write_text_atomic
+
+    paths = [write_json_atomic(out / f"{stem}.json", record), write_text_atomic(out / f"{stem}.md", markdown(record))]
+    png = plot_record(record, out / f"{stem}.png")
+    return paths + ([png] if png else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short run of the default detector (about a minute)")
+    p.add_argument("--model", default="rsdet_atto")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--threads", type=int, default=None, help="default: every core of this machine")
+    args = p.parse_args(argv)
+    threads = args.threads or os.cpu_count()
+    if args.quick:
+        settings = {"backends": ("eager", "compile", "ort", "ort-int8", "ort-mixed"), "batch_sizes": (1, 2),
+                    "duration": 1.0, "warmup": 0.5, "image_size": 128, "min_count": 3}
+    else:
+        settings = {"backends": ("eager", "compile", "ort", "ort-int8", "ort-mixed", "ort-cuda", "ort-trt", "tensorrt",
+                                 "cuda-graph"),
+                    "batch_sizes": (1, 4, 8), "duration": 10.0, "warmup": 2.0, "image_size": 256}
+    record = bench([args.model], threads=threads, **settings)
+    record["settings"]["mode"] = "quick" if args.quick else "full"
+    print(table(record))
+    for path in write_outputs(record, Path(args.out), "model_cpu"):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
