@@ -146,29 +146,72 @@ def test_config_json_and_errors(tmp_path):
         quantize(toy(), QuantConfig(weight_bits={"nope": 4}))
 
 
-def test_detector_quantizes_calibrates_and_reloads(tmp_path, fresh_torch_seed):
+def run_cli(capsys, *argv):
+    from edgekit.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_quantize_command_on_the_detector_and_reload(capsys, tmp_path, fresh_torch_seed):
+    """edgekit quantize (budgeted, tied activations) writes a consistent set of artefacts."""
     from edgekit.engine.checkpoint import save_checkpoint
     from edgekit.models import create_model
 
-    kwargs = {"num_classes": 3}
+    kwargs = {"num_classes": 5}
     float_model = create_model("rsdet_atto", **kwargs)
-    q = quantize(create_model("rsdet_atto", **kwargs), QuantConfig(weight_bits=4, act_bits="tied"))
-    load_float_weights(q, float_model.state_dict())
+    ckpt = save_checkpoint(tmp_path / "f.safetensors", float_model, "rsdet_atto", kwargs, {"image_size": 64})
+    out = tmp_path / "q"
+    code, text, err = run_cli(capsys, "quantize", str(ckpt), "--method", "budget", "--budget-mb", "1.6",
+                              "--act-bits-mode", "fixed", "--act-bits", "6", "--calib-batches", "1", "--out", str(out),
+                              "--quiet")
+    assert code == 0, err
+    assert "bit search took" in text
+    record = json.loads((out / "search.json").read_text())
+    assert record["totals"]["size_bytes"] <= 1.6e6 and record["search"]["seconds"] > 0
+    spec = validate_spec(json.loads((out / "quant_spec.json").read_text()))
+    assert spec["source"] == "budget" and spec["layers"]["head.cls_tower.1.conv"]["type"] == "DeformConv2d"
+    assert spec["layers"]["backbone.downsample_layers.0.0"]["weight"]["bits"] == 8       # first layer policy
+    assert {e["input"]["bits"] for p, e in spec["layers"].items() if not p.startswith(("head.c", "head.box",
+                                                                                        "backbone.down"))} == {6}
+    assert json.loads((out / "profile.json").read_text())["totals"] == record["totals"]
+    config = QuantConfig.load(out / "qconfig.json")
+    assert config.resolved and config.weight_bits["head.cls_out"] == 8
+    qmodel, info = load_quantized(out / "quantized.safetensors")
+    assert info["image_size"] == 64 and qmodel.quant_config == config
     x = torch.randn(1, 3, 64, 64)
-    calibrate_activations(q, [x])
-    spec = quant_spec_from_model(q, "rsdet_atto")
-    assert spec["layers"]["head.cls_tower.1.conv"]["type"] == "DeformConv2d"
-    assert spec["layers"]["backbone.downsample_layers.0.0"]["weight"]["bits"] == 8
-    q.eval()
-    path = save_quantized(tmp_path / "q.safetensors", q, "rsdet_atto", kwargs)
-    again, info = load_quantized(path)
     with torch.no_grad():
-        for a, b in zip(q(x), again(x)):
-            for u, v in zip(a, b):
-                torch.testing.assert_close(u, v)
-    # A float checkpoint plus the config JSON rebuilds the same layers (scales from calibration differ).
-    save_checkpoint(tmp_path / "f.safetensors", float_model, "rsdet_atto", kwargs)
-    rebuilt, _ = load_quantized(tmp_path / "f.safetensors", q.quant_config.save(tmp_path / "q.json"))
-    assert rebuilt.quant_config == q.quant_config
+        assert all(torch.isfinite(t).all() for level in qmodel(x) for t in level)
+    # A float checkpoint plus the config JSON rebuilds the same quantized layers.
+    rebuilt, _ = load_quantized(ckpt, out / "qconfig.json")
+    assert rebuilt.quant_config == config
+    assert torch.equal(rebuilt.backbone.stages[0][0].pwconv1.weight, float_model.backbone.stages[0][0].pwconv1.weight)
     with pytest.raises(EdgekitError, match="float checkpoint"):
-        load_quantized(tmp_path / "f.safetensors")
+        load_quantized(ckpt)
+    code, text, _ = run_cli(capsys, "profile", str(out / "quantized.safetensors"), "--json", str(tmp_path / "p.json"))
+    assert code == 0 and "GBOPs" in text
+    assert json.loads((tmp_path / "p.json").read_text())["totals"]["bops"] == record["totals"]["bops"]
+
+
+def assert_one_line_error(code, err, needle):
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["quantize", "rsdet_atto", "--method", "budget", "--out", "X"], "needs --budget-bops"),
+    (["quantize", "rsdet_atto", "--method", "ghost", "--budget-mb", "1", "--out", "X"], "takes no budget"),
+    (["quantize", "rsdet_atto", "--method", "ghost", "--bits", "1,4", "--out", "X"], "--bits must be in 2..8"),
+    (["quantize", "rsdet_atto", "--method", "ghost", "--bits", "a", "--out", "X"], "comma-separated"),
+    (["quantize", "missing.safetensors", "--method", "uniform", "--out", "X"], "not found"),
+    (["quantize", "no_such_model", "--method", "uniform", "--out", "X"], "unknown model"),
+    (["quantize", "rsdet_atto", "--method", "budget", "--budget-bops", "0.001", "--image-size", "64", "--out", "X"],
+     "smallest achievable is"),
+    (["profile", "rsdet_atto", "--bits", "nope.json"], "not found"),
+    (["profile", "rsdet_atto", "--image-size", "8"], "--image-size must be >= 32"),
+])
+def test_cli_bad_input_is_one_line(capsys, tmp_path, argv, needle):
+    argv = [str(tmp_path / a) if a == "X" else a for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
