@@ -225,7 +225,9 @@ def _onnxruntime(backend: str, path: Path, threads: int | None):
     def run(x):
         return [torch.from_numpy(o) for o in session.run(None, {inp.name: x.numpy()})]
     precision = onnx_precision(path)
-    return Runner(backend, run, session_ms, format=f"{BACKENDS[backend]} ({precision})", precision=precision,
+    # the requested variant names the row (a PTQ "int8" graph can keep a few float layers: precision says so)
+    label = {"ort-int8": "int8 PTQ", "ort-mixed": "mixed: head float"}.get(backend, precision)
+    return Runner(backend, run, session_ms, format=f"{BACKENDS[backend]} ({label})", precision=precision,
                   fixed_batch=batch_dim if isinstance(batch_dim, int) else None)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 def _label(row: dict) -> str:
-    return f"{row['model']}\n{row.get('format', row['backend'])}"
+    fmt = row.get("format", row["backend"]).replace(" (", "\n(")
+    return f"{row['model']}\n{fmt}"
 
 
 def plot_record(record: dict, path: Path) -> Path | None:
@@ -29,9 +30,13 @@ def plot_record(record: dict, path: Path) -> Path | None:
     accurate = [r for r in ran if (r.get("accuracy") or {}).get("map") is not None]
     with_bops = [r for r in accurate if r.get("bops")]
     panels = 1 + bool(accurate) + bool(with_bops)
-    fig, axes = plt.subplots(1, panels, figsize=(6 + 4 * (panels - 1), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(max(6.0, 1.7 * len(ran)) + 4.5 * (panels - 1), 4.8),
+                             squeeze=False)
     ax = axes[0][0]
-    ax.boxplot([r["latency"]["values"] for r in ran], showfliers=True)
+    values = [r["latency"]["values"] for r in ran]
+    ax.boxplot(values, showfliers=True)
+    if max(map(max, values)) > 20 * min(map(min, values)):
+        ax.set_yscale("log")  # backends an order of magnitude apart stay readable
     ax.set_xticks(range(1, len(ran) + 1), [_label(r) for r in ran], fontsize=7)
     ax.set_ylabel("latency per call, batch 1 (ms)")
     ax.set_title("Latency distribution per backend (measured)")

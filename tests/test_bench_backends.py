@@ -126,3 +126,23 @@ def test_a_corrupt_onnx_file_is_a_failed_row(tmp_path):
     bad.write_bytes(b"not a protobuf")
     r = make_runner("ort", onnx_path=bad)
     assert isinstance(r, Skipped) and r.status == "failed" and "\n" not in r.reason
+
+
+@pytest.mark.slow
+def test_compiled_runner_matches_eager_and_releases_the_export_routing(fresh_torch_seed):
+    """Slow: Inductor compiles for tens of seconds on a 2-core machine."""
+    from edgekit.kernels import dispatch
+
+    model = TwoHeads().eval()
+    before = dispatch.resolve
+    r = make_runner("compile", model=model)
+    assert isinstance(r, Runner), getattr(r, "reason", "")
+    try:
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            ref = flatten_outputs(model(x))
+        for g, want in zip(r(x), ref):
+            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+    finally:
+        r.close()
+    assert dispatch.resolve is before
