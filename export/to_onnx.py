@@ -102,15 +102,25 @@ def _check_options(image_size, precision, deform, opset):
 
 def _graph_module(model: nn.Module, precision: str) -> tuple[nn.Module, tuple[str, ...], str]:
     """(module to export, output names, prefix its parameter names carry)."""
-    import copy
-
     detector = is_detector(model)
     net = model if isinstance(model, DetectorOutputs) or not detector else DetectorOutputs(model)
     prefix = "model." if isinstance(net, DetectorOutputs) else ""
     if precision == "fp16":
-        net = _Precision(_half(copy.deepcopy(net)), torch.float16)
+        net = to_precision(net, precision)
         prefix = "net." + prefix
     return net.eval(), DETECTOR_OUTPUTS if detector else CLASSIFIER_OUTPUTS, prefix
+
+
+def to_precision(net: nn.Module, precision: str) -> nn.Module:
+    """``net`` itself for fp32; for fp16 a float16 copy behind float32 inputs and outputs
+    (GRN and deformable-convolution parameters stay float32, see :func:`_half`)."""
+    import copy
+
+    if precision == "fp32":
+        return net
+    if precision != "fp16":
+        raise EdgekitError(f"export: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return _Precision(_half(copy.deepcopy(net)), torch.float16)
 
 
 def _half(net: nn.Module) -> nn.Module:
@@ -128,25 +138,56 @@ def _half(net: nn.Module) -> nn.Module:
     return net
 
 
-def _torch_export(net, example, output_names, deform, opset, dynamic_batch):
-    """torch.onnx.export (dynamo) -> ModelProto, with the ops routed to traceable implementations."""
+def torch_to_onnx(net: nn.Module, args: tuple, *, input_names, output_names, deform: str = "native",
+                  opset: int = 19, dynamic_batch: bool = True):
+    """``torch.onnx.export`` (dynamo) of ``net(*args)`` -> ModelProto, not checked or simplified.
+
+    The building block of :func:`export_onnx`, public for graphs with other inputs (tests
+    of single layers, tools). The edgekit ops are routed to traceable implementations;
+    with ``dynamic_batch`` the first axis of every input is one symbolic ``batch``.
+    """
+    import contextlib
+    import io
     import warnings
 
     from edgekit.export.deform_export import export_backends, onnx_translations
 
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    with export_backends(deform), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch.export)
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic = tuple(None if a is None else {0: batch} for a in args)
+        if _takes_varargs(net):  # torch.export sees forward(*inputs) as one tuple argument
+            dynamic = (dynamic,)
+    chatter = io.StringIO()  # the exporter prints its steps; an error below says what failed
+    with export_backends(deform), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")  # deprecation warnings from inside torch.export
         try:
-            program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT_NAME],
+            # optimize=False: the exporter's optimizer folds parameters into renamed
+            # constants; onnx_checks.simplify folds everything else and keeps them.
+            program = torch.onnx.export(net, tuple(args), dynamo=True, input_names=list(input_names),
                                         output_names=list(output_names), opset_version=opset,
                                         dynamic_shapes=dynamic, custom_translation_table=onnx_translations(),
                                         optimize=False, verbose=False)
-        except Exception as exc:  # the exporter's report is pages long: keep its first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EdgekitError(f"export: torch.onnx.export failed for {type(net).__name__}: {first}; "
-                               f"see the traceback of torch.onnx.export on this model for details") from exc
+        except Exception as exc:
+            raise EdgekitError(f"export: torch.onnx.export failed for {type(net).__name__}: {_summary(exc)}; "
+                               f"the chained traceback has the exporter's full report") from exc
     return program.model_proto
+
+
+def _takes_varargs(net: nn.Module) -> bool:
+    import inspect
+
+    params = list(inspect.signature(net.forward).parameters.values())
+    return len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL
+
+
+def _summary(exc: Exception) -> str:
+    """The one line that says what went wrong in the exporter's pages-long report."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for n, line in enumerate(lines):
+        if line.startswith("## Exception summary") and n + 1 < len(lines):
+            return lines[n + 1][:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _parameter_names(model: nn.Module) -> set[str]:
@@ -277,7 +318,8 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
     try:
         net, output_names, prefix = _graph_module(model, precision)
         example = torch.randn(2 if dynamic_batch else 1, 3, image_size, image_size)
-        proto = _torch_export(net, example, output_names, deform, opset, dynamic_batch)
+        proto = torch_to_onnx(net, (example,), input_names=[INPUT_NAME], output_names=output_names,
+                              deform=deform, opset=opset, dynamic_batch=dynamic_batch)
     finally:
         model.train(was_training)
     _strip_prefix(proto, prefix)
