@@ -165,3 +165,23 @@ def test_decode_outputs_accepts_raw_heads_and_decoded_graphs():
     again = MB.decode_outputs([boxes, scores], TinyDet.strides)
     assert again[0] is boxes and again[1] is scores
     assert MB.decode_outputs([torch.zeros(2, 10)], TinyDet.strides) is None
+
+
+def test_sources_resolve_from_checkpoint_name_and_onnx(tmp_path, tiny_onnx):
+    from edgekit.engine.checkpoint import save_checkpoint
+    from edgekit.models import create_model
+
+    classes = ["car", "boat"]
+    model = create_model("rsdet_atto", class_names=classes)
+    ckpt = save_checkpoint(tmp_path / "det.safetensors", model, "rsdet_atto", {"class_names": classes},
+                           {"image_size": 96})
+    s = MB.resolve_source(str(ckpt))
+    assert (s.name, s.image_size, s.class_names, s.strides) == ("det", 96, classes, (8, 16, 32))
+    assert s.size_bytes == ckpt.stat().st_size and s.onnx is None
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(s.model.state_dict()[k], v)
+    named = MB.resolve_source("rsdet_atto", image_size=64)
+    params = sum(p.numel() for p in named.model.parameters())
+    assert named.image_size == 64 and named.size_bytes >= 4 * params
+    o = MB.resolve_source(str(tiny_onnx))
+    assert o.model is None and o.onnx == tiny_onnx and o.class_names is None
