@@ -1,19 +1,27 @@
 """Rewrite an FP32 ONNX graph into explicit QDQ form from a quant spec.
 
 Every spec layer is found by its weight initializer ``<module path>.weight`` (the name
-torch's exporters keep). Its weight becomes a quantized initializer followed by a
+torch's exporters keep) or, given the torch model, by value (the dynamo exporter folds a
+channels-last Linear's weight into a renamed, transposed MatMul initializer; its output
+channels are then axis 1). The weight becomes a quantized initializer followed by a
 per-channel ``DequantizeLinear`` whose output keeps the original name, so every consumer
-is untouched; its data input gets ``QuantizeLinear -> DequantizeLinear`` on that one edge
-(other readers of the same tensor stay float). Biases stay float: ONNX Runtime's QDQ
-fusion folds a float bias into its integer kernels itself.
+is untouched; each Conv/Gemm/MatMul/DeformConv node reading it (a module shared across
+pyramid levels is one node per call) gets ``QuantizeLinear -> DequantizeLinear`` on its
+data-input edge only (other readers of the same tensor stay float). Biases stay float:
+ONNX Runtime's QDQ fusion quantizes them itself when it fuses.
+
+Which runtime kernels result (ONNX Runtime 1.32, CPU): a layer whose output reaches the
+next quantized layer's QuantizeLinear directly or through a Relu becomes QLinearConv;
+the others run DequantizeLinear + float Conv. On x86 CPUs without VNNI, ORT's integer
+conv sums u8 x s8 pairs in int16 and can saturate with 8-bit weights; calibrate with
+``weight_bits=7`` for such targets (ORT's "reduce range"; TensorRT is unaffected).
 
 Storage by bit width: 2- to 4-bit weights are INT4 (two per byte, opset 21), 5- to 8-bit
 weights INT8, so the file shrinks with the bits. 2-bit weights are INT4 holding values in
 [-1, 1]: ONNX has no 2-bit type before opset 25 and ONNX Runtime runs INT4 per-channel
-DequantizeLinear; 5-7 bits have no ONNX type between 4 and 8. Activations with fewer than 8 bits use
-INT4/UINT4 QuantizeLinear when they fit (bits <= 4) and an 8-bit container clipped to the
-narrower grid (QuantizeLinear -> DequantizeLinear -> Clip) otherwise; both reproduce
-``fake_quantize`` exactly.
+DequantizeLinear; 5-7 bits have no ONNX type between 4 and 8. Activations of at most 4
+bits use INT4/UINT4 QuantizeLinear, 5-7 bits an 8-bit one followed by a Clip to the
+narrower grid; both reproduce ``fake_quantize`` exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.fileio import temp_path
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "DeformConv")
 PASS_THROUGH_OPS = ("Transpose", "Identity", "Cast", "Reshape")
@@ -50,7 +59,7 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     onnx.checker.check_model(proto)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp = temp_path(out)
     onnx.save(proto, str(tmp))
     os.replace(tmp, out)
     return out
