@@ -147,17 +147,23 @@ def _export(model, path: Path):
     return path
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(torch model, ONNX path) of an untrained rsdet_atto (plain convs: DCN export is the export stage's)."""
+def _untrained_detector(deformable: bool):
     from edgekit.models import create_model
 
     seed = random.randrange(2**31)
     print(f"model seed {seed}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = create_model("rsdet_atto", class_names=CLASSES, deformable=False, grn_backend="torch").eval()
+    model = create_model("rsdet_atto", class_names=CLASSES, deformable=deformable, grn_backend="torch").eval()
     _spread_head(model, generator)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(torch model, ONNX path) of an untrained rsdet_atto without DCN, by the fast TorchScript
+    exporter (1 s instead of edgekit's 20-40 s dynamo export; the slow test below uses that)."""
+    model = _untrained_detector(deformable=False)
     return model, _export(model, tmp_path_factory.mktemp("onnx") / "rsdet.onnx")
 
 
@@ -198,6 +204,16 @@ def _crops(rng, shapes) -> list[np.ndarray]:
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
 
 
+def _top_scores_threshold(model, image: np.ndarray, quantile: float) -> float:
+    """A threshold that keeps the top 2% of (location, class) scores: a few dozen candidates per
+    tile whatever the random head gives, so edgekit's Python-loop NMS stays quick."""
+    from edgekit.models.detect_post import decode_predictions
+
+    with torch.no_grad():
+        _, scores = decode_predictions(model(to_model_input(image, SIZE)[0][None]), model.strides)
+    return float(torch.quantile(scores.flatten().double(), quantile))
+
+
 def _assert_same_detections(ours: list[dict], ref: dict, where: str):
     """Same count; each torch detection has an infer.py twin: same label, box within 0.05 px, score 1e-3."""
     assert len(ours) == len(ref["boxes"]), f"{where}: infer.py found {len(ours)}, edgekit {len(ref['boxes'])}"
@@ -210,13 +226,30 @@ def _assert_same_detections(ours: list[dict], ref: dict, where: str):
 
 
 def test_infer_py_without_torch_matches_detect_array(exported, tmp_path):
+    _check_infer_py_matches_detect_array(*exported, tmp_path)
+
+
+@pytest.mark.slow
+def test_infer_py_runs_edgekit_export_with_deformable_conv(tmp_path):
+    """The same, on the file edgekit's own exporter writes, with the DCN head (ONNX DeformConv)."""
+    from edgekit.export.to_onnx import export_onnx
+
+    model = _untrained_detector(deformable=True)
+    path = export_onnx(model, tmp_path / "rsdet_dcn.onnx", image_size=SIZE, deform="native", simplify=False)
+    _check_infer_py_matches_detect_array(model, path, tmp_path)
+
+
+def _check_infer_py_matches_detect_array(model, onnx_path: Path, tmp_path: Path):
     from edgekit.engine.predict import detect_array
 
-    model, onnx_path = exported
     rng = fresh_rng()
+    # Smaller than the input (letterboxed, upscaled), larger (tiled), and thin (tiles padded).
+    shapes = [(int(rng.integers(40, SIZE)), int(rng.integers(40, SIZE))), (300, 260), (90, 300)]
+    images = _crops(rng, shapes)
+    threshold = _top_scores_threshold(model, images[0], 0.98)
     overlap = int(rng.integers(8, 48))
     bundle = write_bundle(tmp_path / "bundle", {"fp32": onnx_path}, class_names=CLASSES, image_size=SIZE,
-                          score_threshold=0.4, iou_threshold=0.6, tile_overlap=overlap,
+                          score_threshold=threshold, iou_threshold=0.6, tile_overlap=overlap,
                           parity_report={"max_abs_diff": 1e-6, "nan": float("nan")})
     python = _python_without_torch(tmp_path / "venv")
     env = _clean_env()
@@ -225,9 +258,6 @@ def test_infer_py_without_torch_matches_detect_array(exported, tmp_path):
                                cwd=tmp_path)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, f"{banned} importable in the venv"
 
-    # Smaller than the input (letterboxed, upscaled), larger (tiled), and thin (tiles padded).
-    shapes = [(int(rng.integers(40, SIZE)), int(rng.integers(40, SIZE))), (300, 260), (90, 300)]
-    images = _crops(rng, shapes)
     paths = [save_image(tmp_path / "images" / f"im{i}.png", im) for i, im in enumerate(images)]
     run = subprocess.run([str(python), str(bundle / "infer.py"), *map(str, paths), "--out", str(tmp_path / "out"),
                           "--cpu"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
@@ -237,7 +267,8 @@ def test_infer_py_without_torch_matches_detect_array(exported, tmp_path):
     for path, image in zip(paths, images):
         entry = predictions[str(path)]
         assert (entry["height"], entry["width"]) == image.shape[:2]
-        ref = detect_array(model, image, SIZE, tile_overlap=overlap, score_threshold=0.4, iou_threshold=0.6)
+        ref = detect_array(model, image, SIZE, tile_overlap=overlap, score_threshold=threshold,
+                           iou_threshold=0.6)
         _assert_same_detections(entry["detections"], ref, f"{path.name} {image.shape[:2]}")
         total += len(ref["boxes"])
     assert total > 0, "no detections at all: the comparison would be vacuous"
