@@ -88,6 +88,21 @@ def test_qdq_graph_equals_fake_quant(convnet, tmp_path, weight_bits, act_bits):
     assert not np.array_equal(got, float_out)
 
 
+@pytest.mark.parametrize("weight_bits, act_bits", [(8, 8), (2, 4)])
+def test_onnx_reference_evaluator_agrees(convnet, tmp_path, weight_bits, act_bits):
+    """The ONNX spec's own evaluator reads the graph (INT4 packing included) as ORT does."""
+    from onnx.reference import ReferenceEvaluator
+
+    model, fp32 = convnet
+    spec = calibrate(model, [torch.randn(2, 3, 16, 16)], weight_bits=weight_bits, act_bits=act_bits, progress=False)
+    out = quantize_onnx(fp32, spec, tmp_path / "q.onnx")
+    x = torch.randn(2, 3, 16, 16)
+    reference = ReferenceEvaluator(str(out)).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        expected = apply_fake_quant(model, spec)(x).numpy()
+    np.testing.assert_allclose(reference, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_int8_runs_integer_kernels_and_matches_fake_quant_with_reduced_range(convnet, tmp_path):
     model, fp32 = convnet
     batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
