@@ -152,7 +152,8 @@ def _cmd_quantize(args) -> int:
 
         sensitivity = None
         if args.method == "sensitivity":
-            sensitivity = _sensitivity(model, info, args, size, progress)
+            def sensitivity():
+                return _sensitivity(model, info, args, size, progress)
         print(f"bit search ({args.method}) over {len(bits)} widths ...", flush=True)
         search = search_bits(model, args.method, bits, args.threshold, args.metric,
                              budget_bops=None if args.budget_bops is None else args.budget_bops * 1e9,

@@ -184,7 +184,8 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
 
     ``ghost``: threshold rule (default metric kmeans); ``budget``: minimise the summed
     relative error under ``budget_bops`` or ``budget_bytes``; ``sensitivity``: the same
-    with each layer's MSE weighted by its Hessian trace (``sensitivity``, see
+    with each layer's MSE weighted by its Hessian trace (``sensitivity``: a dict or a
+    callable returning one, called only once the budget is known to be feasible; see
     :mod:`edgekit.calibration.sensitivity`), HAWQ-v2's objective. Layers the config's
     first/last policy fixes are not searched but count in the budget, as do float
     layers (at 32 bits) and other parameters; BOPs budgets need fixed activation bits.
@@ -200,46 +201,46 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
     if not bits or bits[0] < 2 or bits[-1] > 8:
         raise EdgekitError(f"bit widths must be in 2..8, got {list(bits)}")
     metric = metric or ("kmeans" if method == "ghost" else "uniform")
+    if method != "ghost" and budget_bops is not None and not isinstance(act_bits, int):
+        raise EdgekitError("a BOPs budget needs fixed activation bits (tied ones couple the layers); "
+                           "use --act-bits-mode fixed, or a size budget (--budget-mb)")
     config = config or QuantConfig(act_bits=act_bits)
     layers = quantizable_layers(model, config)
     graph = trace_layers(model, layers, default_example_input(model))
     fixed = fixed_layer_bits(graph, config)
     searched = {p: m for p, m in layers.items() if p not in fixed}
-    errors = layer_errors(searched, bits, metric, progress)
     if method == "ghost":
+        errors = layer_errors(searched, bits, metric, progress)
         chosen = threshold_bits(errors, threshold, bits)
+        return SearchResult(method, metric, chosen, fixed, errors, None, time.perf_counter() - start)
+    if (budget_bops is None) == (budget_bytes is None):
+        raise EdgekitError(f"method {method} needs exactly one budget: --budget-bops or --budget-mb")
+    if method == "sensitivity" and sensitivity is None:
+        raise EdgekitError("method sensitivity needs per-layer sensitivities (edgekit.calibration.sensitivity)")
+    measured = measure_layers(model, image_size)
+    if budget_bops is not None:
+        cost = {p: {b: measured[p][2] * b * act_bits for b in bits} for p in searched}
+        outside = sum(measured[p][2] * b * b for p, b in fixed.items())  # fixed layers: W and A at b
+        outside += sum(v[2] * FLOAT_BITS * FLOAT_BITS for p, v in measured.items() if p not in layers)
+        budget, unit = budget_bops, ("GBOPs", 1e9)
     else:
-        if (budget_bops is None) == (budget_bytes is None):
-            raise EdgekitError(f"method {method} needs exactly one budget: --budget-bops or --budget-mb")
-        if method == "sensitivity":
-            if sensitivity is None:
-                raise EdgekitError("method sensitivity needs per-layer sensitivities (edgekit.calibration.sensitivity)")
-            objective = {p: {b: sensitivity[p] * errors[p].mse[b] for b in bits} for p in searched}
-        else:
-            objective = {p: {b: errors[p].relative(b) for b in bits} for p in searched}
-        measured = measure_layers(model, image_size)
-        if budget_bops is not None:
-            if not isinstance(act_bits, int):
-                raise EdgekitError("a BOPs budget needs fixed activation bits (tied ones couple the layers); "
-                                   "use --act-bits-mode fixed, or a size budget (--budget-mb)")
-            cost = {p: {b: measured[p][2] * b * act_bits for b in bits} for p in searched}
-            outside = sum(measured[p][2] * b * b for p, b in fixed.items())  # fixed layers: W and A at b
-            outside += sum(v[2] * FLOAT_BITS * FLOAT_BITS for p, v in measured.items() if p not in layers)
-            budget = budget_bops
-        else:
-            cost = {p: {b: math.ceil(measured[p][1] * b / 8) for b in bits} for p in searched}
-            outside = sum(math.ceil(measured[p][1] * b / 8) for p, b in fixed.items())
-            weights = {f"{p}.weight" for p in measured if p in layers}
-            outside += 4 * sum(t.numel() for n, t in model.named_parameters() if n not in weights and "_quant." not in n)
-            budget = budget_bytes
-        try:
-            chosen = allocate_bits(cost, objective, budget - outside)
-        except EdgekitError:
-            floor = outside + sum(min(c.values()) for c in cost.values())
-            unit = ("GBOPs", 1e9) if budget_bops is not None else ("MB", 1e6)
-            raise EdgekitError(f"budget {budget / unit[1]:.6g} {unit[0]} is infeasible for this model: the smallest "
-                               f"achievable is {floor / unit[1]:.6g} {unit[0]} (searched layers at {bits[0]} bits, "
-                               f"first/last and float layers fixed); raise the budget") from None
+        cost = {p: {b: math.ceil(measured[p][1] * b / 8) for b in bits} for p in searched}
+        outside = sum(math.ceil(measured[p][1] * b / 8) for p, b in fixed.items())
+        weights = {f"{p}.weight" for p in measured if p in layers}
+        outside += 4 * sum(t.numel() for n, t in model.named_parameters() if n not in weights and "_quant." not in n)
+        budget, unit = budget_bytes, ("MB", 1e6)
+    floor = outside + sum(min(c.values()) for c in cost.values())
+    if budget < floor:  # checked before the (possibly slow) errors and sensitivities
+        raise EdgekitError(f"budget {budget / unit[1]:.6g} {unit[0]} is infeasible for this model: the smallest "
+                           f"achievable is {floor / unit[1]:.6g} {unit[0]} (searched layers at {bits[0]} bits, "
+                           f"first/last and float layers fixed); raise the budget")
+    errors = layer_errors(searched, bits, metric, progress)
+    if method == "sensitivity":
+        sensitivity = sensitivity() if callable(sensitivity) else sensitivity
+        objective = {p: {b: sensitivity[p] * errors[p].mse[b] for b in bits} for p in searched}
+    else:
+        objective = {p: {b: errors[p].relative(b) for b in bits} for p in searched}
+    chosen = allocate_bits(cost, objective, budget - outside)
     return SearchResult(method, metric, chosen, fixed, errors, sensitivity, time.perf_counter() - start)
 
 

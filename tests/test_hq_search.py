@@ -209,11 +209,10 @@ def test_search_modes_on_the_atto_detector_are_fast_and_meet_budgets():
     assert set(ghost.fixed_bits) == {"backbone.downsample_layers.0.0", "head.cls_out", "head.box_out", "head.ctr_out"}
     assert all(ghost.errors[p].relative(b) <= 0.02 or b == 8 for p, b in ghost.weight_bits.items())
     all8 = profile_model(model, 64, QuantConfig(weight_bits=8, act_bits=8)).totals
-    for kind, key, scale in (("budget_bops", "bops", 0.7), ("budget_bytes", "size_bytes", 0.5)):
-        budget = all8[key] * scale
-        result = search_bits(model, "budget", image_size=64, **{kind: budget})
-        used = profile_model(model, 64, QuantConfig(weight_bits=result.weight_bits, act_bits=8)).totals[key]
-        assert used <= budget and used > 0.9 * budget, (kind, used, budget)
+    budget = all8["bops"] * 0.7  # the size budget is exercised by the quantize command's test
+    result = search_bits(model, "budget", image_size=64, budget_bops=budget)
+    used = profile_model(model, 64, QuantConfig(weight_bits=result.weight_bits, act_bits=8)).totals["bops"]
+    assert budget * 0.97 < used <= budget
     with pytest.raises(EdgekitError, match="smallest achievable"):
         search_bits(model, "budget", budget_bops=1e6, image_size=64)
     with pytest.raises(EdgekitError, match="fixed activation bits"):

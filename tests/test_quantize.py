@@ -146,6 +146,26 @@ def test_config_json_and_errors(tmp_path):
         quantize(toy(), QuantConfig(weight_bits={"nope": 4}))
 
 
+def test_save_and_load_round_trip_keeps_learned_scales(tmp_path, fresh_torch_seed):
+    from edgekit.models import register_model
+
+    register_model("test_quantize_toy")(toy)
+    q = quantize(toy(), QuantConfig(weight_bits=3, act_bits="tied"))
+    x = torch.randn(2, 3, 8, 8)
+    calibrate_activations(q, [x])
+    q.train()
+    opt = torch.optim.SGD(q.parameters(), lr=0.05)
+    q(x).pow(2).mean().backward()
+    opt.step()  # scales move away from their statistics-based start
+    q.eval()
+    path = save_quantized(tmp_path / "q.safetensors", q, "test_quantize_toy", {})
+    again, info = load_quantized(path)
+    assert info["model"] == "test_quantize_toy" and again.quant_config == q.quant_config
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), q(x), rtol=0, atol=0)
+    assert quant_spec_from_model(again) == quant_spec_from_model(q)
+
+
 def run_cli(capsys, *argv):
     from edgekit.cli import main
 
