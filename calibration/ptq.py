@@ -96,7 +96,10 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     spec = new_spec(model_name, "ptq")
     for path, kind in chosen.items():
         obs = observers[path]
-        signed = bool(obs.min is not None and obs.min.min() < 0)
+        if obs.min is None:
+            raise EdgekitError(f"layer {path!r} was never called on the calibration batches; leave it out "
+                               f"(layers=/exclude=) or give data that reaches it")
+        signed = bool(obs.min.min() < 0)
         scale, zp = obs.compute(act_bits, signed)
         spec["layers"][path] = {
             "type": kind,

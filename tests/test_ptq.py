@@ -136,6 +136,9 @@ def test_calibration_errors_are_clear(net):
     with pytest.raises(EdgekitError, match="not Conv2d/Linear"):
         calibrate(net, [torch.randn(1, 3, 8, 8)], layers=["nope"], progress=False)
     assert "dcn.conv_offset" in quantizable_layers(net, exclude=())
+    net.unused = nn.Conv2d(3, 3, 1)
+    with pytest.raises(EdgekitError, match="'unused' was never called"):
+        calibrate(net, [torch.randn(1, 3, 8, 8)], progress=False)
 
 
 def spec_for(model, bits=8) -> dict:
