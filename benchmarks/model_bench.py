@@ -55,7 +55,10 @@ def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
     if path.suffix == ".onnx":
         if not path.is_file():
             raise EdgekitError(f"ONNX file {item} not found")
-        return ModelSource(path.stem, onnx=path, size_bytes=path.stat().st_size, image_size=image_size or 256)
+        meta = onnx_metadata(path)
+        size = (meta.get("input_size") or [None])[0]
+        return ModelSource(path.stem, onnx=path, size_bytes=path.stat().st_size, image_size=image_size or size or 256,
+                           class_names=meta.get("classes"), strides=tuple(meta.get("strides") or DEFAULT_STRIDES))
     if path.is_file():
         from edgekit.engine.checkpoint import load_model
 
@@ -74,6 +77,20 @@ def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
     return ModelSource(item, model=model, size_bytes=size, image_size=image_size or 256,
                        class_names=getattr(model, "class_names", None),
                        strides=tuple(getattr(model, "strides", DEFAULT_STRIDES)))
+
+
+def onnx_metadata(path: Path) -> dict:
+    """What ``edgekit export`` wrote into the file (classes, input size, strides); {} for
+    other files or when the export stage is not installed."""
+    try:
+        from edgekit.export.to_onnx import read_metadata
+    except ImportError:
+        return {}
+    try:
+        meta = read_metadata(path)
+    except EdgekitError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def decode_outputs(flat: list, strides):
@@ -162,10 +179,11 @@ MIXED_FLOAT_PREFIXES = ("head.",)  # "mixed": these layers stay float (the detec
 CALIBRATION_BATCHES = 4
 
 
-def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path | None) -> Path:
-    """The .onnx file an ONNX Runtime row of a torch model runs: the FP32 export (made once
-    per source and size), or its QDQ version from PTQ (min-max) calibration: every
-    quantizable layer INT8 ("ort-int8"), or all but the detection head ("ort-mixed")."""
+def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path | None) -> tuple[Path, dict | None]:
+    """(the .onnx file an ONNX Runtime row of a torch model runs, its quant spec or None):
+    the FP32 export (made once per source and size), or its QDQ version from PTQ (min-max)
+    calibration: every layer PTQ quantizes by default at INT8 ("ort-int8"), or all of those
+    but the detection head ("ort-mixed")."""
     import torch
 
     from edgekit.benchmarks.backends import QUANTIZED_BACKENDS, export_onnx
@@ -175,7 +193,7 @@ def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path |
     if not fp32.is_file():
         export_onnx(source.model, torch.zeros(1, 3, size, size), fp32)
     if backend not in QUANTIZED_BACKENDS:
-        return fp32
+        return fp32, None
     from edgekit.calibration.ptq import calibrate
     from edgekit.export.qdq import quantize_onnx
 
@@ -183,7 +201,7 @@ def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path |
     if backend == "ort-mixed":
         spec["layers"] = {k: v for k, v in spec["layers"].items() if not k.startswith(MIXED_FLOAT_PREFIXES)}
     out = onnx_dir / f"{source.name}_{size}_{backend.split('-')[1]}.onnx"
-    return quantize_onnx(fp32, spec, out, model=source.model)
+    return quantize_onnx(fp32, spec, out, model=source.model), spec
 
 
 def calibration_batches(source: ModelSource, data: Path | None) -> list:
@@ -223,12 +241,20 @@ def bench_row(source: ModelSource, backend: str, *, batch_sizes=(1,), threads=No
     if backend in ONNX_BACKENDS and source.model is not None:
         t = time.perf_counter()
         try:
-            onnx_path = prepare_onnx(source, backend, onnx_dir, data)
+            onnx_path, spec = prepare_onnx(source, backend, onnx_dir, data)
         except Exception as exc:  # the export or quantization failing is this row's result
             return {**row, "format": backend, "status": "failed", "reason": f"ONNX preparation: {_one_line(exc)}"}
         row["prepare_s"] = time.perf_counter() - t
+        if spec is not None:
+            from edgekit.benchmarks.roofline import profile_layers
+
+            costs = profile_layers(source.model, torch.zeros(1, 3, size, size), spec)
+            row["bops"] = sum(c.bops() for c in costs)
+            row["quantized_layers"] = len(spec["layers"])
     with torch_threads(threads):
         reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         runner = make_runner(backend, model=source.model, onnx_path=onnx_path, threads=threads,
                              example=torch.zeros(1, 3, size, size))
         if isinstance(runner, Skipped):
@@ -317,12 +343,13 @@ def bench(items: list[str], backends=("eager", "compile", "ort"), batch_sizes=(1
     if roofline:
         record["roofline"] = roofline_section(sources, rows)
     for row in rows:
-        row["bops"] = _row_bops(row, record.get("roofline", {}))
+        row.setdefault("bops", _row_bops(row, record.get("roofline", {})))
     return record
 
 
 def _row_bops(row: dict, roof: dict):
-    """Float rows of a torch source: BOPs from the layer profile (int8 rows need a quant spec)."""
+    """Float rows of a torch source: BOPs from the layer profile (quantized rows carry their
+    own, from their quant spec; a given quantized .onnx has none)."""
     per_model = roof.get("models", {}).get(row["model"], {})
     return per_model.get("bops") if row.get("precision", "fp32") == "fp32" else None
 

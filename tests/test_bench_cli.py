@@ -184,4 +184,31 @@ def test_sources_resolve_from_checkpoint_name_and_onnx(tmp_path, tiny_onnx):
     params = sum(p.numel() for p in named.model.parameters())
     assert named.image_size == 64 and named.size_bytes >= 4 * params
     o = MB.resolve_source(str(tiny_onnx))
-    assert o.model is None and o.onnx == tiny_onnx and o.class_names is None
+    assert o.model is None and o.onnx == tiny_onnx and o.class_names is None and o.image_size == 256
+
+
+def test_onnx_source_reads_the_export_metadata(tmp_path, tiny_onnx):
+    import onnx
+
+    from edgekit.export.to_onnx import set_metadata
+
+    proto = onnx.load(str(tiny_onnx))
+    set_metadata(proto, {"classes": ["a", "b", "c"], "input_size": [64, 64], "strides": [8, 16, 32]})
+    path = tmp_path / "with_meta.onnx"
+    onnx.save(proto, str(path))
+    s = MB.resolve_source(str(path))
+    assert (s.class_names, s.image_size, s.strides) == (["a", "b", "c"], 64, (8, 16, 32))
+    assert MB.resolve_source(str(path), image_size=96).image_size == 96  # the flag wins
+
+
+@pytest.mark.slow
+def test_int8_and_mixed_rows_of_the_default_detector(tmp_path):
+    """Slow: exports rsdet_atto (dynamo exporter), calibrates and writes QDQ graphs."""
+    src = MB.resolve_source("rsdet_atto", image_size=64)
+    rows = {b: MB.bench_row(src, b, duration=0.05, warmup=0.0, min_count=2, onnx_dir=tmp_path, e2e=False)
+            for b in ("ort", "ort-int8", "ort-mixed")}
+    for b, r in rows.items():
+        assert r["status"] == "ok", (b, r.get("reason"))
+    assert rows["ort-int8"]["size_mb"] < rows["ort-mixed"]["size_mb"] < rows["ort"]["size_mb"]
+    assert rows["ort-int8"]["quantized_layers"] > rows["ort-mixed"]["quantized_layers"] > 0
+    assert rows["ort-int8"]["bops"] < rows["ort-mixed"]["bops"]
