@@ -6,19 +6,24 @@ layer the guidance is an attention-transfer map (Zagoruyko & Komodakis 2017); on
 comes logit distillation of the classification outputs and the task loss.
 
 The switch (:class:`OneToOneSwitch`) decides per sample and per layer whether teacher
-layer i guides student layer i. Its training signal is the one thing that tells whether
-following the teacher helps: each sample's *teacher advantage* under the task loss with
-the ground truth, ``a_n = L_student_n - L_teacher_n`` (positive where the teacher does
-better than the student on that sample, negative where the teacher is wrong and the
-student already does better). The switch minimises ``mean(g_in * -a_n / mean|a|)``
+layer i guides student layer i. Its training signal says where the teacher is wrong:
+the teacher's own task loss on each sample against the ground truth, ``L_t_n``, compared
+with a threshold ``tau``: ``s_n = tau - L_t_n`` is positive where the teacher is right.
+For classifiers (cross-entropy) ``tau = ln 2``, i.e. the teacher gives the true class
+more than even odds; for detectors, whose per-image loss has no absolute scale, ``tau``
+is the running mean of the teacher's per-image loss (guidance where the teacher does
+better than it usually does). The switch minimises ``-mean(g_in * sign(s_n))``
 through the straight-through estimate of its hard gates, so it learns to open where the
-teacher knows better and to close where it is wrong. The gates multiply the
+teacher is right and to close where it is wrong. (Comparing with the *student's* loss
+instead was tried and rejected: the quantized copy is wrong where its teacher is, so
+that difference is noise exactly where the switch matters.) The gates multiply the
 distillation terms as constants: the student cannot lower its loss by closing its own
 guidance (otherwise every gate would collapse to 0, the trivial minimum).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -232,13 +237,15 @@ class GQSDLoss:
     be DDP-wrapped) and returns a dict: ``loss`` (what to backpropagate), ``task``,
     ``feature``, ``logit``, ``switch`` and per layer ``at/<path>`` (mean ungated term)
     and ``gate/<path>`` (fraction of samples guided), all but ``loss`` detached.
+    ``switch_threshold``: the teacher per-sample loss above which the teacher counts as
+    wrong; None picks ln 2 for cross-entropy classifiers, a running mean otherwise.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, taps: Sequence[str] | None = None,
                  switch: OneToOneSwitch | None = None, feature_weight: float = 1.0, logit_weight: float = 1.0,
                  switch_weight: float = 1.0, temperature: float = 2.0, attention_p: float = 2.0,
                  task_loss: Callable | None = None, sample_loss: Callable | None = None,
-                 logits: Callable | None = None):
+                 logits: Callable | None = None, switch_threshold: float | None = None):
         self.teacher, self.student = teacher.eval(), student
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -250,6 +257,9 @@ class GQSDLoss:
         self.temperature, self.attention_p = temperature, attention_p
         default_task, default_sample = default_losses(student)
         self.task_loss, self.sample_loss = task_loss or default_task, sample_loss or default_sample
+        if switch_threshold is None and sample_loss is None and not hasattr(unwrap(student), "loss"):
+            switch_threshold = math.log(2.0)  # cross-entropy: the teacher's p(true class) > 1/2
+        self.switch_threshold, self._running_loss = switch_threshold, None
         self.logits = logits or class_logits
         self.teacher_taps, self.student_taps = FeatureTaps(teacher, self.taps), FeatureTaps(student, self.taps)
 
@@ -266,10 +276,8 @@ class GQSDLoss:
         result = {"task": task.detach(), **{f"at/{p}": term.detach().mean() for p, term in zip(self.taps, terms)}}
         if self.switch is not None:
             gates = self.switch(t_feats, s_feats)
-            with torch.no_grad():
-                advantage = self.sample_loss(s_out, targets) - self.sample_loss(t_out, targets)
-                advantage = advantage / (advantage.abs().mean() + 1e-12)
-            switch_loss = -(gates * advantage).mean()
+            signal = self._teacher_right(t_out, targets)
+            switch_loss = -(gates * signal).mean()
             terms = terms * gates.detach()  # one-to-one: gate i scales only teacher-i -> student-i
             result["switch"] = switch_loss.detach()
             result.update({f"gate/{p}": g.detach().mean() for p, g in zip(self.taps, gates)})
@@ -284,6 +292,20 @@ class GQSDLoss:
         result.update({"feature": feature.detach(), "logit": logit.detach()})
         result["loss"] = task + self.feature_weight * feature + self.logit_weight * logit + self.switch_weight * switch_loss
         return result
+
+    @torch.no_grad()
+    def _teacher_right(self, t_out, targets) -> torch.Tensor:
+        """Per sample +1 where the teacher is right, -1 where it is wrong (see the module docstring).
+
+        The sign, not the margin: how wrong a teacher is does not matter to the decision,
+        and a few very wrong samples would otherwise outweigh all the right ones."""
+        loss = self.sample_loss(t_out, targets).float()
+        threshold = self.switch_threshold
+        if threshold is None:
+            batch = float(loss.mean())
+            self._running_loss = batch if self._running_loss is None else 0.9 * self._running_loss + 0.1 * batch
+            threshold = self._running_loss
+        return torch.sign(threshold - loss)
 
     def remove(self):
         """Take the hooks off both models."""
