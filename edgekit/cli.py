@@ -200,7 +200,7 @@ def _cmd_demo(args) -> int:
 
 # Stages that live in their own package register their sub-commands through a module with
 # ``add_subcommands(sub)``, so this file does not grow with every stage.
-STAGE_COMMAND_MODULES: tuple[str, ...] = ("edgekit.calibration.ptq_cli", "edgekit.calibration.cli", "edgekit.benchmarks.cli")
+STAGE_COMMAND_MODULES: tuple[str, ...] = ("edgekit.calibration.ptq_cli", "edgekit.export.cli", "edgekit.calibration.cli", "edgekit.benchmarks.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,12 +28,14 @@ from edgekit.errors import EdgekitError
 # Per precision, an element passes when |onnx - torch| <= atol * scale + rtol * |torch|, with
 # scale = max |torch| of that output (boxes are in pixels, scores in [0, 1]: one table for
 # both); an output passes when every element does and its cosine similarity >= min_cosine.
-# max_map_drop bounds torch mAP - ONNX mAP when a data set is given. fp32 differs only by
-# kernel arithmetic order; fp16 by half-precision rounding through ~30 layers; int8 and
+# max_map_drop bounds torch mAP - ONNX mAP when a data set is given. fp32 differs by kernel
+# arithmetic order and by ONNX Runtime's coarse Sigmoid near 0 (3.6e-7 at -15 against
+# 3.1e-7, exactly 0 below about -18): a detector score sqrt(sigmoid * sigmoid) then moves
+# by up to ~1.2e-4 where torch gives 1.2e-4 and ONNX 0, hence atol 2e-4; fp16 by half-precision rounding through ~30 layers; int8 and
 # mixed (2-8 bit) by quantization noise, which the float model does not have, so their
 # elementwise bounds are loose and cosine / mAP carry the judgement.
 TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"atol": 1e-5, "rtol": 1e-4, "min_cosine": 0.99999, "max_map_drop": 0.002},
+    "fp32": {"atol": 2e-4, "rtol": 1e-4, "min_cosine": 0.99999, "max_map_drop": 0.002},
     "fp16": {"atol": 5e-3, "rtol": 5e-3, "min_cosine": 0.999, "max_map_drop": 0.01},
     "int8": {"atol": 0.2, "rtol": 0.2, "min_cosine": 0.98, "max_map_drop": 0.05},
     "mixed": {"atol": 0.5, "rtol": 0.5, "min_cosine": 0.9, "max_map_drop": 0.15},
@@ -42,7 +44,11 @@ SQNR_CAP_DB = 200.0  # reported for bit-identical tensors (infinite SQNR is not 
 
 
 class ParityError(EdgekitError):
-    """The exported graph's outputs are further from the torch model's than the precision allows."""
+    """The exported graph's outputs are further from the torch model's than the precision allows.
+
+    Exit status 1, not 2: the input was valid, the result is not (as a failed test)."""
+
+    exit_code = 1
 
 
 def _tolerance(precision: str) -> dict:
@@ -426,9 +432,24 @@ def layer_sqnr(model, onnx_path, inputs, layers=None) -> dict:
     values = run_onnx(session, inputs)
     result = {}
     for path, names in tensors.items():
-        ours, theirs = captured[path], [values[n] for n in names]
-        if len(ours) == len(theirs) and all(a.shape == b.shape for a, b in zip(ours, theirs)):
-            result[path] = {"sqnr_db": sqnr_db(np.concatenate([a.ravel() for a in ours]),
-                                               np.concatenate([b.ravel() for b in theirs])),
-                            "onnx_tensors": names}
+        pairs = _pair_calls(captured[path], [(n, values[n]) for n in names])
+        if pairs is not None:
+            result[path] = {"sqnr_db": sqnr_db(np.concatenate([a.ravel() for a, _, _ in pairs]),
+                                               np.concatenate([b.ravel() for _, _, b in pairs])),
+                            "onnx_tensors": [n for _, n, _ in pairs]}
     return {"layers": result, "unmapped": [p for p in paths if p not in result]}
+
+
+def _pair_calls(ours: list, theirs: list):
+    """Pair each torch call of a layer with an ONNX tensor of the same shape (the graph's
+    order of a shared head's levels need not be the call order); None when they differ."""
+    if len(ours) != len(theirs):
+        return None
+    free, pairs = list(theirs), []
+    for a in ours:
+        match = next((t for t in free if t[1].shape == a.shape), None)
+        if match is None:
+            return None
+        free.remove(match)
+        pairs.append((a, match[0], match[1]))
+    return pairs

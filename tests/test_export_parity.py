@@ -50,11 +50,11 @@ def test_fp32_export_passes_with_statistics_from_the_outputs(exported):
 
 
 def test_a_changed_model_fails_fp32_but_passes_fp16(exported):
-    """A 1e-3 change of the class bias moves scores by ~1e-5: past fp32's bound, within fp16's."""
+    """A 1e-2 change of the class bias moves scores (~0.07) by ~3e-4: past fp32's bound, within fp16's."""
     model, path = exported
     x = images(fresh_seed())
     with torch.no_grad():
-        model.head.cls_out.bias += 1e-3
+        model.head.cls_out.bias += 1e-2
     try:
         with pytest.raises(ParityError, match=r"parity FAILED \(fp32.*scores: max abs") as info:
             check_parity(model, path, x, "fp32")
@@ -64,7 +64,7 @@ def test_a_changed_model_fails_fp32_but_passes_fp16(exported):
         assert check_parity(model, path, x, "fp16")["passed"]
     finally:
         with torch.no_grad():
-            model.head.cls_out.bias -= 1e-3
+            model.head.cls_out.bias -= 1e-2
 
 
 @pytest.mark.parametrize("precision", list(TOLERANCES))

@@ -1,0 +1,203 @@
+"""`edgekit export`: formats, end-to-end NMS, parity report and exit codes, bundle, and
+one-line errors that leave --out untouched.
+
+One test runs the real exporter (export_onnx, native DeformConv); the others swap in the
+TorchScript export of tests/export_helpers.py (seconds instead of tens of seconds), which
+writes the same boxes/scores graph with the same initializer names.
+"""
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from edgekit.cli import main
+from edgekit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
+from edgekit.engine.checkpoint import save_checkpoint
+from edgekit.models import create_model
+from export_helpers import export_raw_detector
+
+SIZE = 64
+
+
+def make_checkpoint(path, **kwargs):
+    kw = {"num_classes": len(SYNTHETIC_CLASSES), "class_names": list(SYNTHETIC_CLASSES), **kwargs}
+    model = create_model("rsdet_atto", **kw)
+    for conv in (model.head.cls_out, model.head.ctr_out):  # spread the scores: NMS gets real work
+        torch.nn.init.normal_(conv.weight, std=0.3)
+    return save_checkpoint(path, model, "rsdet_atto", kw, {"image_size": SIZE})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    generate_synthetic_dataset(root / "data", num_train=1, num_val=3, image_size=SIZE, seed=5)
+    return {"root": root, "data": root / "data" / "val",
+            "deformable": make_checkpoint(root / "deformable.safetensors"),
+            "plain": make_checkpoint(root / "plain.safetensors", deformable=False, grn_backend="torch")}
+
+
+@pytest.fixture
+def fast_export(monkeypatch):
+    """export_onnx -> the TorchScript export (fp32 only), metadata kept."""
+    import edgekit.export.to_onnx as to_onnx
+
+    def export(model, path, *, image_size, precision="fp32", metadata=None, **_):
+        assert precision == "fp32"
+        export_raw_detector(model, path, image_size)
+        proto = onnx.load(str(path))
+        to_onnx.set_metadata(proto, {"classes": model.class_names, **(metadata or {})})
+        onnx.save(proto, str(path))
+        return path
+
+    monkeypatch.setattr(to_onnx, "export_onnx", export)
+
+
+def run_cli(args, capsys):
+    code = main(["export", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_real_export_onnx_nms_and_bundle(files, tmp_path, capsys):
+    out, bundle = tmp_path / "out", tmp_path / "bundle"
+    code, stdout, err = run_cli([files["deformable"], "--format", "onnx", "--out", out, "--nms", "--score-threshold",
+                                 "0.05", "--max-detections", "30", "--bundle", bundle], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "parity.json"]
+    assert leftovers(tmp_path) == []
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["precision"] == "fp32"
+    assert report["nms"]["passed"] and report["nms"]["matched"] == report["nms"]["expected"] > 0
+    model = onnx.load(str(out / "model.onnx"))
+    assert [o.name for o in model.graph.output] == ["detections"]
+    assert any(n.op_type == "DeformConv" for n in model.graph.node)  # --deform native
+    assert {"labels.txt", "preprocess.json", "infer.py", "parity.json"} <= {p.name for p in bundle.iterdir()}
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith(f"exported onnx -> {out / 'model.onnx'}") and lines[1].startswith("parity passed")
+
+
+def test_int8_and_mixed_qdq_formats(files, tmp_path, capsys, fast_export):
+    from edgekit.calibration.spec import new_spec, qrange, save_spec
+
+    model = create_model("rsdet_atto", num_classes=5, deformable=False)
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+    # Per-channel scales from the checkpoint's own weights (a weight-only spec).
+    from edgekit.engine.checkpoint import load_model
+
+    ckpt_model, _ = load_model(files["plain"])
+    modules = dict(ckpt_model.named_modules())
+
+    def spec_with(bits_of, name):
+        spec = new_spec("rsdet_atto", "uniform")
+        for path in convs:
+            w = modules[path].weight.detach()
+            bits = bits_of(path)
+            scale = (w.abs().amax(dim=(1, 2, 3)).clamp(min=1e-8) / qrange(bits, True, narrow=True)[1]).tolist()
+            spec["layers"][path] = {"type": "Conv2d", "input": None, "weight": {
+                "bits": bits, "signed": True, "axis": 0, "scale": scale, "zero_point": [0] * len(scale)}}
+        return save_spec(spec, tmp_path / name)
+
+    int8 = spec_with(lambda p: 8, "int8.json")
+    code, stdout, err = run_cli([files["plain"], "--format", "onnx-int8", "--calibration", int8, "--out",
+                                 tmp_path / "q8"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "q8" / "parity.json").read_text())
+    assert report["precision"] == "int8" and report["passed"], report
+    graph = onnx.load(str(tmp_path / "q8" / "model_int8.onnx")).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == len(convs)
+
+    mixed = spec_with(lambda p: 6 if p.startswith("backbone") else 8, "mixed.json")
+    code, _, err = run_cli([files["plain"], "--format", "onnx-int8", "--calibration", mixed, "--out",
+                            tmp_path / "bad"], capsys)
+    assert code == 2 and "use --format onnx-mixed" in err and not (tmp_path / "bad").exists()
+    code, _, err = run_cli([files["plain"], "--format", "onnx-mixed", "--calibration", mixed, "--out",
+                            tmp_path / "mixed"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "mixed" / "parity.json").read_text())["precision"] == "mixed"
+
+
+def test_parity_failure_exits_1_and_keeps_the_files(files, tmp_path, capsys, fast_export, monkeypatch):
+    from edgekit.export import parity
+
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0, "min_cosine": 1.5,
+                                                    "max_map_drop": 0.0})
+    out = tmp_path / "out"
+    code, _, err = run_cli([files["plain"], "--format", "onnx", "--out", out, "--data", files["data"]], capsys)
+    assert code == 1
+    assert err.count("\n") == 1 and "parity FAILED (fp32" in err and "files kept in" in err
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is False and report["map"]["num_images"] == 3
+    assert (out / "model.onnx").is_file()
+
+
+def test_no_parity_writes_only_the_model(files, tmp_path, capsys, fast_export):
+    code, stdout, _ = run_cli([files["plain"], "--format", "onnx", "--out", tmp_path / "o", "--no-parity"], capsys)
+    assert code == 0 and "parity: skipped" in stdout
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["model.onnx"]
+
+
+def _bad_cases(files, tmp):
+    corrupt = tmp / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00not safetensors")
+    bad_spec = tmp / "spec.json"
+    bad_spec.write_text("{not json")
+    full = tmp / "full_bundle"
+    full.mkdir(exist_ok=True)
+    (full / "x").write_text("x")
+    ck = files["plain"]
+    return {
+        "missing checkpoint": ([tmp / "nope.safetensors", "--format", "onnx"], "not found"),
+        "corrupt checkpoint": ([corrupt, "--format", "onnx"], "not a readable safetensors file"),
+        "unknown format": ([ck, "--format", "tflite"], "unknown --format 'tflite'"),
+        "unknown deform": ([ck, "--format", "onnx", "--deform", "bilinear"], "unknown --deform"),
+        "score range": ([ck, "--format", "onnx", "--score-threshold", "1.5"], "--score-threshold must be in"),
+        "score text": ([ck, "--format", "onnx", "--score-threshold", "abc"], "--score-threshold must be a number"),
+        "iou zero": ([ck, "--format", "onnx", "--iou-threshold", "0"], "--iou-threshold must be in"),
+        "max det": ([ck, "--format", "onnx", "--max-detections", "0"], "--max-detections must be >= 1"),
+        "max det text": ([ck, "--format", "onnx", "--max-detections", "2.5"], "must be an integer"),
+        "image size": ([ck, "--format", "onnx", "--image-size", "100"], "multiple of 32"),
+        "int8 no spec": ([ck, "--format", "onnx-int8"], "needs --calibration"),
+        "spec with onnx": ([ck, "--format", "onnx", "--calibration", bad_spec], "--calibration applies to"),
+        "corrupt spec": ([ck, "--format", "onnx-mixed", "--calibration", bad_spec], "not valid JSON"),
+        "data missing": ([ck, "--format", "onnx", "--data", tmp / "nodata"], "is not a folder"),
+        "bundle not empty": ([ck, "--format", "onnx", "--bundle", full], "exists and is not empty"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "corrupt checkpoint", "unknown format", "unknown deform",
+                                  "score range", "score text", "iou zero", "max det", "max det text", "image size",
+                                  "int8 no spec", "spec with onnx", "corrupt spec", "data missing",
+                                  "bundle not empty"])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, capsys, case):
+    args, match = _bad_cases(files, tmp_path)[case]
+    out = tmp_path / "out"
+    code, stdout, err = run_cli([*args, "--out", out], capsys)
+    assert code == 2
+    assert err.startswith("edgekit export: error: ") and err.count("\n") == 1 and match in err, err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_tensorrt_without_tensorrt_is_a_clear_error(files, tmp_path, capsys):
+    from edgekit.export.tensorrt import tensorrt_version
+
+    if tensorrt_version() is not None:
+        pytest.skip("tensorrt is installed here")
+    code, _, err = run_cli([files["plain"], "--format", "tensorrt", "--out", tmp_path / "trt"], capsys)
+    assert code == 2 and "TensorRT is not installed" in err and err.count("\n") == 1
+    assert not (tmp_path / "trt").exists()
+
+
+@pytest.mark.slow
+def test_real_fp16_export(files, tmp_path, capsys):
+    code, _, err = run_cli([files["deformable"], "--format", "onnx-fp16", "--out", tmp_path / "h",
+                            "--data", files["data"]], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "h" / "parity.json").read_text())
+    assert report["precision"] == "fp16" and report["passed"] and "map" in report
