@@ -127,7 +127,7 @@ def _spread_head(model, generator):
         head.cls_out.bias.normal_(-4.0, 0.5, generator=generator)
 
 
-def _export(model, path: Path):
+def _export(model, path: Path, static_batch: int | None = None):
     """ONNX with outputs boxes [B, N, 4] and scores [B, N, C], as the export stage writes them."""
     from edgekit.models.detect_post import decode_predictions
 
@@ -141,8 +141,9 @@ def _export(model, path: Path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Raw(model).eval(), (torch.zeros(1, 3, SIZE, SIZE),), str(path), input_names=["images"],
-                          output_names=["boxes", "scores"], dynamic_axes={"images": {0: "batch"}},
+        torch.onnx.export(Raw(model).eval(), (torch.zeros(static_batch or 1, 3, SIZE, SIZE),), str(path),
+                          input_names=["images"], output_names=["boxes", "scores"],
+                          dynamic_axes=None if static_batch else {"images": {0: "batch"}},
                           opset_version=18, dynamo=False)
     return path
 
@@ -273,6 +274,34 @@ def _check_infer_py_matches_detect_array(model, onnx_path: Path, tmp_path: Path)
         total += len(ref["boxes"])
     assert total > 0, "no detections at all: the comparison would be vacuous"
     assert f"{paths[1]}:" in run.stdout and "predictions.json" in run.stdout
+
+
+def test_static_batch_and_end_to_end_models(exported, tmp_path, capsys):
+    """A fixed-batch-2 model (odd tile counts padded) and an end-to-end model (edgekit's
+    ONNX NMS appended) give detect_array's detections on a tiled image, like the raw model."""
+    import onnx
+
+    from edgekit.engine.predict import detect_array
+    from edgekit.export.end2end import append_nms
+
+    model, raw = exported
+    rng = fresh_rng()
+    image = _crops(rng, [(300, 260)])[0]  # 9 tiles of 128
+    threshold = _top_scores_threshold(model, image[:SIZE, :SIZE], 0.98)
+    end2end = tmp_path / "e2e.onnx"
+    onnx.save(append_nms(onnx.load(str(raw)), score_threshold=threshold, iou_threshold=0.6), str(end2end))
+    models = {"raw": raw, "batch2": _export(model, tmp_path / "b2.onnx", static_batch=2), "e2e": end2end}
+    bundle = write_bundle(tmp_path / "bundle", models, class_names=CLASSES, image_size=SIZE,
+                          score_threshold=threshold, iou_threshold=0.6, tile_overlap=32)
+    path = save_image(tmp_path / "scene.png", image)
+    ref = detect_array(model, image, SIZE, tile_overlap=32, score_threshold=threshold, iou_threshold=0.6)
+    assert len(ref["boxes"]) > 0
+    for name in models:
+        out = tmp_path / name
+        assert infer.main([str(path), "--model", name, "--out", str(out), "--cpu"], bundle_dir=bundle) == 0
+        got = json.loads((out / "predictions.json").read_text())[str(path)]["detections"]
+        _assert_same_detections(got, ref, f"model {name}")
+    capsys.readouterr()
 
 
 # ------------------------------------------------------------------------- the bundle files
