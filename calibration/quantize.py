@@ -159,8 +159,9 @@ def trace_layers(model, layers: dict, example_input) -> LayerGraph:
     handles = []
     for path, module in layers.items():
         def pre(mod, args, path=path):
-            inputs.setdefault(path, args[0].grad_fn)
-            order.append(path) if path not in order else None
+            if path not in inputs:  # a shared module: its first call stands for all
+                inputs[path] = args[0].grad_fn
+                order.append(path)
 
         def post(mod, args, out, path=path):
             if isinstance(out, torch.Tensor) and out.grad_fn is not None:
@@ -335,6 +336,8 @@ def quant_deform_classes() -> tuple:
         def output_channel_dim(self) -> int:
             return 0
 
+    for cls in (QuantDeformConv2d, QuantDeformConv2dPack):
+        cls.__qualname__ = cls.__name__
     _QUANT_DEFORM_CLASSES.update(plain=QuantDeformConv2d, pack=QuantDeformConv2dPack)
     return QuantDeformConv2d, QuantDeformConv2dPack
 
@@ -374,7 +377,9 @@ def _make_quant_module(module, weight_bits: int, act_bits: int, signed: bool):
     else:
         q = qnn.QuantLinear(module.in_features, module.out_features, bias=module.bias is not None, **kw)
     # The float module's tensors (conv_offset included) move over under the same names.
-    q.load_state_dict(module.state_dict(), strict=False)
+    if q.load_state_dict(module.state_dict(), strict=False).unexpected_keys:
+        raise EdgekitError(f"quantize: {type(module).__name__} holds tensors its quantized twin lacks; "
+                           f"add its path to QuantConfig.skip to keep it float")
     param = next(module.parameters())
     q.train(module.training)
     return q.to(device=param.device, dtype=param.dtype)
@@ -402,13 +407,13 @@ def quantize(model, config: QuantConfig | None = None, example_input=None):
         raise EdgekitError(f"quant config names layers the model does not have or skips: {unknown[:3]}; "
                            f"use module paths from model.named_modules()")
     resolved = resolve_config(model, config, example_input)
+    if "" in layers:
+        raise EdgekitError("quantize: pass a model containing layers, not a single layer")
     for path, module in layers.items():
         q = _make_quant_module(module, resolved.weight_bits.get(path, resolved.default_bits),
                                resolved.act_bits.get(path, resolved.default_bits), resolved.act_signed)
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        if not path:
-            raise EdgekitError("quantize: pass a model containing layers, not a single layer")
         setattr(parent, name, q)
     model.quant_config = resolved
     return model
