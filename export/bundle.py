@@ -267,7 +267,8 @@ The default is `{config['default_model']}`.
 3. Normalise: `(pixel / 255 - mean) / std`, mean {inp['mean']}, std {inp['std']}, NCHW float32.
 4. Model outputs `boxes` + `scores` are decoded: scores > {post['score_threshold']}, top
    {post['pre_nms_top_k']}, class-aware NMS at IoU {post['iou_threshold']}, at most {post['max_detections']}
-   per image (or tile). End-to-end models (output `detections`) are only thresholded.
+   per image (or tile). End-to-end models (output `detections`) ran NMS inside the graph with the
+   thresholds they were exported with, so `--score-threshold` can only raise theirs, not lower it.
 5. Boxes are divided by the letterbox scale (or shifted by the tile origin, then tiles are merged
    with class-aware NMS) and clipped to the image.
 
