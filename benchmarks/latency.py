@@ -253,22 +253,35 @@ def busy_wait(ms: float, clock: Callable[[], float] = time.perf_counter) -> floa
     return (now - start) * 1e3
 
 
-def harness_overhead(target_ms: float = 1.0, duration_s: float = 3.0, warmup_s: float = 0.5) -> dict:
+def harness_overhead(target_ms: float = 1.0, duration_s: float = 3.0, warmup_s: float = 0.5, rounds: int = 10) -> dict:
     """Overhead of :func:`time_callable` on a ~``target_ms`` workload of known duration.
 
-    The workload records how long it really spun; the harness's measured per-call time and
-    its whole loop's wall time per call are compared with that. ``overhead_fraction`` is
-    (loop wall per call - true work per call) / true work per call: everything the harness
-    adds (clock reads, list appends, loop control)."""
-    inside: list[float] = []
-    timing = time_callable(lambda: inside.append(busy_wait(target_ms)), warmup_s=warmup_s, duration_s=duration_s,
-                           keep_values=False)
-    n = timing.latency["count"]
-    true_ms = math.fsum(inside[-n:]) / n
-    wall_per_call = timing.wall_s * 1e3 / n
-    return {"target_ms": target_ms, "calls": n, "true_work_ms": true_ms, "measured_mean_ms": timing.latency["mean"],
-            "loop_wall_per_call_ms": wall_per_call, "measurement_bias_fraction": timing.latency["mean"] / true_ms - 1,
-            "overhead_fraction": wall_per_call / true_ms - 1, "meets_2_percent": wall_per_call / true_ms - 1 < 0.02}
+    The workload records how long it really spun; the harness's whole loop wall time per
+    call minus that is what the harness adds (clock reads, list appends, loop control).
+    It is measured in ``rounds`` short rounds: a round in which another process preempted
+    the harness between two calls shows a large figure, so the median and the best round
+    are reported beside the mean (timeit's reasoning: interference only ever adds time)."""
+    per_round = []
+    measured, true_all = [], []
+    for _ in range(rounds):
+        inside: list[float] = []
+        timing = time_callable(lambda: inside.append(busy_wait(target_ms)), warmup_s=warmup_s / rounds,
+                               duration_s=duration_s / rounds, keep_values=False)
+        n = timing.latency["count"]
+        true_ms = math.fsum(inside[-n:]) / n
+        per_round.append((timing.wall_s * 1e3 / n - true_ms) * 1e3)  # microseconds added per call
+        measured.append(timing.latency["mean"])
+        true_all.append(true_ms)
+    median_us = percentile(sorted(per_round), 50)
+    return {"target_ms": target_ms, "rounds": rounds, "true_work_ms": math.fsum(true_all) / rounds,
+            "overhead_us_per_call_rounds": per_round, "overhead_us_per_call_median": median_us,
+            "overhead_us_per_call_best": min(per_round),
+            "overhead_us_per_call_mean": math.fsum(per_round) / rounds,
+            "overhead_fraction_of_target": median_us * 1e-3 / target_ms,
+            "measurement_bias_fraction": math.fsum(measured) / math.fsum(true_all) - 1,
+            "meets_2_percent": median_us * 1e-3 / target_ms < 0.02,
+            "note": "true_work_ms above target_ms means the spin itself was preempted (a busy machine); the "
+                    "overhead per call is what the harness adds whatever the workload's length"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / "harness_overhead.json"
     write_json(out, result)
     o = result["overhead"]
-    print(f"harness overhead on a {o['target_ms']} ms workload: {o['overhead_fraction']:+.3%} of wall time, "
-          f"measurement bias {o['measurement_bias_fraction']:+.3%} ({o['calls']} calls) -> {out}")
+    print(f"harness overhead: median {o['overhead_us_per_call_median']:.2f} us per call (best round "
+          f"{o['overhead_us_per_call_best']:.2f}, mean {o['overhead_us_per_call_mean']:.2f}) = "
+          f"{o['overhead_fraction_of_target']:.3%} of a {o['target_ms']} ms model; measurement bias "
+          f"{o['measurement_bias_fraction']:+.3%} -> {out}")
     return 0
 
 
