@@ -103,17 +103,13 @@ def deform_conv2d_decomposed(input, offset, weight, bias=None, stride=(1, 1), pa
     og, kh, kw, ho, wo = g.offset_groups, g.kernel_h, g.kernel_w, g.out_h, g.out_w
     h, w, cin = g.height, g.width, g.in_channels
     x = input.to(compute)
-    # Offsets [B, og*kh*kw*2, Ho, Wo] -> (dy, dx) [B, og, kh, kw, 2, Ho, Wo] -> [B*og, Ho, kh, Wo, kw, 2].
-    off = offset.to(compute).reshape(-1, og, kh, kw, 2, ho, wo).permute(0, 1, 5, 2, 6, 3, 4)
-    dev = x.device
-    base_y = (torch.arange(ho, device=dev, dtype=compute) * g.stride[0] - g.padding[0]).view(ho, 1, 1, 1) \
-        + (torch.arange(kh, device=dev, dtype=compute) * g.dilation[0]).view(1, kh, 1, 1)
-    base_x = (torch.arange(wo, device=dev, dtype=compute) * g.stride[1] - g.padding[1]).view(1, 1, wo, 1) \
-        + (torch.arange(kw, device=dev, dtype=compute) * g.dilation[1]).view(1, 1, 1, kw)
-    y = off[..., 0] + base_y
-    x_ = off[..., 1] + base_x
-    # Pixel -> GridSample's normalised coordinate (align_corners=False): (2p + 1) / size - 1.
-    grid = torch.stack(((2 * x_ + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1).reshape(-1, ho * kh, wo * kw, 2)
+    # Offsets [B, og*kh*kw*2, Ho, Wo] -> (dy, dx) [B, og, kh, kw, 2, Ho, Wo] -> (dx, dy) [B, og, Ho, kh, Wo, kw, 2].
+    off = offset.to(compute).reshape(-1, og, kh, kw, 2, ho, wo).permute(0, 1, 5, 2, 6, 3, 4).flip(-1)
+    # GridSample's normalised coordinate (align_corners=False) of pixel p is (2p + 1) / size - 1; with
+    # p = base + offset that is offset * 2/size + a constant, computed here once, not in the graph.
+    scale = torch.tensor([2.0 / w, 2.0 / h], dtype=compute, device=x.device)
+    grid = off * scale + _base_grid(g, compute, x.device)
+    grid = grid.reshape(-1, ho * kh, wo * kw, 2)
     samples = F.grid_sample(x.reshape(-1, cin // og, h, w), grid, mode="bilinear", padding_mode="zeros",
                             align_corners=False)  # [B*og, C/og, Ho*kh, Wo*kw]
     if mask is not None:
@@ -123,6 +119,20 @@ def deform_conv2d_decomposed(input, offset, weight, bias=None, stride=(1, 1), pa
     out = F.conv2d(samples, weight.to(compute), None if bias is None else bias.to(compute),
                    stride=(kh, kw), groups=g.groups)
     return out.to(dtype)
+
+
+def _base_grid(g, dtype, device) -> torch.Tensor:
+    """Normalised (x, y) of every kernel point before offsets, [Ho, kh, Wo, kw, 2], as a constant."""
+    import numpy as np
+
+    ys = (np.arange(g.out_h)[:, None] * g.stride[0] - g.padding[0]
+          + np.arange(g.kernel_h)[None, :] * g.dilation[0]).astype(np.float64)  # [Ho, kh]
+    xs = (np.arange(g.out_w)[:, None] * g.stride[1] - g.padding[1]
+          + np.arange(g.kernel_w)[None, :] * g.dilation[1]).astype(np.float64)  # [Wo, kw]
+    shape = (g.out_h, g.kernel_h, g.out_w, g.kernel_w)
+    gx = np.broadcast_to(((2 * xs + 1) / g.width - 1)[None, None], shape)
+    gy = np.broadcast_to(((2 * ys + 1) / g.height - 1)[:, :, None, None], shape)
+    return torch.from_numpy(np.stack((gx, gy), axis=-1)).to(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- routing

@@ -22,7 +22,7 @@ from edgekit.export.deform_export import (deform_conv2d_decomposed, deform_conv2
 from edgekit.export.to_onnx import torch_to_onnx
 from edgekit.models.deform import DeformConv2d, DeformConv2dPack, deform_conv2d_reference
 
-CASES = 6
+CASES = 5
 BATCH = 3
 
 
@@ -148,8 +148,9 @@ def test_decomposed_graph_in_onnx_reference_evaluator():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}: {describe(case)}")
 
 
-def test_pack_layer_with_learned_offsets_exports_both_ways(fresh_torch_seed):
-    """DeformConv2dPack (offsets and mask predicted inside the graph), as in RSDet's head."""
+def test_pack_layer_with_learned_offsets_decomposed(fresh_torch_seed):
+    """DeformConv2dPack (offsets and mask predicted inside the graph), as in RSDet's head;
+    decomposed (the native op in RSDet is covered by test_export_onnx)."""
     layer = DeformConv2dPack(4, 6, 3, padding=1, offset_groups=2).eval()
     nn.init.normal_(layer.conv_offset.weight, std=0.5)  # zero-initialised: make the offsets real
     x = torch.randn(3, 4, 9, 7)
@@ -159,11 +160,10 @@ def test_pack_layer_with_learned_offsets_exports_both_ways(fresh_torch_seed):
         o1, o2, m = torch.chunk(out, 3, dim=1)
         want = deform_conv2d_reference(x.double(), torch.cat((o1, o2), 1), layer.weight.double(),
                                        layer.bias.double(), padding=1, mask=torch.sigmoid(m)).numpy()
-    assert np.abs(o1).max() > 1.0  # the offsets move samples by more than a pixel
-    for mode in ("native", "decompose"):
-        model = torch_to_onnx(layer, (x[:2],), input_names=["x"], output_names=["y"], deform=mode)
-        got = onnx_checks.session(model).run(None, {"x": x.numpy()})[0]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{mode}, seed {fresh_torch_seed}")
+    assert float(o1.abs().max()) > 1.0  # the offsets move samples by more than a pixel
+    model = torch_to_onnx(layer, (x[:2],), input_names=["x"], output_names=["y"], deform="decompose")
+    got = onnx_checks.session(model).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"seed {fresh_torch_seed}")
 
 
 def test_export_implementation_rejects_unknown_mode():
