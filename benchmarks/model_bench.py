@@ -359,23 +359,24 @@ def roofline_section(sources: list[ModelSource], rows: list[dict]) -> dict:
     import torch
 
     from edgekit.benchmarks.devices import DEVICES, ci_cpu
-    from edgekit.benchmarks.roofline import predict, predict_all, profile_layers
+    from edgekit.benchmarks.roofline import predict_all, profile_layers, validate_on_cpu
 
     cpu = ci_cpu(threads=rows[0].get("threads") if rows else None)
     out = {"cpu": cpu.to_dict(), "models": {}}
     for s in sources:
         if s.model is None:
             continue
-        costs = profile_layers(s.model, torch.zeros(1, 3, s.image_size, s.image_size))
-        pred = predict(costs, cpu, "fp32")
+        x = torch.zeros(1, 3, s.image_size, s.image_size)
         eager = next((r for r in rows if r["model"] == s.name and r["backend"] == "eager" and r["status"] == "ok"
                       and r.get("batch") == 1), None)
         measured = eager["latency"]["mean"] if eager else None
-        top = sorted(pred.pop("layers"), key=lambda l: -l["time_us"])[:8]
+        v = validate_on_cpu(s.model, x, measured, device=cpu, repeats=3)
+        pred = v["predicted"]
         out["models"][s.name] = {
             "bops": pred["bops"], "flops": pred["flops"], "cpu_predicted": pred, "cpu_measured_eager_ms": measured,
             "measured_over_predicted": measured / pred["total_ms"] if measured else None,
-            "top_layers_predicted": top, "devices": predict_all(costs, list(DEVICES.values()))}
+            "cpu_by_layer_type": v["by_layer_type"], "top_layers_predicted": v["top_layers_predicted"],
+            "devices": predict_all(profile_layers(s.model, x), list(DEVICES.values()))}
     return out
 
 
@@ -455,6 +456,13 @@ def markdown(record: dict) -> str:
         for name, mm in roof["models"].items():
             lines.append(f"| {name} | {mm['flops'] / 1e9:.2f} | {_f(mm['cpu_predicted']['total_ms'])} "
                          f"| {_f(mm['cpu_measured_eager_ms'])} | {_f(mm['measured_over_predicted'])} |")
+        for name, mm in roof["models"].items():
+            lines += ["", f"{name} per layer type on this CPU (measured with forward hooks, exclusive of children):",
+                      "", "| layer type | layers | predicted ms | measured ms | measured / predicted |",
+                      "|---|---|---|---|---|"]
+            for t, row in mm.get("cpu_by_layer_type", {}).items():
+                lines.append(f"| {t} | {row['layers']} | {row['predicted_ms']:.3f} | {row['measured_ms']:.3f} "
+                             f"| {_f(row['measured_over_predicted'])} |")
         for name, mm in roof["models"].items():
             lines += ["", f"Predicted latency of {name} at batch 1 on other devices (roofline, **predicted**, not "
                           "measured):", "", "| device | precision | predicted ms | why no figure |", "|---|---|---|---|"]

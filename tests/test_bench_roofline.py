@@ -118,3 +118,48 @@ def test_ci_cpu_profile_is_derived_from_this_machine():
         assert d.fp32_tflops is None
     assert d.bandwidth_gbs is None and d.int8_tops is None
     assert D.copy_bandwidth_gbs(megabytes=8, repeats=2) > 0
+
+
+class Sleep(nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        import time
+        time.sleep(self.seconds)
+        return x
+
+
+def test_measured_layer_times_are_exclusive_of_children():
+    from edgekit.benchmarks.roofline import measure_layers
+    from edgekit.models.deform import DeformConv2d
+
+    class Outer(DeformConv2d):  # a hooked non-leaf, like DeformConv2dPack around its offset conv
+        def __init__(self):
+            super().__init__(1, 1, 1)
+            self.slow = Sleep(0.05)
+
+        def forward(self, x):
+            import time
+            time.sleep(0.005)
+            return self.slow(x)
+
+    t = measure_layers(nn.Sequential(Outer(), Sleep(0.01)), torch.zeros(1, 1, 2, 2), repeats=1)
+    assert set(t) == {"0", "0.slow", "1"}
+    assert t["0.slow"] >= 50_000 and t["1"] >= 10_000
+    assert 5_000 <= t["0"] < 30_000  # its own 5 ms, not its child's 50 ms
+
+
+def test_validation_report_groups_by_layer_type():
+    from edgekit.benchmarks.roofline import validate_on_cpu, validation_markdown
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Conv2d(8, 8, 1))
+    dev = made_up_device(kind="cpu", fp32_tflops=1e-3, bandwidth_gbs=10.0)
+    v = validate_on_cpu(net, torch.randn(1, 3, 16, 16), measured_ms=1.0, device=dev, repeats=2)
+    assert v["by_layer_type"]["Conv2d"]["layers"] == 2 and v["by_layer_type"]["GELU"]["layers"] == 1
+    total = sum(t["predicted_ms"] for t in v["by_layer_type"].values())
+    assert total == pytest.approx(v["predicted"]["total_ms"])
+    assert v["measured_over_predicted"] == pytest.approx(1.0 / v["predicted"]["total_ms"])
+    md = validation_markdown(v, {"cpu": "x", "cores": 2})
+    assert "| Conv2d | 2 |" in md and "Predicted" in md
