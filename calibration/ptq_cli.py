@@ -34,6 +34,9 @@ def run_calibrate(args) -> int:
         raise EdgekitError(f"--observer {args.observer!r} is unknown; choose one of {', '.join(OBSERVER_CHOICES)}")
     if args.batches < 1 or args.batch_size < 1:
         raise EdgekitError(f"--batches and --batch-size must be >= 1, got {args.batches} and {args.batch_size}")
+    for flag, bits in (("--weight-bits", args.weight_bits), ("--act-bits", args.act_bits)):
+        if not 2 <= bits <= 8:
+            raise EdgekitError(f"{flag} must be in [2, 8], got {bits}")
     from itertools import islice
 
     from torch.utils.data import DataLoader

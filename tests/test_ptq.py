@@ -223,7 +223,7 @@ def test_calibrate_command_writes_a_valid_spec(capsys, untrained_checkpoint, tin
 @pytest.mark.parametrize("args, needle", [
     (["--observer", "kl"], "--observer"),
     (["--batches", "0"], "--batches"),
-    (["--weight-bits", "1"], "weight_bits"),
+    (["--weight-bits", "1"], "--weight-bits"),
 ])
 def test_calibrate_command_errors_are_one_line(capsys, untrained_checkpoint, tiny_data, tmp_path, args, needle):
     from edgekit.cli import main
