@@ -215,15 +215,23 @@ def _top_scores_threshold(model, image: np.ndarray, quantile: float) -> float:
     return float(torch.quantile(scores.flatten().double(), quantile))
 
 
-def _assert_same_detections(ours: list[dict], ref: dict, where: str):
-    """Same count; each torch detection has an infer.py twin: same label, box within 0.05 px, score 1e-3."""
-    assert len(ours) == len(ref["boxes"]), f"{where}: infer.py found {len(ours)}, edgekit {len(ref['boxes'])}"
+def _assert_same_detections(ours: list[dict], ref: dict, threshold: float, where: str):
+    """Each torch detection has an infer.py twin (same label, box within 0.05 px, score within 1e-3)
+    and infer.py has no others. A detection whose score is within 2e-4 of the threshold may be
+    missing on either side: ONNX Runtime and torch differ by ~1e-6, which can tip it over."""
+    def borderline(score):
+        return abs(score - threshold) < 2e-4
+
     unmatched = list(ours)
     for box, score, label in zip(ref["boxes"].tolist(), ref["scores"].tolist(), ref["labels"].tolist()):
         twin = next((d for d in unmatched if d["label"] == CLASSES[label] and abs(d["score"] - score) < 1e-3
                      and max(abs(a - b) for a, b in zip(d["box"], box)) < 0.05), None)
-        assert twin is not None, f"{where}: no infer.py detection matches {CLASSES[label]} {score:.4f} {box}"
-        unmatched.remove(twin)
+        assert twin is not None or borderline(score), \
+            f"{where}: no infer.py detection matches edgekit's {CLASSES[label]} {score:.4f} {box}"
+        if twin is not None:
+            unmatched.remove(twin)
+    extra = [d for d in unmatched if not borderline(d["score"])]
+    assert not extra, f"{where}: infer.py found {len(extra)} detections edgekit did not, e.g. {extra[0]}"
 
 
 def test_infer_py_without_torch_matches_detect_array(exported, tmp_path):
@@ -260,8 +268,11 @@ def _check_infer_py_matches_detect_array(model, onnx_path: Path, tmp_path: Path)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, f"{banned} importable in the venv"
 
     paths = [save_image(tmp_path / "images" / f"im{i}.png", im) for i, im in enumerate(images)]
-    run = subprocess.run([str(python), str(bundle / "infer.py"), *map(str, paths), "--out", str(tmp_path / "out"),
-                          "--cpu"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    def infer_py(*args):
+        return subprocess.run([str(python), str(bundle / "infer.py"), *args, "--cpu"], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=120)
+
+    run = infer_py(str(tmp_path / "images"), "--out", str(tmp_path / "out"))  # a folder expands to its images
     assert run.returncode == 0, run.stderr
     predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
     total = 0
@@ -270,10 +281,12 @@ def _check_infer_py_matches_detect_array(model, onnx_path: Path, tmp_path: Path)
         assert (entry["height"], entry["width"]) == image.shape[:2]
         ref = detect_array(model, image, SIZE, tile_overlap=overlap, score_threshold=threshold,
                            iou_threshold=0.6)
-        _assert_same_detections(entry["detections"], ref, f"{path.name} {image.shape[:2]}")
+        _assert_same_detections(entry["detections"], ref, threshold, f"{path.name} {image.shape[:2]}")
         total += len(ref["boxes"])
     assert total > 0, "no detections at all: the comparison would be vacuous"
     assert f"{paths[1]}:" in run.stdout and "predictions.json" in run.stdout
+    missing = infer_py(str(tmp_path / "images" / "nope.png"), "--out", str(tmp_path / "out2"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr, missing
 
 
 def test_static_batch_and_end_to_end_models(exported, tmp_path, capsys):
@@ -300,7 +313,7 @@ def test_static_batch_and_end_to_end_models(exported, tmp_path, capsys):
         out = tmp_path / name
         assert infer.main([str(path), "--model", name, "--out", str(out), "--cpu"], bundle_dir=bundle) == 0
         got = json.loads((out / "predictions.json").read_text())[str(path)]["detections"]
-        _assert_same_detections(got, ref, f"model {name}")
+        _assert_same_detections(got, ref, threshold, f"model {name}")
     capsys.readouterr()
 
 
