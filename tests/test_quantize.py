@@ -214,6 +214,22 @@ def test_quantize_command_on_the_detector_and_reload(capsys, tmp_path, fresh_tor
     assert json.loads((tmp_path / "p.json").read_text())["totals"]["bops"] == record["totals"]["bops"]
 
 
+@pytest.mark.slow
+def test_sensitivity_method_on_a_classifier(capsys, tmp_path):
+    """Classifier path: Fisher sensitivities on its own predictions, a size budget."""
+    out = tmp_path / "s"
+    code, text, err = run_cli(capsys, "quantize", "convnextv2_atto", "--method", "sensitivity", "--sens-method",
+                              "fisher", "--budget-mb", "3.5", "--image-size", "32", "--calib-batches", "1",
+                              "--sens-batches", "1", "--out", str(out), "--quiet")
+    assert code == 0, err
+    record = json.loads((out / "search.json").read_text())
+    sens = record["search"]["sensitivity"]
+    assert set(sens) == set(record["search"]["weight_bits"]) | set(record["search"]["fixed_bits"])
+    assert all(v >= 0 for v in sens.values()) and sum(v > 0 for v in sens.values()) > len(sens) // 2
+    assert record["totals"]["size_bytes"] <= 3.5e6
+    assert set(record["search"]["fixed_bits"]) == {"downsample_layers.0.0", "head"}
+
+
 def assert_one_line_error(code, err, needle):
     lines = [line for line in err.strip().splitlines() if "error:" in line]
     assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
