@@ -172,6 +172,35 @@ def test_a_module_called_twice_gets_qdq_on_every_call(fresh_torch_seed, tmp_path
     np.testing.assert_allclose(run_ort(out, x, optimize=False), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_deform_conv_node_gets_weight_dq_and_input_qdq(fresh_torch_seed, tmp_path):
+    """ONNX DeformConv (weight is input 1, data input 0, offsets stay float)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.calibration.spec import fake_quantize
+    from edgekit.models.deform import deform_conv2d_reference
+
+    x, w, offset = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3), torch.randn(2, 18, 6, 6) * 0.7
+    node = helper.make_node("DeformConv", ["X", "dcn.weight", "offset"], ["Y"], kernel_shape=[3, 3],
+                            pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "dcn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 4, 6, 6]),
+                                              helper.make_tensor_value_info("offset", TensorProto.FLOAT, [2, 18, 6, 6])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 6, 6, 6])],
+                              [numpy_helper.from_array(w.numpy(), "dcn.weight")])
+    path = tmp_path / "dcn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    w_scale = (w.flatten(1).abs().amax(1) / 7).tolist()
+    spec = {"format": "edgekit.quant-spec/1", "model": None, "source": "uniform", "layers": {"dcn": {
+        "type": "DeformConv2d", "weight": {"bits": 4, "signed": True, "axis": 0, "scale": w_scale, "zero_point": [0] * 6},
+        "input": {"bits": 8, "signed": True, "scale": 0.03, "zero_point": 2, "observer": "minmax"}}}}
+    out = quantize_onnx(path, spec, tmp_path / "q.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"X": x.numpy(), "offset": offset.numpy()})[0]
+    xq = fake_quantize(x, 0.03, 2, 8, True)
+    wq = fake_quantize(w, w_scale, [0] * 6, 4, True, axis=0, narrow=True)
+    expected = deform_conv2d_reference(xq.double(), offset.double(), wq.double(), padding=(1, 1)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_spec_layers_that_match_nothing_are_reported(convnet, tmp_path):
     model, fp32 = convnet
     spec = calibrate(model, [torch.randn(1, 3, 16, 16)], progress=False)
