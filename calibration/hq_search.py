@@ -168,11 +168,13 @@ class SearchResult:
     fixed_bits: dict        # layers the policy fixes (first/last): path -> bits
     errors: dict            # path -> LayerErrors
     sensitivity: dict | None
-    seconds: float
+    seconds: float                      # the search itself
+    sensitivity_seconds: float = 0.0    # estimating the sensitivities, when search_bits did it
 
     def to_dict(self) -> dict:
         return {"method": self.method, "metric": self.metric, "weight_bits": self.weight_bits,
                 "fixed_bits": self.fixed_bits, "seconds": self.seconds,
+                "sensitivity_seconds": self.sensitivity_seconds,
                 "relative_error": {p: {b: e.relative(b) for b in e.mse} for p, e in self.errors.items()},
                 "sensitivity": self.sensitivity}
 
@@ -194,7 +196,7 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
     from edgekit.calibration.quantize import (QuantConfig, default_example_input, fixed_layer_bits,
                                               quantizable_layers, trace_layers)
 
-    start = time.perf_counter()
+    start, sens_seconds = time.perf_counter(), 0.0
     if method not in ("ghost", "budget", "sensitivity"):
         raise EdgekitError(f"unknown search method {method!r}; use ghost, budget or sensitivity")
     bits = tuple(sorted(set(int(b) for b in bits)))
@@ -236,12 +238,16 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
                            f"first/last and float layers fixed); raise the budget")
     errors = layer_errors(searched, bits, metric, progress)
     if method == "sensitivity":
-        sensitivity = sensitivity() if callable(sensitivity) else sensitivity
+        if callable(sensitivity):
+            began = time.perf_counter()
+            sensitivity = sensitivity()
+            sens_seconds = time.perf_counter() - began
         objective = {p: {b: sensitivity[p] * errors[p].mse[b] for b in bits} for p in searched}
     else:
         objective = {p: {b: errors[p].relative(b) for b in bits} for p in searched}
     chosen = allocate_bits(cost, objective, budget - outside)
-    return SearchResult(method, metric, chosen, fixed, errors, sensitivity, time.perf_counter() - start)
+    return SearchResult(method, metric, chosen, fixed, errors, sensitivity,
+                        time.perf_counter() - start - sens_seconds, sens_seconds)
 
 
 def config_from_search(result: SearchResult, config=None):

@@ -179,8 +179,9 @@ def bits_table(model, bits=None) -> dict:
         return out
     if isinstance(bits, dict) and "format" not in bits:
         return {p: (tuple(b) if isinstance(b, (list, tuple)) else (b, b)) for p, b in bits.items()}
-    raise EdgekitError("bits must be a QuantConfig, a quant spec or qconfig (dict or JSON path), or {path: bits}; "
-                       f"got {type(bits).__name__}{' with format ' + repr(bits.get('format')) if isinstance(bits, dict) else ''}")
+    what = f"a dict with format {bits.get('format')!r}" if isinstance(bits, dict) else type(bits).__name__
+    raise EdgekitError(f"bits must be a QuantConfig, a quant spec or qconfig (dict or JSON path), or "
+                       f"{{path: bits}}; got {what}")
 
 
 def _bits_of_quantized(model) -> dict:
