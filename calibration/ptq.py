@@ -94,6 +94,9 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     if seen == 0:
         raise EdgekitError("calibration got no batches; give it at least one (--batches N with a non-empty --data)")
     spec = new_spec(model_name, "ptq")
+    spec["calibration"] = {"observer": observer, "weight_observer": weight_observer, "batches": seen,
+                           "weight_bits": weight_bits, "act_bits": act_bits, "per_channel": per_channel,
+                           "exclude": list(exclude) if layers is None else None}
     for path, kind in chosen.items():
         obs = observers[path]
         if obs.min is None:

@@ -1,6 +1,6 @@
 """The quant spec: the one JSON file that quantization writes and export reads.
 
-Format ``edgekit.quant-spec/1`` (see docs in the module of each producer)::
+Format ``edgekit.quant-spec/1``::
 
     {"format": "edgekit.quant-spec/1", "model": str|null, "source": "ptq|qat|ghost|uniform|budget|sensitivity",
      "layers": {"<module path>": {"type": "Conv2d|Linear|DeformConv2d",
@@ -10,7 +10,8 @@ Format ``edgekit.quant-spec/1`` (see docs in the module of each producer)::
 ``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` with round-half-to-even (as
 ONNX QuantizeLinear does); signed weights use the narrow range ``[-(2^(b-1)-1),
 2^(b-1)-1]`` so that the grid is symmetric, signed activations the full range.
-Layers missing from ``layers`` stay float. Validation lives here, not in each reader,
+Layers missing from ``layers`` stay float. Other top-level keys are a producer's record of
+how it made the spec (PTQ writes ``calibration``) and are ignored by readers. Validation lives here, not in each reader,
 so that every stage rejects the same bad file with the same message.
 """
 

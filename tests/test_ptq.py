@@ -55,6 +55,7 @@ def test_minmax_calibration_matches_the_observed_ranges(net):
     batches = [torch.randn(2, 3, 12, 12) * 3 for _ in range(3)]
     spec = calibrate(net, batches, progress=False, model_name="tiny")
     assert validate_spec(spec) is spec and spec["source"] == "ptq" and spec["model"] == "tiny"
+    assert spec["calibration"]["batches"] == 3 and spec["calibration"]["observer"] == "minmax"
     assert set(spec["layers"]) == {"conv1", "conv2", "dcn", "fc"}  # dcn.conv_offset stays float
     assert spec["layers"]["dcn"]["type"] == "DeformConv2d" and spec["layers"]["fc"]["type"] == "Linear"
     inputs = layer_inputs(net, batches, spec["layers"])
