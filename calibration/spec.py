@@ -10,9 +10,9 @@ Format ``edgekit.quant-spec/1``::
 ``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` with round-half-to-even (as
 ONNX QuantizeLinear does); signed weights use the narrow range ``[-(2^(b-1)-1),
 2^(b-1)-1]`` so that the grid is symmetric, signed activations the full range.
-Layers missing from ``layers`` stay float. Other top-level keys are a producer's record of
-how it made the spec (PTQ writes ``calibration``) and are ignored by readers. Validation lives here, not in each reader,
-so that every stage rejects the same bad file with the same message.
+Layers missing from ``layers`` stay float. Other top-level keys are a producer's record
+of how it made the spec (PTQ writes ``calibration``); readers ignore them. Validation
+lives here, not in each reader, so that every stage rejects a bad file the same way.
 """
 
 from __future__ import annotations
