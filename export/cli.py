@@ -42,6 +42,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--data", help="DOTA split folder: also compare torch vs exported mAP on it")
     p.add_argument("--bundle", help="also write a deploy bundle folder here")
     p.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity check")
+    p.add_argument("--sqnr", action="store_true",
+                   help="debug quantized exports: per-layer SQNR (dB) against torch, written to sqnr.json")
     p.set_defaults(func=run_export)
 
 
@@ -74,6 +76,8 @@ def check_options(args) -> dict:
     quantized = args.format in ("onnx-int8", "onnx-mixed")
     if quantized and not args.calibration:
         raise EdgekitError(f"--format {args.format} needs --calibration SPEC.json (write one with edgekit calibrate)")
+    if args.sqnr and not args.calibration:
+        raise EdgekitError("--sqnr debugs quantized exports; give --calibration SPEC.json (onnx-int8, onnx-mixed)")
     if args.calibration and args.format in ("onnx", "onnx-fp16"):
         raise EdgekitError(f"--calibration applies to onnx-int8, onnx-mixed and tensorrt, not --format {args.format}")
     if args.data and not Path(args.data).is_dir():
@@ -120,7 +124,8 @@ def _parity_inputs(data, classes, image_size: int):
 
 def _export_graphs(model, info, args, opts, stage: Path, image_size: int) -> dict:
     """Write the format's files into ``stage``; return {"final": deliverable ONNX, "raw": boxes/scores
-    ONNX, "precision": the graph's precision for parity, "engine": build info (tensorrt only)}."""
+    ONNX, "float": the float graph QDQ was made from, "precision": the graph's precision for
+    parity, "engine": build info (tensorrt only)}. Only "final" (and the engine) are kept."""
     from edgekit.export.to_onnx import export_onnx
 
     stem, precision = FORMATS[args.format]  # the graph's precision, as parity judges it
@@ -137,12 +142,13 @@ def _export_graphs(model, info, args, opts, stage: Path, image_size: int) -> dic
         onnx_precision = "fp16" if precision == "fp16" else "fp32"
     meta = {"checkpoint": Path(args.checkpoint).name, "export_format": args.format}
     raw = stage / f"{stem}.raw.onnx"
-    export_onnx(model, raw, image_size=image_size, precision=onnx_precision, deform=args.deform,
+    float_graph = stage / f"{stem}.float.onnx" if opts["spec"] is not None else raw
+    export_onnx(model, float_graph, image_size=image_size, precision=onnx_precision, deform=args.deform,
                 model_name=info.get("model"), metadata=meta)
     if opts["spec"] is not None:
         from edgekit.export.qdq import quantize_onnx
 
-        quantize_onnx(raw, opts["spec"], raw)
+        quantize_onnx(float_graph, opts["spec"], raw, model=model)
     final = stage / f"{stem}.onnx"
     if args.nms:
         from edgekit.export.end2end import make_end2end
@@ -152,7 +158,7 @@ def _export_graphs(model, info, args, opts, stage: Path, image_size: int) -> dic
     else:
         os.replace(raw, final)
         raw = final
-    result = {"final": final, "raw": raw, "precision": precision}
+    result = {"final": final, "raw": raw, "float": float_graph, "precision": precision}
     if args.format == "tensorrt":
         from edgekit.export.tensorrt import build_engine
 
@@ -223,8 +229,14 @@ def run_export(args) -> int:
     try:
         graphs = _export_graphs(model, info, args, opts, stage, image_size)
         report = _parity(model, graphs, args, classes, image_size) if args.parity else None
-        if graphs["raw"] != graphs["final"]:
-            graphs["raw"].unlink()  # the end-to-end graph is the deliverable; parity has used the raw one
+        if args.sqnr:
+            from edgekit.export.parity import layer_sqnr
+
+            write_json_atomic(stage / "sqnr.json", layer_sqnr(model, graphs["raw"], _parity_inputs(
+                args.data, classes, image_size), float_onnx=graphs["float"]))
+        for key in ("raw", "float"):  # intermediates: parity and SQNR have used them
+            if graphs[key] != graphs["final"]:
+                graphs[key].unlink(missing_ok=True)
         if report is not None:
             write_json_atomic(stage / "parity.json", report)
         moved = _move_into(stage, out)

@@ -326,12 +326,11 @@ def _weight_names(model_proto, weights: dict) -> dict:
     return names
 
 
-def _layer_tensors(model_proto, weights: dict) -> dict:
+def _layer_tensors(model_proto, weight_names: dict) -> dict:
     """{module path: [ONNX tensors holding that layer's output, one per call, graph order]}.
 
-    ``weights`` maps module paths to their float weights (numpy). A layer is found through
-    its weight (see :func:`_weight_names`; in a QDQ graph, the DequantizeLinear output
-    keeps the name), followed through pass-through ops to every Conv/Gemm/MatMul/DeformConv
+    ``weight_names`` maps module paths to their weight's ONNX name (see
+    :func:`_weight_names`; in a QDQ graph, the DequantizeLinear output keeps it), followed through pass-through ops to every Conv/Gemm/MatMul/DeformConv
     reading it (a shared head runs once per pyramid level); a MatMul's bias Add, when it
     is the only reader, is part of the layer.
     """
@@ -343,7 +342,7 @@ def _layer_tensors(model_proto, weights: dict) -> dict:
             consumers.setdefault(name, []).append(node)
     order = {id(node): i for i, node in enumerate(model_proto.graph.node)}
     found = {}
-    for path, weight_name in _weight_names(model_proto, weights).items():
+    for path, weight_name in weight_names.items():
         frontier, nodes = [weight_name], []
         while frontier:
             for node in consumers.get(frontier.pop(), []):
@@ -392,13 +391,16 @@ def sqnr_db(reference, test) -> float:
     return min(SQNR_CAP_DB, 10 * math.log10(signal / noise))
 
 
-def layer_sqnr(model, onnx_path, inputs, layers=None) -> dict:
+def layer_sqnr(model, onnx_path, inputs, layers=None, *, float_onnx=None) -> dict:
     """Debug mode: per-layer SQNR (dB) of the ONNX graph's activations against torch's.
 
     ``model`` is the float torch model the graph was exported from; ``layers`` (default:
     every Conv2d, Linear and deformable convolution) are torch module paths. Returns
     {"layers": {path: {"sqnr_db", "onnx_tensors"}}, "unmapped": [paths with no ONNX tensor]},
     layers in forward order; the lowest SQNR points at the layer whose quantization hurts.
+    ``float_onnx``, the float graph a QDQ graph was made from, finds weights the exporter
+    renamed (a Linear's folded transpose) by value: the QDQ graph keeps those names but
+    no longer holds the float values.
     """
     import numpy as np
     import onnxruntime as ort
@@ -415,7 +417,8 @@ def layer_sqnr(model, onnx_path, inputs, layers=None) -> dict:
     if unknown:
         raise EdgekitError(f"layer_sqnr: no module {unknown[0]!r} in the model; use paths from named_modules()")
     proto = load_onnx(onnx_path)
-    tensors = _layer_tensors(proto, {p: modules[p].weight.detach().float().cpu().numpy() for p in paths})
+    weights = {p: modules[p].weight.detach().float().cpu().numpy() for p in paths}
+    tensors = _layer_tensors(proto, _weight_names(load_onnx(float_onnx) if float_onnx else proto, weights))
     captured: dict[str, list] = {path: [] for path in tensors}
     hooks = [modules[path].register_forward_hook(
         lambda _m, _i, out, path=path: captured[path].append(out.detach().double().cpu().numpy()))

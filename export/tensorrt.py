@@ -77,8 +77,8 @@ def _shape(dims) -> str:
     return "x".join(str(int(d)) for d in dims)
 
 
-def trtexec_command(onnx_path, engine_path, *, precision: str = "fp16", trt_major: int = 10,
-                    shapes: dict | None = None, timing_cache=None, workspace_mib: int | None = None,
+def trtexec_command(onnx_path, engine_path, timing_cache=None, *, precision: str = "fp16", trt_major: int = 10,
+                    shapes: dict | None = None, workspace_mib: int | None = None,
                     strongly_typed: bool = False) -> str:
     """The ``trtexec`` command line that builds the same engine as :func:`build_engine`.
 
@@ -148,6 +148,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _script_paths(engine_path: Path, onnx_path: Path, cache_path: Path) -> list:
+    """Paths for the trtexec script, which runs in the engine's folder: files in that folder
+    by name (the folder can move, e.g. onto the target device), others absolute."""
+    folder = engine_path.resolve().parent
+    return [p.name if p.resolve().parent == folder else str(p.resolve()) for p in (onnx_path, engine_path, cache_path)]
+
+
 def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: int = 1, opt_batch: int = 1,
                  max_batch: int = 8, timing_cache=None, workspace_mib: int | None = None) -> dict:
     """Build and serialize a TensorRT engine from an ONNX file; return what was done.
@@ -214,11 +221,12 @@ def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: 
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(engine_path, bytes(serialized))
     _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-    command = trtexec_command(onnx_path, engine_path, precision=precision, trt_major=version[0], shapes=shapes,
-                              timing_cache=cache_path, workspace_mib=workspace_mib, strongly_typed=strongly_typed)
+    command = trtexec_command(*_script_paths(engine_path, onnx_path, cache_path), precision=precision,
+                              trt_major=version[0], shapes=shapes, workspace_mib=workspace_mib,
+                              strongly_typed=strongly_typed)
     script = engine_path.with_name(engine_path.name + ".trtexec.sh")
     _write_atomic(script, f"#!/bin/sh\n# Rebuilds {engine_path.name} as edgekit did (TensorRT {trt.__version__}).\n"
-                          f"{command}\n".encode())
+                          f"cd \"$(dirname \"$0\")\" || exit 1\n{command}\n".encode())
     return {"engine": str(engine_path), "trtexec": command, "trtexec_script": str(script),
             "timing_cache": str(cache_path), "tensorrt": trt.__version__, "precision": precision,
             "build_seconds": seconds}

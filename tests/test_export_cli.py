@@ -118,9 +118,39 @@ def test_int8_and_mixed_qdq_formats(files, tmp_path, capsys, fast_export):
                             tmp_path / "bad"], capsys)
     assert code == 2 and "use --format onnx-mixed" in err and not (tmp_path / "bad").exists()
     code, _, err = run_cli([files["plain"], "--format", "onnx-mixed", "--calibration", mixed, "--out",
-                            tmp_path / "mixed"], capsys)
+                            tmp_path / "mixed", "--sqnr"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "mixed" / "parity.json").read_text())["precision"] == "mixed"
+    sqnr = json.loads((tmp_path / "mixed" / "sqnr.json").read_text())
+    layers = [m for m in ckpt_model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sqnr["unmapped"] == [] and len(sqnr["layers"]) == len(layers)  # Linear layers found by value
+    # 6-bit backbone weights are noisier than the 8-bit head's own quantization alone.
+    first = sqnr["layers"]["backbone.downsample_layers.0.0"]["sqnr_db"]
+    assert 10 < first < 60, first
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["model_mixed.onnx", "parity.json", "sqnr.json"]
+
+
+def test_tensorrt_format_with_a_stand_in_tensorrt(files, tmp_path, capsys, fast_export, monkeypatch):
+    """The CLI side of engine building with TensorRT 10 (the builder itself: test_export_tensorrt.py)."""
+    import shlex
+    import sys
+
+    from export_helpers import FakeTensorRT
+
+    rec = FakeTensorRT("10.3.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
+    out = tmp_path / "trt"
+    code, stdout, err = run_cli([files["plain"], "--format", "tensorrt", "--out", out, "--nms"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["model.engine", "model.engine.timing.cache",
+                                                     "model.engine.trtexec.sh", "model.onnx", "parity.json"]
+    assert stdout.startswith(f"exported tensorrt -> {out / 'model.engine'}")
+    # The script runs in its own folder and names the files there: it survives the move out of staging.
+    lines = (out / "model.engine.trtexec.sh").read_text().splitlines()
+    assert lines[2] == 'cd "$(dirname "$0")" || exit 1'
+    assert shlex.split(lines[3])[:4] == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine", "--fp16"]
+    assert "--timingCacheFile=model.engine.timing.cache" in lines[3]
+    assert json.loads((out / "parity.json").read_text())["precision"] == "fp32"  # the FP32 graph TensorRT 10 reads
 
 
 def test_parity_failure_exits_1_and_keeps_the_files(files, tmp_path, capsys, fast_export, monkeypatch):
@@ -168,13 +198,14 @@ def _bad_cases(files, tmp):
         "corrupt spec": ([ck, "--format", "onnx-mixed", "--calibration", bad_spec], "not valid JSON"),
         "data missing": ([ck, "--format", "onnx", "--data", tmp / "nodata"], "is not a folder"),
         "bundle not empty": ([ck, "--format", "onnx", "--bundle", full], "exists and is not empty"),
+        "sqnr without spec": ([ck, "--format", "onnx", "--sqnr"], "--sqnr debugs quantized exports"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "corrupt checkpoint", "unknown format", "unknown deform",
                                   "score range", "score text", "iou zero", "max det", "max det text", "image size",
                                   "int8 no spec", "spec with onnx", "corrupt spec", "data missing",
-                                  "bundle not empty"])
+                                  "bundle not empty", "sqnr without spec"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, capsys, case):
     args, match = _bad_cases(files, tmp_path)[case]
     out = tmp_path / "out"

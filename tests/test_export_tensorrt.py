@@ -4,7 +4,6 @@ be installed on CI, which has no GPU; a real build runs only where tensorrt is i
 
 import shlex
 import sys
-import types
 
 import onnx
 import pytest
@@ -13,13 +12,14 @@ from onnx import TensorProto, helper
 
 from edgekit.errors import EdgekitError
 from edgekit.export.tensorrt import build_engine, tensorrt_version, trtexec_command
+from export_helpers import FakeTensorRT
 
 SHAPES = {"images": ([1, 3, 64, 64], [4, 3, 64, 64], [8, 3, 64, 64])}
 
 
 def test_trtexec_tensorrt10_fp16_command():
-    cmd = trtexec_command("out dir/model.onnx", "out dir/model.engine", precision="fp16", trt_major=10,
-                          shapes=SHAPES, timing_cache="out dir/t.cache", workspace_mib=2048)
+    cmd = trtexec_command("out dir/model.onnx", "out dir/model.engine", "out dir/t.cache", precision="fp16",
+                          trt_major=10, shapes=SHAPES, workspace_mib=2048)
     args = shlex.split(cmd)  # paths with spaces survive the shell
     assert args == ["trtexec", "--onnx=out dir/model.onnx", "--saveEngine=out dir/model.engine", "--fp16",
                     "--minShapes=images:1x3x64x64", "--optShapes=images:4x3x64x64", "--maxShapes=images:8x3x64x64",
@@ -65,71 +65,10 @@ def _graph(fp16=False, deform=False, qdq=False):
     return helper.make_model(graph)
 
 
-class _Recorder:
-    """A stand-in for the tensorrt module: records the calls build_engine makes."""
-
-    def __init__(self, version):
-        self.calls = []
-        rec = self
-        self.module = types.SimpleNamespace(
-            __version__=version,
-            Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: None}),
-            NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1),
-            BuilderFlag=types.SimpleNamespace(FP16="FP16", INT8="INT8"),
-            MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
-            Builder=lambda logger: rec, OnnxParser=lambda network, logger: rec)
-        self.num_errors = 0
-
-    # builder
-    def create_network(self, flags):
-        self.calls.append(("create_network", flags))
-        return self
-
-    def create_builder_config(self):
-        return self
-
-    def create_optimization_profile(self):
-        return self
-
-    def build_serialized_network(self, network, config):
-        self.calls.append(("build",))
-        return b"ENGINE"
-
-    # parser / profile / config
-    def parse_from_file(self, path):
-        self.calls.append(("parse", path))
-        return True
-
-    def set_shape(self, name, lo, opt, hi):
-        self.calls.append(("set_shape", name, lo, opt, hi))
-
-    def add_optimization_profile(self, profile):
-        self.calls.append(("profile",))
-
-    def set_flag(self, flag):
-        self.calls.append(("flag", flag))
-
-    def set_memory_pool_limit(self, pool, size):
-        self.calls.append(("pool", pool, size))
-
-    def create_timing_cache(self, data):
-        self.calls.append(("cache_in", bytes(data)))
-        return self
-
-    def set_timing_cache(self, cache, ignore_mismatch):
-        pass
-
-    def get_timing_cache(self):
-        return self
-
-    def serialize(self):
-        return b"CACHE"
-
-
 @pytest.fixture
 def fake_trt(monkeypatch):
     def install(version):
-        rec = _Recorder(version)
+        rec = FakeTensorRT(version)
         monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
         return rec
     return install
