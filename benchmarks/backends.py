@@ -198,15 +198,27 @@ def onnx_precision(path: Path) -> str:
     return "fp32"
 
 
+def missing_provider(backend: str) -> Skipped | None:
+    """The skip record of an ONNX Runtime backend whose execution provider this build lacks
+    (checked before anything is exported for it), else None."""
+    import onnxruntime as ort
+
+    provider = PROVIDERS[backend]
+    if provider in ort.get_available_providers():
+        return None
+    return Skipped(backend, f"{provider} is not in this onnxruntime build "
+                            f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a GPU machine")
+
+
 def _onnxruntime(backend: str, path: Path, threads: int | None):
     import onnxruntime as ort
 
     if not path.is_file():
         return Skipped(backend, f"{path} not found", status="failed")
     provider = PROVIDERS[backend]
-    if provider not in ort.get_available_providers():
-        return Skipped(backend, f"{provider} is not in this onnxruntime build "
-                                f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a GPU machine")
+    missing = missing_provider(backend)
+    if missing is not None:
+        return missing
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads

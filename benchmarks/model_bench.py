@@ -229,7 +229,8 @@ def bench_row(source: ModelSource, backend: str, *, batch_sizes=(1,), threads=No
     """One table row: build the runner (or record why not), time it, measure accuracy."""
     import torch
 
-    from edgekit.benchmarks.backends import ONNX_BACKENDS, QUANTIZED_BACKENDS, Skipped, _one_line, make_runner
+    from edgekit.benchmarks.backends import (ONNX_BACKENDS, QUANTIZED_BACKENDS, Skipped, _one_line, make_runner,
+                                             missing_provider)
     from edgekit.benchmarks.latency import reset_peak_rss, torch_threads
 
     row = {"model": source.name, "backend": backend, "threads": threads}
@@ -238,6 +239,8 @@ def bench_row(source: ModelSource, backend: str, *, batch_sizes=(1,), threads=No
     if backend in QUANTIZED_BACKENDS and source.model is None:
         return {**row, "format": backend, "status": "skipped",
                 "reason": "quantizes a torch model's export; a given .onnx file runs as it is under 'ort'"}
+    if backend in ONNX_BACKENDS and (missing := missing_provider(backend)) is not None:
+        return {**row, "format": missing.format, "status": missing.status, "reason": missing.reason}
     if backend in ONNX_BACKENDS and source.model is not None:
         t = time.perf_counter()
         try:
