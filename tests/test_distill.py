@@ -205,7 +205,7 @@ def test_taps_errors_and_detector_defaults(fresh_torch_seed):
         FeatureTaps(Toy(), ["stages.9"])
     with pytest.raises(EdgekitError, match="taps="):
         default_taps(nn.Linear(2, 2))
-    det = create_model("rsdet_atto", num_classes=2)
+    det = create_model("rsdet_atto", num_classes=2, grn_backend="torch")  # no Numba JIT in this test
     assert default_taps(det) == list(DETECTOR_TAPS)
     # The whole loss on the detector: shared-head outputs, per-sample detection losses.
     teacher, student = det, fake_quant(det, bits=4)

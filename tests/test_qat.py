@@ -2,7 +2,6 @@
 wrong, time limit and resume, and a 2-process torchrun run that ends with identical
 weights on both ranks."""
 
-import copy
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from edgekit.calibration.distill import FeatureTaps
-from edgekit.calibration.qat import DistillOptions, qat_train, weight_digest
+from edgekit.calibration.qat import DistillOptions, qat_train
 from edgekit.errors import EdgekitError
 from test_ddp import free_port
 from test_distill import Toy, fake_quant, one_thread  # noqa: F401 (one_thread: autouse fixture)
@@ -30,13 +29,17 @@ def confident_teacher() -> Toy:
 
 
 def two_clusters(teacher: Toy, per_cluster: int = 32):
-    """Images of two recognisable kinds (a bright channel 0 or channel 1); the labels
-    agree with the teacher on the first kind and contradict it on the second."""
-    a, b = torch.randn(per_cluster, 3, 12, 12), torch.randn(per_cluster, 3, 12, 12)
+    """Images of two recognisable kinds (a bright channel 0 or channel 1), labelled so that
+    the teacher is right (p(label) > 1/2) on every image of the first kind and wrong on
+    every image of the second."""
+    a, b = torch.randn(4 * per_cluster, 3, 12, 12), torch.randn(per_cluster, 3, 12, 12)
     a[:, 0] += 2.0
     b[:, 1] += 2.0
     with torch.no_grad():
+        pa = teacher(a).softmax(1)
+        a = a[pa.max(1).values > 0.5][:per_cluster]
         ya, yb = teacher(a).argmax(1), (teacher(b).argmax(1) + 1) % 3
+    assert len(a) >= per_cluster // 2, "the teacher is confident on too few images"
     return a, b, TensorDataset(torch.cat([a, b]), torch.cat([ya, yb]))
 
 
@@ -53,16 +56,16 @@ def gate_probability(teacher, student, switch, images) -> torch.Tensor:
 def test_switch_trains_and_closes_where_the_teacher_is_wrong(tmp_path, fresh_torch_seed):
     teacher = confident_teacher()
     a, b, data = two_clusters(teacher)
-    result = qat_train(teacher, lambda m: fake_quant(m, bits=2), data, epochs=6, lr=1e-3, batch_size=16,
-                       distill=DistillOptions(switch_lr=3e-2), out=tmp_path, progress=False, seed=fresh_torch_seed)
+    result = qat_train(teacher, lambda m: fake_quant(m, bits=2), data, epochs=8, lr=1e-3, batch_size=16,
+                       distill=DistillOptions(switch_lr=0.1), out=tmp_path, progress=False, seed=fresh_torch_seed)
     switch, student = result["switch"], result["student"]
     biases = torch.stack([seq[1].bias.detach() for seq in switch.proj]).flatten()
     assert not torch.allclose(biases, torch.full_like(biases, DistillOptions().init_logit))  # it learned
     right, wrong = gate_probability(teacher, student, switch, a), gate_probability(teacher, student, switch, b)
     print("gate probability, teacher right:", right.tolist(), "teacher wrong:", wrong.tolist())
-    assert (right > wrong + 0.2).all()
+    assert (right > wrong + 0.25).all()  # at the start they are equal (same bias, ~0 weights)
     history = result["history"]
-    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert [h["epoch"] for h in history] == list(range(1, 9))
     record = json.loads((tmp_path / "qat.json").read_text())
     assert record["config"]["distill"]["taps"] == switch.paths and len(record["rank_digests"]) == 1
     assert (tmp_path / "student.safetensors").is_file() and not list(tmp_path.glob(".*tmp*"))
@@ -85,32 +88,36 @@ def test_time_limit_resume_and_bad_options(tmp_path, fresh_torch_seed):
 
 
 DDP_SCRIPT = """
-import json, sys
-import torch
+import sys
 sys.path.insert(0, {tests!r})
+from pathlib import Path
 from test_distill import fake_quant
 from edgekit.calibration.qat import qat_train, weight_digest
 from edgekit.engine import distributed
-from edgekit.engine.train import discover_classes
-from edgekit.models import create_model
-from pathlib import Path
+from edgekit.engine.checkpoint import load_model
 
-classes = discover_classes(Path({data!r}) / "train")
-torch.manual_seed(0)
-model = create_model("rsdet_atto", num_classes=len(classes), class_names=classes, deformable=False)
-before = weight_digest(fake_quant(model, bits=4))  # student only: differs from any digest with a switch
-result = qat_train(model, lambda m: fake_quant(m, bits=4), {data!r}, epochs=1, batch_size=2, image_size=128,
-                   lr=1e-3, out={out!r}, progress=False, evaluate_fn=lambda student: {{"evaluated": True}})
+before = weight_digest(fake_quant(load_model({checkpoint!r})[0], bits=4))
+result = qat_train({checkpoint!r}, lambda m: fake_quant(m, bits=4), {data!r}, epochs=1, batch_size=2, lr=1e-3,
+                   out={out!r}, progress=False, evaluate_fn=lambda student: {{"evaluated": True}})
 if distributed.is_main_process():
-    Path({out!r}, "before.txt").write_text(before)
+    Path({out!r}, "student.txt").write_text(before + " " + weight_digest(result["student"]))
 """
 
 
 def test_torchrun_two_processes_end_with_identical_weights(tiny_data, tmp_path):
+    from edgekit.engine.checkpoint import save_checkpoint
+    from edgekit.engine.train import discover_classes
+    from edgekit.models import create_model
+
+    classes = discover_classes(tiny_data / "train")
+    kwargs = {"num_classes": len(classes), "class_names": classes, "deformable": False}
+    checkpoint = save_checkpoint(tmp_path / "float.safetensors", create_model("rsdet_atto", **kwargs), "rsdet_atto",
+                                 kwargs, {"image_size": 128})
     out = tmp_path / "qat"
     script = tmp_path / "qat_ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), data=str(tiny_data), out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), data=str(tiny_data), out=str(out), checkpoint=str(checkpoint)))
+    # The pure-torch GRN: each rank would otherwise JIT-compile the Numba kernels (tested elsewhere).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGEKIT_BACKEND": "torch"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -118,8 +125,10 @@ def test_torchrun_two_processes_end_with_identical_weights(tiny_data, tmp_path):
     record = json.loads((out / "qat.json").read_text())
     # 8 images over 2 ranks at batch 2: two synchronised steps per rank.
     assert record["world_size"] == 2 and [h["epoch"] for h in record["history"]] == [1]
+    assert record["model"] == "rsdet_atto" and record["config"]["image_size"] == 128  # from the checkpoint
     first, second = record["rank_digests"]
-    assert first == second  # DDP kept the ranks in step, switch included in the loss
-    assert first != (out / "before.txt").read_text()  # and the student did train
+    assert first == second  # DDP kept the ranks in step, the switch included
+    before, after = (out / "student.txt").read_text().split()
+    assert before != after  # and the student did train
     assert record["val"] == {"evaluated": True}  # rank 0 alone evaluates and writes
     assert (out / "student.safetensors").is_file() and (out / "last.state.pt").is_file()
