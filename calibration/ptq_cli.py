@@ -20,7 +20,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--batches", type=int, default=16, help="number of batches to observe (default 16)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     p.add_argument("--observer", default="minmax", help=f"activation range: {' | '.join(OBSERVER_CHOICES)}")
-    p.add_argument("--weight-bits", dest="weight_bits", type=int, default=8)
+    p.add_argument("--weight-bits", dest="weight_bits", type=int, default=8,
+                   help="2-8 (default 8); use 7 for ONNX Runtime on x86 CPUs without VNNI, whose int8 kernels "
+                        "can saturate with 8-bit weights")
     p.add_argument("--act-bits", dest="act_bits", type=int, default=8)
     p.add_argument("--per-tensor", dest="per_channel", action="store_false",
                    help="one weight scale per layer instead of one per output channel")
