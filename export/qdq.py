@@ -11,10 +11,13 @@ data-input edge only (other readers of the same tensor stay float). Biases stay 
 ONNX Runtime's QDQ fusion quantizes them itself when it fuses.
 
 Which runtime kernels result (ONNX Runtime 1.32, CPU): a layer whose output reaches the
-next quantized layer's QuantizeLinear directly or through a Relu becomes QLinearConv;
-the others run DequantizeLinear + float Conv. On x86 CPUs without VNNI, ORT's integer
-conv sums u8 x s8 pairs in int16 and can saturate with 8-bit weights; calibrate with
-``weight_bits=7`` for such targets (ORT's "reduce range"; TensorRT is unaffected).
+next quantized layer's QuantizeLinear directly or through a Relu becomes QLinearConv,
+a MatMul with a quantized input becomes MatMulIntegerToFloat; other convs run
+DequantizeLinear + float Conv (RSDet's convs feed norms, so only its Linear layers run
+integer). On x86 CPUs without VNNI those integer kernels sum u8 x s8 pairs in int16 and
+can saturate with 8-bit weights (measured: they then depart from the graph's meaning;
+with 7-bit weights they match it exactly); calibrate with ``weight_bits=7`` for such
+targets (ORT's "reduce range"; TensorRT is unaffected).
 
 Storage by bit width: 2- to 4-bit weights are INT4 (two per byte, opset 21), 5- to 8-bit
 weights INT8, so the file shrinks with the bits. 2-bit weights are INT4 holding values in
