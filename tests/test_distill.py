@@ -198,14 +198,15 @@ def test_distillation_terms_fall_on_a_toy_problem(fresh_torch_seed):
     assert set(history[0]) >= {f"at/stages.{i}" for i in range(3)}
 
 
-def test_taps_errors_and_detector_defaults(fresh_torch_seed):
+def test_taps_errors_and_detector_defaults(fresh_torch_seed, monkeypatch):
     from edgekit.models import create_model
 
+    monkeypatch.setenv("EDGEKIT_BACKEND", "torch")  # the reference ops: no Numba JIT in this test
     with pytest.raises(EdgekitError, match="not found"):
         FeatureTaps(Toy(), ["stages.9"])
     with pytest.raises(EdgekitError, match="taps="):
         default_taps(nn.Linear(2, 2))
-    det = create_model("rsdet_atto", num_classes=2, grn_backend="torch")  # no Numba JIT in this test
+    det = create_model("rsdet_atto", num_classes=2)
     assert default_taps(det) == list(DETECTOR_TAPS)
     # The whole loss on the detector: shared-head outputs, per-sample detection losses.
     teacher, student = det, fake_quant(det, bits=4)
