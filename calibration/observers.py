@@ -124,8 +124,9 @@ class HistogramObserver(Observer):
 
     def _width(self) -> np.ndarray:
         span = self.edges_hi - self.edges_lo
-        # A constant channel has span 0: a tiny width keeps every value in bin 0.
-        return np.where(span > 0, span, np.maximum(np.abs(self.edges_lo), 1.0) * 1e-12) / self.bins
+        # A constant channel has span 0: a small width (still well above float64 spacing,
+        # so the edges stay increasing for re-binning) keeps every value in bin 0.
+        return np.where(span > 0, span, np.maximum(np.abs(self.edges_lo), 1.0) * 1e-6) / self.bins
 
     def _edges(self, c: int) -> np.ndarray:
         return self.edges_lo[c] + self._width()[c] * np.arange(self.bins + 1)

@@ -157,6 +157,20 @@ def test_streaming_state_is_bounded(rng):
     assert obs.counts.sum() == pytest.approx(400_000)  # re-binning keeps every count
 
 
+def test_a_constant_first_batch_then_spread_data(rng):
+    value = float(rng.uniform(1, 3))
+    data = rng.normal(size=50_000)
+    obs = PercentileObserver(percentile=99.0)
+    obs.update(np.full(1000, value))
+    obs.update(data)
+    assert obs.counts.sum() == pytest.approx(51_000)
+    everything = np.concatenate([np.full(1000, value), data])
+    width = (everything.max() - everything.min()) / obs.bins
+    lo, hi = obs.clip_range(8, True, False, False)
+    assert abs(hi[0] - np.percentile(everything, 99.0)) <= 2 * width
+    assert abs(lo[0] - np.percentile(everything, 1.0)) <= 2 * width
+
+
 def test_errors_are_one_line():
     with pytest.raises(EdgekitError, match="unknown observer"):
         make_observer("kl")
