@@ -70,6 +70,9 @@ def _student(float_model: torch.nn.Module, quantized) -> torch.nn.Module:
     if quantized is None:
         return copy.deepcopy(float_model)
     if isinstance(quantized, torch.nn.Module):
+        if quantized is float_model:  # quantize() works in place: the teacher would be quantized too
+            raise EdgekitError("qat: the quantized model is the float model itself; quantize a copy "
+                               "(copy.deepcopy) or pass quantized_model=lambda m: quantize(m, config)")
         return quantized
     if callable(quantized):
         return quantized(copy.deepcopy(float_model))
@@ -154,7 +157,8 @@ def qat_train(model, quantized_model=None, data=None, *, epochs: int = 1, time_l
     """Train ``quantized_model`` with its full-precision self as teacher; returns the record.
 
     ``model``: float checkpoint (safetensors) or module. ``quantized_model``: module,
-    callable(float copy) -> module, or None (a float copy: plain self-distillation).
+    callable(float copy) -> module (e.g. ``lambda m: quantize(m, QuantConfig(...))``), or
+    None (a float copy: plain self-distillation).
     ``data``: DOTA root with train/ and val/ (detectors) or a Dataset (then pass
     ``collate_fn`` if needed and ``evaluate_fn(student) -> dict`` for a final score).
     Writes ``out/student.safetensors``, ``out/last.state.pt`` and ``out/qat.json``; the

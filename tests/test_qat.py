@@ -79,12 +79,32 @@ def test_time_limit_resume_and_bad_options(tmp_path, fresh_torch_seed):
     assert len(short["history"]) == 1  # the plan was fitted to the budget after epoch 1
     again = qat_train(teacher, epochs=3, out=tmp_path / "b", resume=tmp_path / "a" / "last.state.pt", **run)
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
+    plain = qat_train(teacher, epochs=1, out=tmp_path / "f", distill=DistillOptions(switch=False), **run)
+    assert plain["switch"] is None and not any(k.startswith(("gate/", "switch")) for k in plain["history"][0])
     with pytest.raises(EdgekitError, match="does not match"):
         qat_train(Toy(width=4), epochs=2, out=tmp_path / "c", resume=tmp_path / "a" / "last.state.pt", **run)
     with pytest.raises(EdgekitError, match="temperature"):
         qat_train(teacher, distill=DistillOptions(temperature=0), out=tmp_path / "d", **run)
     with pytest.raises(EdgekitError, match="DOTA root"):
         qat_train(teacher, data=[1, 2, 3], out=tmp_path / "e")
+
+
+def test_brevitas_student_from_quantize(tmp_path, fresh_torch_seed):
+    from edgekit.calibration.quantize import QuantConfig, quantize, quantized_layer_types
+
+    teacher = confident_teacher()
+    _, _, data = two_clusters(teacher, per_cluster=8)
+    config = QuantConfig(weight_bits=3, act_bits=8, first_layer_bits=None, last_layer_bits=None)
+    with pytest.raises(EdgekitError, match="float model itself"):
+        qat_train(teacher, teacher, data, out=tmp_path / "same")
+    result = qat_train(teacher, lambda m: quantize(m, config), data, epochs=2, batch_size=8, lr=1e-3,
+                       out=tmp_path, progress=False)
+    student = result["student"]
+    assert any(isinstance(m, quantized_layer_types()) for m in student.modules())
+    assert not any(isinstance(m, quantized_layer_types()) for m in teacher.modules())  # the teacher stays float
+    assert all(torch.isfinite(torch.tensor(v)) for h in result["history"] for v in h.values())
+    trained = dict(student.named_parameters())
+    assert not torch.equal(trained["stages.0.0.weight"], teacher.stages[0][0].weight)
 
 
 DDP_SCRIPT = """
