@@ -27,7 +27,7 @@ from edgekit.models.deform import deform_conv2d_reference, deform_geometry
 from edgekit.models.grn import grn_reference
 
 DEFORM_MODES = ("native", "decompose")
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: an export may run inside a caller's routing
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -158,9 +158,10 @@ def export_backends(deform: str = "native"):
     """Route ``edgekit.ops.grn``/``deform_conv2d`` to traceable implementations (any
     ``backend`` the layers asked for) for the duration of an export.
 
-    It swaps ``edgekit.kernels.dispatch.resolve`` process-wide, so exports are serialised
-    by a lock; other threads calling the ops meanwhile get the export implementations,
-    which compute the same values.
+    It swaps ``edgekit.kernels.dispatch.resolve`` process-wide under a re-entrant lock:
+    nested use in one thread works (the inner mode wins until it exits), other threads
+    wait to enter; threads calling the ops meanwhile get the export implementations, which
+    compute the same values.
     """
     from edgekit.kernels import dispatch
 

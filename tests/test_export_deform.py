@@ -169,3 +169,16 @@ def test_pack_layer_with_learned_offsets_decomposed(fresh_torch_seed):
 def test_export_implementation_rejects_unknown_mode():
     with pytest.raises(ValueError, match="deform must be one of"):
         export_implementation("deform_conv2d", "fast")
+
+
+def test_export_backends_nest_and_restore(fresh_torch_seed):
+    from edgekit.kernels import dispatch
+
+    original = dispatch.resolve
+    x = torch.randn(1, 2, 5, 5)
+    with export_backends("native"):
+        assert dispatch.resolve("deform_conv2d", "numba", x) is deform_conv2d_native
+        with export_backends("decompose"):  # same thread: no deadlock, inner mode wins
+            assert dispatch.resolve("deform_conv2d", "auto", x) is deform_conv2d_decomposed
+        assert dispatch.resolve("deform_conv2d", "auto", x) is deform_conv2d_native
+    assert dispatch.resolve is original
