@@ -15,8 +15,11 @@ def add_subcommands(sub) -> None:
     p = sub.add_parser("bench", help="latency benchmark across backends (table, JSON, plots)")
     p.add_argument("models", nargs="*", metavar="MODEL_OR_FILE",
                    help="edgekit checkpoint (.safetensors), model name (untrained) or .onnx file")
+    from edgekit.benchmarks.backends import BACKENDS  # light: no torch at import
+
     p.add_argument("--backends", default="eager,compile,ort",
-                   help="comma list of eager, compile, ort, ort-cuda, ort-trt, tensorrt, cuda-graph")
+                   help=f"comma list of {', '.join(BACKENDS)} (ort-int8/ort-mixed: PTQ-quantized exports of a "
+                        f"torch model; unavailable ones are reported as skipped)")
     p.add_argument("--batch-sizes", dest="batch_sizes", default="1", help="comma list, e.g. 1,4")
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: library default)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds timed per batch size (default 5)")

@@ -10,8 +10,10 @@ and NMS) timed apart from the model.
 ``--quick`` (module entry point) runs the default detector (rsdet_atto, untrained, at 128 px
 to keep it short; the full run uses 256 px) on eager and ONNX Runtime FP32 / INT8 / mixed (the full
 run adds torch.compile and the GPU backends, which skip themselves on a CPU machine) and writes
-``benchmarks/results/model_cpu.{json,md,png}``, with the roofline prediction for this
-CPU beside the measured eager latency and the device table's predictions.
+``benchmarks/results/model_cpu.{json,md,png}`` (``model_gpu.*`` on a GPU machine), with the
+roofline prediction for this CPU beside the measured eager latency and the device table's
+predictions. Without ``--quick`` it is the full run: ``--model`` may be a trained checkpoint
+and ``--data`` a validation split, for the mAP column and the accuracy plots.
 """
 
 from __future__ import annotations
@@ -392,10 +394,10 @@ def _f(v, fmt="{:.2f}"):
 
 def table(record: dict) -> str:
     """The Ultralytics-style table: format, status, size, mAP, ms/img, FPS."""
-    lines = [f"{'model':<16} {'format':<34} {'status':<8} {'size MB':>8} {'mAP50-95':>9} {'ms/img':>9} {'FPS':>8}"]
+    lines = [f"{'model':<16} {'format':<40} {'status':<8} {'size MB':>8} {'mAP50-95':>9} {'ms/img':>9} {'FPS':>8}"]
     for r in record["rows"]:
         acc = (r.get("accuracy") or {}).get("map")
-        lines.append(f"{r['model'][:16]:<16} {r.get('format', r['backend'])[:34]:<34} {r['status']:<8} "
+        lines.append(f"{r['model'][:16]:<16} {r.get('format', r['backend'])[:40]:<40} {r['status']:<8} "
                      f"{_f(r.get('size_mb'), '{:.1f}'):>8} {_f(acc, '{:.4f}'):>9} {_f(r.get('ms_per_img')):>9} "
                      f"{_f(r.get('fps'), '{:.1f}'):>8}")
         if r["status"] != "ok" and r.get("reason"):
@@ -482,7 +484,7 @@ def compare(a_path: str, b_path: str) -> str:
     a, b = (_load_record(p) for p in (a_path, b_path))
     index = {(r["model"], r.get("format")): r for r in a["rows"] if r["status"] == "ok"}
     lines = [f"B = {b_path} vs A = {a_path} (ratio < 1 on ms means B is faster)",
-             f"{'model':<16} {'format':<34} {'ms/img B/A':>11} {'p90 B/A':>9} {'FPS B/A':>9}"]
+             f"{'model':<16} {'format':<40} {'ms/img B/A':>11} {'p90 B/A':>9} {'FPS B/A':>9}"]
     matched = 0
     for r in b["rows"]:
         ra = index.get((r["model"], r.get("format")))
@@ -490,7 +492,7 @@ def compare(a_path: str, b_path: str) -> str:
             continue
         matched += 1
         p90 = r["latency"]["percentiles"]["p90"] / ra["latency"]["percentiles"]["p90"]
-        lines.append(f"{r['model'][:16]:<16} {r['format'][:34]:<34} {r['ms_per_img'] / ra['ms_per_img']:>11.3f} "
+        lines.append(f"{r['model'][:16]:<16} {r['format'][:40]:<40} {r['ms_per_img'] / ra['ms_per_img']:>11.3f} "
                      f"{p90:>9.3f} {r['fps'] / ra['fps']:>9.3f}")
     if not matched:
         raise EdgekitError(f"{a_path} and {b_path} have no successful rows with the same model and format to compare")
@@ -525,7 +527,8 @@ def write_outputs(record: dict, out: Path, stem: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short run of the default detector (about a minute)")
-    p.add_argument("--model", default="rsdet_atto")
+    p.add_argument("--model", default="rsdet_atto", help="model name or checkpoint (e.g. the demo's best.safetensors)")
+    p.add_argument("--data", help="DOTA split folder for mAP (e.g. the demo's data/val)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--threads", type=int, default=None, help="default: every core of this machine")
     args = p.parse_args(argv)
@@ -537,11 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         settings = {"backends": ("eager", "compile", "ort", "ort-int8", "ort-mixed", "ort-cuda", "ort-trt", "tensorrt",
                                  "cuda-graph"),
-                    "batch_sizes": (1, 4, 8), "duration": 10.0, "warmup": 2.0, "image_size": 256}
-    record = bench([args.model], threads=threads, **settings)
+                    "batch_sizes": (1, 4, 8), "duration": 10.0, "warmup": 2.0, "image_size": None}
+    record = bench([args.model], threads=threads, data=Path(args.data) if args.data else None, **settings)
     record["settings"]["mode"] = "quick" if args.quick else "full"
     print(table(record))
-    for path in write_outputs(record, Path(args.out), "model_cpu"):
+    import torch
+
+    stem = "model_gpu" if torch.cuda.is_available() else "model_cpu"  # the GPU rows only run on a GPU machine
+    for path in write_outputs(record, Path(args.out), stem):
         print(f"wrote {path}")
     return 0
 
