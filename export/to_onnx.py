@@ -73,7 +73,7 @@ def is_detector(model: nn.Module) -> bool:
     return isinstance(model, (RSDet, DetectorOutputs))
 
 
-def model_name(model: nn.Module) -> str:
+def registry_name(model: nn.Module) -> str:
     """The registry name of an edgekit model (``rsdet_atto``, ``convnextv2_femto``), else its class name."""
     from edgekit.models.convnextv2 import VARIANTS, ConvNeXtV2
 
@@ -218,7 +218,7 @@ def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dic
     classes = getattr(inner, "class_names", None)
     meta = {
         "edgekit_version": edgekit.__version__,
-        "model": model_name(model),
+        "model": registry_name(model),
         "task": "detect" if is_detector(model) else "classify",
         "classes": list(classes) if classes is not None else None,
         "input_size": [int(image_size), int(image_size)],
@@ -244,7 +244,11 @@ def set_metadata(model, metadata: dict) -> None:
     json_keys = []
     for key, value in current.items():
         if not isinstance(value, str):
-            value = json.dumps(value)
+            try:
+                value = json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise EdgekitError(f"export: metadata[{key!r}] cannot be stored ({exc}); pass strings, numbers, "
+                                   f"lists or dicts of them") from None
             json_keys.append(key)
         entry = model.metadata_props.add()
         entry.key, entry.value = str(key), value
@@ -276,7 +280,7 @@ def load_onnx(path) -> "onnx.ModelProto":  # noqa: F821
         raise EdgekitError(f"{path}: the file is empty; re-export the model")
     try:
         model = onnx.load(str(path))
-    except (DecodeError, RuntimeError, ValueError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+    except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EdgekitError(f"{path}: not a readable ONNX model ({msg}); the file is corrupt or truncated, "
                            f"re-export it") from None
@@ -307,7 +311,9 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
     ``scores`` (detectors) or ``logits`` (classifiers), float32 in both precisions.
     ``precision="fp16"`` runs the body in float16 (GRN's L2 reduction and the deformable
     sampling stay float32); ``deform`` picks ONNX ``DeformConv`` (``native``) or standard
-    ops (``decompose``). Returns the path written (atomically).
+    ops (``decompose``). ``metadata`` entries are added to the file's metadata (any
+    JSON-able values); ``model_name`` overrides the recorded model name. Returns the path
+    written (atomically).
     """
     from edgekit.export import onnx_checks
 
@@ -322,6 +328,10 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
                               deform=deform, opset=opset, dynamic_batch=dynamic_batch)
     finally:
         model.train(was_training)
+    if len(proto.graph.output) != len(output_names):
+        raise EdgekitError(f"export: {model_name or registry_name(model)} returns "
+                           f"{len(proto.graph.output)} outputs; export_onnx takes detectors (RSDet -> boxes, scores) "
+                           f"and models returning one tensor (-> logits): wrap the model so that forward returns one")
     _strip_prefix(proto, prefix)
     proto.producer_name = "edgekit"
     meta = _metadata(model, image_size, precision, deform, opset, metadata)

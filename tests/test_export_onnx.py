@@ -365,3 +365,14 @@ def test_simplify_falls_back_when_onnxslim_fails_or_changes_outputs(monkeypatch)
     monkeypatch.setattr(onnxslim, "slim", crash)
     kept, note = onnx_checks.simplify(model)
     assert kept is model and "failed" in note and "boom" in note
+
+
+def test_set_metadata_round_trip_and_rejects_unserialisable():
+    from edgekit.export.to_onnx import set_metadata
+
+    model = _linear_graph(np.random.default_rng())
+    meta = {"a": "text", "b": [1, 2.5, None], "c": {"x": {"bits": 4}}, "d": True, "e": "[1, 2]"}
+    set_metadata(model, meta)
+    set_metadata(model, {"f": 3})  # adds, keeps the rest
+    assert read_metadata(model) == {**meta, "f": 3}
+    _one_line_error(lambda: set_metadata(model, {"bad": object()}), "metadata['bad']")
