@@ -218,7 +218,7 @@ def qat_train(model, quantized_model=None, data=None, *, epochs: int = 1, time_l
             if progress:
                 tqdm.write(f"qat epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                              if k != "epoch" and not k.startswith(("at/", "gate/"))))
-            save_checkpoint(out / "student.safetensors", student, model_name, model_kwargs, {**ckpt_info, "epoch": epoch})
+            _save_student(out / "student.safetensors", student, model_name, model_kwargs, {**ckpt_info, "epoch": epoch})
             save_training_state(out / "last.state.pt", {
                 "student": student.state_dict(), "switch": switch.state_dict() if switch else {},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
@@ -242,6 +242,16 @@ def qat_train(model, quantized_model=None, data=None, *, epochs: int = 1, time_l
         write_json_atomic(out / "qat.json", result)
     dist.cleanup()
     return {**result, "student": student, "switch": switch}
+
+
+def _save_student(path: Path, student, model_name: str, model_kwargs: dict, info: dict):
+    """A brevitas student (from quantize()) keeps its QuantConfig in the header, so
+    ``load_quantized`` rebuilds it; any other student is saved like a float checkpoint."""
+    if getattr(student, "quant_config", None) is not None:
+        from edgekit.calibration.quantize import save_quantized
+        save_quantized(path, student, model_name, model_kwargs, info)
+    else:
+        save_checkpoint(path, student, model_name, model_kwargs, info)
 
 
 def _train_epoch(loader, loss_fn: GQSDLoss, student, switch, optimizer, scheduler, grad_clip: float, world: int,

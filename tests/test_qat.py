@@ -91,6 +91,7 @@ def test_time_limit_resume_and_bad_options(tmp_path, fresh_torch_seed):
 
 def test_brevitas_student_from_quantize(tmp_path, fresh_torch_seed):
     from edgekit.calibration.quantize import QuantConfig, quantize, quantized_layer_types
+    from edgekit.engine.checkpoint import read_checkpoint
 
     teacher = confident_teacher()
     _, _, data = two_clusters(teacher, per_cluster=8)
@@ -105,6 +106,8 @@ def test_brevitas_student_from_quantize(tmp_path, fresh_torch_seed):
     assert all(torch.isfinite(torch.tensor(v)) for h in result["history"] for v in h.values())
     trained = dict(student.named_parameters())
     assert not torch.equal(trained["stages.0.0.weight"], teacher.stages[0][0].weight)
+    info = read_checkpoint(tmp_path / "student.safetensors")[3]  # load_quantized can rebuild it
+    assert set(info["quant_config"]["weight_bits"].values()) == {3} and info["qat"] and info["epoch"] == 2
 
 
 DDP_SCRIPT = """
