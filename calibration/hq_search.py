@@ -32,8 +32,8 @@ from edgekit.errors import EdgekitError
 DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
-EXACT_CHUNKS = 512    # the optimal segmentation cuts between at most this many equal-count runs
-EXACT_WORK = 5e6      # ... and is used when k * runs^2 stays below this (all k <= 16; small layers)
+EXACT_CHUNKS = 256    # the optimal segmentation cuts between at most this many equal-count runs
+EXACT_WORK = 2e6      # ... and is used when k * runs^2 stays below this (all k <= 16; small layers)
 
 
 def kmeans_1d(values, k: int, iters: int = 40, presorted: bool = False) -> tuple[np.ndarray, float]:
