@@ -4,7 +4,9 @@ Only argparse is imported at start-up; torch and brevitas load when a command ru
 ``quantize`` writes into ``--out``: ``qconfig.json`` (the resolved per-layer bits),
 ``quant_spec.json`` (scales for export), ``profile.json``/``profile.txt``,
 ``search.json`` (method, options, per-layer errors, search time) and
-``quantized.safetensors`` (rebuild with ``edgekit.calibration.quantize.load_quantized``).
+``quantized.safetensors`` (rebuild with ``edgekit.calibration.quantize.load_quantized``);
+with ``--qat-epochs`` the quantized model is then trained by ``calibration.qat.qat_train``
+(its run folder is ``--out``/qat) and the spec and checkpoint hold the trained scales.
 Calibration and sensitivity batches come from ``--data`` (a DOTA split) or, without it,
 from the built-in synthetic generator (detectors) or random images (classifiers).
 """
@@ -50,6 +52,10 @@ def add_subcommands(sub) -> None:
     q.add_argument("--sens-method", dest="sens_method", choices=("hutchinson", "fisher"), default="hutchinson")
     q.add_argument("--sens-probes", dest="sens_probes", type=int, default=2,
                    help="Hutchinson probes per batch (2 gradient passes each)")
+    q.add_argument("--qat-epochs", dest="qat_epochs", type=int, default=0,
+                   help="then train with guided self-distillation (calibration.qat) for this many epochs")
+    q.add_argument("--qat-data", dest="qat_data", help="QAT: DOTA root holding train/ and val/")
+    q.add_argument("--qat-time-limit", dest="qat_time_limit", type=float, default=0.0, help="QAT: seconds")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
@@ -122,6 +128,7 @@ def _parse_bits(text: str) -> tuple:
 
 
 def _cmd_quantize(args) -> int:
+    import copy
     import dataclasses
 
     from edgekit.calibration.quantize import QuantConfig
@@ -136,6 +143,8 @@ def _cmd_quantize(args) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise EdgekitError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.qat_epochs < 0 or (args.qat_epochs and not args.qat_data):
+        raise EdgekitError("--qat-epochs needs a non-negative count and --qat-data (a DOTA root with train/ and val/)")
     if min(args.calib_batches, args.sens_batches, args.sens_probes) < 1:
         raise EdgekitError("--calib-batches, --sens-batches and --sens-probes must be >= 1")
     first_last = args.first_last_bits or None
@@ -172,13 +181,23 @@ def _cmd_quantize(args) -> int:
                                               save_quantized)
 
     start = time.perf_counter()
+    float_model = copy.deepcopy(model) if args.qat_epochs else None
     qmodel = quantize(model, config, example_input=_example(model, size))
     resolved = qmodel.quant_config
     calibrate_activations(qmodel, (x for x, _ in _batches(model, info, args, size, args.calib_batches)),
                           progress=progress)
-    spec = quant_spec_from_model(qmodel, name, source=args.method, observer="percentile")
-    report = profile_model(qmodel, size, model_name=name)
     quant_seconds = time.perf_counter() - start
+    qat = None
+    if args.qat_epochs:
+        from edgekit.calibration.qat import qat_train
+
+        qat = qat_train(float_model, qmodel, args.qat_data, epochs=args.qat_epochs, time_limit=args.qat_time_limit,
+                        image_size=size, out=out / "qat", progress=progress)
+        qmodel = qat["student"]
+        qat = {k: v for k, v in qat.items() if k not in ("student", "switch")}
+    source, observer = ("qat", "qat") if qat else (args.method, "percentile")
+    spec = quant_spec_from_model(qmodel, name, source=source, observer=observer)
+    report = profile_model(qmodel, size, model_name=name)
 
     resolved.save(out / "qconfig.json")
     _save_spec(spec, out / "quant_spec.json")
@@ -188,7 +207,7 @@ def _cmd_quantize(args) -> int:
     record = {"method": args.method, "checkpoint": args.checkpoint, "model": name, "image_size": size,
               "config": dataclasses.asdict(config) | {"skip": list(config.skip)}, "bits": list(bits),
               "search": search.to_dict() if search else None, "quantize_seconds": quant_seconds,
-              "totals": report.totals}
+              "qat": qat, "totals": report.totals}
     write_json_atomic(out / "search.json", record)
     save_quantized(out / "quantized.safetensors", qmodel, name, kwargs,
                    {**{k: v for k, v in info.items() if k != "quant_config"}, "image_size": size})

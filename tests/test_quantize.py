@@ -231,6 +231,23 @@ def test_sensitivity_method_on_a_classifier(capsys, tmp_path):
     assert set(record["search"]["fixed_bits"]) == {"downsample_layers.0.0", "head"}
 
 
+@pytest.mark.slow
+def test_quantize_command_with_qat(capsys, tiny_run, tiny_data, tmp_path):
+    """--qat-epochs hands the quantized model to calibration.qat and exports its trained scales."""
+    result, _ = tiny_run
+    out = tmp_path / "qat"
+    code, _, err = run_cli(capsys, "quantize", result["checkpoint"], "--method", "uniform", "--weight-bits", "4",
+                           "--calib-batches", "1", "--qat-epochs", "1", "--qat-data", str(tiny_data),
+                           "--out", str(out), "--quiet")
+    assert code == 0, err
+    record = json.loads((out / "search.json").read_text())
+    assert record["qat"]["history"] and (out / "qat" / "qat.json").is_file()
+    spec = validate_spec(json.loads((out / "quant_spec.json").read_text()))
+    assert spec["source"] == "qat" and spec["layers"]["backbone.stages.0.0.pwconv1"]["weight"]["bits"] == 4
+    qmodel, _ = load_quantized(out / "quantized.safetensors")
+    assert quant_spec_from_model(qmodel, spec["model"], source="qat") == spec
+
+
 def assert_one_line_error(code, err, needle):
     lines = [line for line in err.strip().splitlines() if "error:" in line]
     assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
