@@ -279,6 +279,7 @@ def _tensorrt(engine_path):
             out = torch.empty(tuple(context.get_tensor_shape(n)), device="cuda", dtype=_torch_dtype(trt, engine, n))
             context.set_tensor_address(n, out.data_ptr())
             outs.append(out)
+        stream.wait_stream(torch.cuda.current_stream())  # the input copy ran on the default stream
         context.execute_async_v3(stream.cuda_stream)
         stream.synchronize()
         return [o.cpu() for o in outs]

@@ -14,7 +14,8 @@ from edgekit.errors import EdgekitError
 def add_subcommands(sub) -> None:
     p = sub.add_parser("bench", help="latency benchmark across backends (table, JSON, plots)")
     p.add_argument("models", nargs="*", metavar="MODEL_OR_FILE",
-                   help="edgekit checkpoint (.safetensors), model name (untrained) or .onnx file")
+                   help="edgekit checkpoint (.safetensors), model name (untrained), .onnx file or TensorRT "
+                        ".engine/.plan")
     from edgekit.benchmarks.backends import BACKENDS  # light: no torch at import
 
     p.add_argument("--backends", default="eager,compile,ort",

@@ -49,6 +49,7 @@ class ModelSource:
     image_size: int = 256
     class_names: list | None = None
     strides: tuple = DEFAULT_STRIDES
+    engine: Path | None = None  # a serialized TensorRT engine (.engine/.plan)
 
 
 def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
@@ -61,6 +62,10 @@ def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
         size = (meta.get("input_size") or [None])[0]
         return ModelSource(path.stem, onnx=path, size_bytes=path.stat().st_size, image_size=image_size or size or 256,
                            class_names=meta.get("classes"), strides=tuple(meta.get("strides") or DEFAULT_STRIDES))
+    if path.suffix in (".engine", ".plan"):
+        if not path.is_file():
+            raise EdgekitError(f"TensorRT engine {item} not found")
+        return ModelSource(path.stem, engine=path, size_bytes=path.stat().st_size, image_size=image_size or 256)
     if path.is_file():
         from edgekit.engine.checkpoint import load_model
 
@@ -260,8 +265,8 @@ def bench_row(source: ModelSource, backend: str, *, batch_sizes=(1,), threads=No
         reset_peak_rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        runner = make_runner(backend, model=source.model, onnx_path=onnx_path, threads=threads,
-                             example=torch.zeros(1, 3, size, size))
+        runner = make_runner(backend, model=source.model, threads=threads, example=torch.zeros(1, 3, size, size),
+                             onnx_path=source.engine if backend == "tensorrt" else onnx_path)
         if isinstance(runner, Skipped):
             return {**row, "format": runner.format, "status": runner.status, "reason": runner.reason}
         try:
@@ -281,7 +286,7 @@ def _time_runner(row, runner, source, onnx_path, batch_sizes, budget, data, e2e)
 
     duration, warmup, min_count = budget
     row.update(format=runner.format, precision=runner.precision, status="ok", session_ms=runner.session_ms)
-    path_size = onnx_path.stat().st_size if row["backend"] in ONNX_BACKENDS else source.size_bytes
+    path_size = onnx_path.stat().st_size if row["backend"] in ONNX_BACKENDS and onnx_path else source.size_bytes
     row["size_mb"] = path_size / 1e6 if path_size else None
     size = source.image_size
     by_batch, skipped_batches = {}, {}

@@ -185,6 +185,13 @@ def test_sources_resolve_from_checkpoint_name_and_onnx(tmp_path, tiny_onnx):
     assert named.image_size == 64 and named.size_bytes >= 4 * params
     o = MB.resolve_source(str(tiny_onnx))
     assert o.model is None and o.onnx == tiny_onnx and o.class_names is None and o.image_size == 256
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"serialized")
+    e = MB.resolve_source(str(engine))
+    assert e.engine == engine and e.model is None and e.onnx is None
+    row = MB.bench_row(e, "tensorrt", onnx_dir=tmp_path)
+    if not torch.cuda.is_available():
+        assert row["status"] == "skipped" and row["reason"]
 
 
 def test_onnx_source_reads_the_export_metadata(tmp_path, tiny_onnx):
