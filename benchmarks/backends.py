@@ -20,6 +20,7 @@ from typing import Callable
 # Names users pass to --backends; the value is the Ultralytics-style "format" column.
 BACKENDS = {
     "eager": "PyTorch eager",
+    "eager-cuda": "PyTorch eager CUDA",
     "compile": "torch.compile",
     "ort": "ONNX Runtime CPU",
     "ort-int8": "ONNX Runtime CPU",   # a torch source's export, PTQ-calibrated, every layer INT8 (QDQ)
@@ -90,10 +91,11 @@ def make_runner(backend: str, *, model=None, onnx_path: str | Path | None = None
     if backend not in BACKENDS:
         return Skipped(backend, f"unknown backend; choose from {', '.join(BACKENDS)}", status="failed")
     try:
-        if backend in ("eager", "compile", "cuda-graph"):
+        if backend in ("eager", "eager-cuda", "compile", "cuda-graph"):
             if model is None:
                 return Skipped(backend, "needs a PyTorch model (an .onnx file was given)")
-            return {"eager": _eager, "compile": _compiled, "cuda-graph": _cuda_graph}[backend](model, threads, example)
+            build = {"eager": _eager, "eager-cuda": _eager_cuda, "compile": _compiled, "cuda-graph": _cuda_graph}
+            return build[backend](model, threads, example)
         if backend in ONNX_BACKENDS:
             if onnx_path is None:
                 return Skipped(backend, "needs an .onnx file (export the model first or pass one)")
@@ -116,6 +118,24 @@ def _eager(model, threads, example):
         with torch.inference_mode():
             return flatten_outputs(model(x))
     return Runner("eager", run, (time.perf_counter() - t0) * 1e3)
+
+
+def _eager_cuda(model, threads, example):
+    """Eager on the GPU: a copy of the model (the CPU rows keep theirs); the input's
+    host-to-device copy is inside the timed call, outputs stay on the device."""
+    import copy
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return Skipped("eager-cuda", "no CUDA device (torch.cuda.is_available() is False)")
+    t0 = time.perf_counter()
+    gpu_model = copy.deepcopy(model).eval().cuda()
+
+    def run(x):
+        with torch.inference_mode():
+            return flatten_outputs(gpu_model(x.cuda(non_blocking=True)))
+    return Runner("eager-cuda", run, (time.perf_counter() - t0) * 1e3, sync=torch.cuda.synchronize)
 
 
 def _compiled(model, threads, example):
@@ -154,8 +174,10 @@ def _cuda_graph(model, threads, example):
         return Skipped("cuda-graph", "no CUDA device (torch.cuda.is_available() is False)")
     if example is None:
         return Skipped("cuda-graph", "needs an example input to capture the graph")
+    import copy
+
     t0 = time.perf_counter()
-    gpu_model = model.eval().cuda()
+    gpu_model = copy.deepcopy(model).eval().cuda()  # the CPU rows keep the original
     static_in = example.cuda().clone()
     with torch.inference_mode():
         stream = torch.cuda.Stream()

@@ -216,6 +216,20 @@ def ci_cpu(threads: int | None = None, measure: bool = True) -> Device:
                         "depends on the kernel (no VNNI).")
 
 
+# CUDA device names -> the table entry with that chip (the board variant may differ: an
+# "H100 PCIe" has lower clocks and bandwidth than the SXM entry, so a match is labelled as such).
+_GPU_NAME_KEYS = (("H100", "h100-sxm"), ("A100", "a100-sxm-80gb"), ("4090", "rtx-4090"), ("Orin", "orin-nano-8gb"),
+                  ("Xavier", "xavier-nx"))
+
+
+def match_gpu(cuda_name: str) -> Device | None:
+    """The table entry for a CUDA device name (``torch.cuda.get_device_name()``), or None."""
+    for needle, key in _GPU_NAME_KEYS:
+        if needle.lower() in cuda_name.lower():
+            return DEVICES[key]
+    return None
+
+
 def get_device(key: str, **cpu_kwargs) -> Device:
     if key == "ci-cpu":
         return ci_cpu(**cpu_kwargs)

@@ -387,7 +387,32 @@ def roofline_section(sources: list[ModelSource], rows: list[dict]) -> dict:
             "measured_over_predicted": measured / pred["total_ms"] if measured else None,
             "cpu_by_layer_type": v["by_layer_type"], "top_layers_predicted": v["top_layers_predicted"],
             "devices": predict_all(profile_layers(s.model, x), list(DEVICES.values()))}
+        gpu = _gpu_validation(s, rows, profile_layers(s.model, x))
+        if gpu:
+            out["models"][s.name]["gpu"] = gpu
     return out
+
+
+def _gpu_validation(source: ModelSource, rows: list[dict], costs) -> dict | None:
+    """Predicted (the table entry of this GPU) vs measured eager-cuda latency, on a GPU machine."""
+    import torch
+
+    from edgekit.benchmarks.devices import match_gpu
+    from edgekit.benchmarks.roofline import predict
+
+    row = next((r for r in rows if r["model"] == source.name and r["backend"] == "eager-cuda"
+                and r["status"] == "ok" and r.get("batch") == 1), None)
+    if row is None or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    device = match_gpu(name)
+    if device is None:
+        return {"cuda_device": name, "reason": "no table entry for this GPU in benchmarks/devices.py"}
+    pred = predict(costs, device, "fp32")
+    pred.pop("layers")
+    measured = row["latency"]["mean"]
+    return {"cuda_device": name, "table_entry": device.key, "predicted": pred, "measured_eager_cuda_ms": measured,
+            "measured_over_predicted": measured / pred["total_ms"]}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -467,6 +492,13 @@ def markdown(record: dict) -> str:
             lines.append(f"| {name} | {mm['flops'] / 1e9:.2f} | {_f(mm['cpu_predicted']['total_ms'])} "
                          f"| {_f(mm['cpu_measured_eager_ms'])} | {_f(mm['measured_over_predicted'])} |")
         for name, mm in roof["models"].items():
+            g = mm.get("gpu")
+            if g and g.get("predicted"):
+                lines += ["", f"GPU {g['cuda_device']} (table entry {g['table_entry']}): predicted "
+                              f"{g['predicted']['total_ms']:.3f} ms (FP32 roofline), measured eager CUDA "
+                              f"{g['measured_eager_cuda_ms']:.3f} ms, measured / predicted "
+                              f"{g['measured_over_predicted']:.2f}."]
+        for name, mm in roof["models"].items():
             lines += ["", f"{name} per layer type on this CPU (measured with forward hooks, exclusive of children):",
                       "", "| layer type | layers | predicted ms | measured ms | measured / predicted |",
                       "|---|---|---|---|---|"]
@@ -543,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"backends": ("eager", "ort", "ort-int8", "ort-mixed"), "batch_sizes": (1, 2),
                     "duration": 1.0, "warmup": 0.5, "image_size": 128, "min_count": 3}
     else:
-        settings = {"backends": ("eager", "compile", "ort", "ort-int8", "ort-mixed", "ort-cuda", "ort-trt", "tensorrt",
-                                 "cuda-graph"),
+        settings = {"backends": ("eager", "compile", "ort", "ort-int8", "ort-mixed", "eager-cuda", "cuda-graph",
+                                 "ort-cuda", "ort-trt", "tensorrt"),
                     "batch_sizes": (1, 4, 8), "duration": 10.0, "warmup": 2.0, "image_size": None}
     record = bench([args.model], threads=threads, data=Path(args.data) if args.data else None, **settings)
     record["settings"]["mode"] = "quick" if args.quick else "full"

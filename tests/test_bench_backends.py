@@ -103,6 +103,7 @@ def test_unavailable_backends_are_skipped_not_raised(tmp_path):
         assert r.status == "skipped" and "ExecutionProvider" in r.reason
     if not torch.cuda.is_available():
         for backend, kwargs in (("cuda-graph", {"model": TwoHeads(), "example": torch.zeros(1, 3, 16, 16)}),
+                                ("eager-cuda", {"model": TwoHeads()}),
                                 ("tensorrt", {"onnx_path": tmp_path / "x.engine"})):
             r = make_runner(backend, **kwargs)
             assert isinstance(r, Skipped) and r.status == "skipped" and r.reason, (backend, providers)

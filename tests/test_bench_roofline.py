@@ -163,3 +163,10 @@ def test_validation_report_groups_by_layer_type():
     assert v["measured_over_predicted"] == pytest.approx(1.0 / v["predicted"]["total_ms"])
     md = validation_markdown(v, {"cpu": "x", "cores": 2})
     assert "| Conv2d | 2 |" in md and "Predicted" in md
+
+
+def test_cuda_names_match_table_entries():
+    assert D.match_gpu("NVIDIA H100 80GB HBM3").key == "h100-sxm"
+    assert D.match_gpu("NVIDIA GeForce RTX 4090").key == "rtx-4090"
+    assert D.match_gpu("NVIDIA A100-SXM4-80GB").key == "a100-sxm-80gb"
+    assert D.match_gpu("Tesla T4") is None
