@@ -57,10 +57,10 @@ class DistillOptions:
         return self
 
 
-def _float_model(model) -> tuple[torch.nn.Module, str, dict, dict]:
-    """(model, name, kwargs, info) from a checkpoint path or a module."""
+def _float_model(model, name: str | None, kwargs: dict | None) -> tuple[torch.nn.Module, str, dict, dict]:
+    """(model, registry name, constructor kwargs, info) from a checkpoint path or a module."""
     if isinstance(model, torch.nn.Module):
-        return model, type(model).__name__, getattr(model, "config", {}) or {}, {}
+        return model, name or type(model).__name__, kwargs if kwargs is not None else getattr(model, "config", {}), {}
     loaded, info = load_model(model)
     return loaded, info["model"], info["kwargs"], info
 
@@ -153,7 +153,8 @@ def qat_train(model, quantized_model=None, data=None, *, epochs: int = 1, time_l
               distill: DistillOptions | None = None, out: str | Path = "runs/qat", weight_decay: float = 0.0,
               warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01, grad_clip: float = 10.0, seed: int = 0,
               workers: int = 0, progress: bool = True, collate_fn: Callable | None = None,
-              evaluate_fn: Callable | None = None, resume: str | Path | None = None) -> dict:
+              evaluate_fn: Callable | None = None, resume: str | Path | None = None,
+              model_name: str | None = None, model_kwargs: dict | None = None) -> dict:
     """Train ``quantized_model`` with its full-precision self as teacher; returns the record.
 
     ``model``: float checkpoint (safetensors) or module. ``quantized_model``: module,
@@ -162,14 +163,16 @@ def qat_train(model, quantized_model=None, data=None, *, epochs: int = 1, time_l
     ``data``: DOTA root with train/ and val/ (detectors) or a Dataset (then pass
     ``collate_fn`` if needed and ``evaluate_fn(student) -> dict`` for a final score).
     Writes ``out/student.safetensors``, ``out/last.state.pt`` and ``out/qat.json``; the
-    returned dict also holds the trained ``student`` and ``switch`` modules.
+    returned dict also holds the trained ``student`` and ``switch`` modules. For a module
+    ``model``, ``model_name``/``model_kwargs`` (its ``create_model`` recipe) go in the
+    checkpoint header so that it reloads; a checkpoint path carries its own.
     """
     if epochs < 1 or lr <= 0 or batch_size < 1 or time_limit < 0:
         raise EdgekitError(f"qat: epochs={epochs}, lr={lr}, batch_size={batch_size}, time_limit={time_limit}: "
                            f"need epochs >= 1, lr > 0, batch_size >= 1, time_limit >= 0")
     distill = (distill or DistillOptions()).validate()
     rank, world = dist.init_distributed()
-    float_model, model_name, model_kwargs, info = _float_model(model)
+    float_model, model_name, model_kwargs, info = _float_model(model, model_name, model_kwargs)
     image_size = image_size or int(info.get("image_size", 256))
     torch.manual_seed(seed)  # identical student and switch initialisation on every rank
     teacher = copy.deepcopy(float_model).eval()

@@ -99,14 +99,15 @@ def test_brevitas_student_from_quantize(tmp_path, fresh_torch_seed):
     with pytest.raises(EdgekitError, match="float model itself"):
         qat_train(teacher, teacher, data, out=tmp_path / "same")
     result = qat_train(teacher, lambda m: quantize(m, config), data, epochs=2, batch_size=8, lr=1e-3,
-                       out=tmp_path, progress=False)
+                       out=tmp_path, progress=False, model_name="toy", model_kwargs={"width": 8})
     student = result["student"]
     assert any(isinstance(m, quantized_layer_types()) for m in student.modules())
     assert not any(isinstance(m, quantized_layer_types()) for m in teacher.modules())  # the teacher stays float
     assert all(torch.isfinite(torch.tensor(v)) for h in result["history"] for v in h.values())
     trained = dict(student.named_parameters())
     assert not torch.equal(trained["stages.0.0.weight"], teacher.stages[0][0].weight)
-    info = read_checkpoint(tmp_path / "student.safetensors")[3]  # load_quantized can rebuild it
+    _, name, kwargs, info = read_checkpoint(tmp_path / "student.safetensors")  # load_quantized can rebuild it
+    assert (name, kwargs) == ("toy", {"width": 8})
     assert set(info["quant_config"]["weight_bits"].values()) == {3} and info["qat"] and info["epoch"] == 2
 
 
