@@ -218,3 +218,28 @@ def test_taps_errors_and_detector_defaults(fresh_torch_seed, monkeypatch):
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
     assert all(p.grad is not None for p in switch.parameters())
+
+
+def test_switch_signal_is_the_teacher_being_right(fresh_torch_seed):
+    """With every gate open the switch loss is -mean(signal): the signal is +1 where the
+    teacher gives the true class p > 1/2 (classifiers) or, with a per-sample loss of the
+    user's, where that loss is below its running mean."""
+    teacher = Toy()
+    with torch.no_grad():
+        teacher.head.weight.mul_(50)
+    images = torch.randn(12, 3, 8, 8)
+    with torch.no_grad():
+        probs = teacher(images).softmax(1)
+    labels = torch.where(torch.rand(12) < 0.5, probs.argmax(1), (probs.argmax(1) + 1) % 3)
+    right = probs.gather(1, labels[:, None]).squeeze(1) > 0.5
+    student = fake_quant(teacher, bits=4)
+    channels = tap_channels(student, default_taps(student), images)
+    ones = FixedSwitch(channels, torch.ones(3, 12))
+    out = GQSDLoss(teacher, student, switch=ones)(images, labels)
+    assert torch.isclose(out["switch"], -(right.float() * 2 - 1).mean())
+
+    losses = torch.rand(12)
+    custom = GQSDLoss(teacher, student, switch=ones, sample_loss=lambda outputs, y: losses)
+    first, second = custom(images, labels)["switch"], custom(images, labels)["switch"]
+    expected = -torch.sign(losses.mean() - losses).mean()  # running mean of a constant batch = its mean
+    assert torch.isclose(first, expected) and torch.isclose(second, expected)
