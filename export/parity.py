@@ -25,17 +25,19 @@ from pathlib import Path
 
 from edgekit.errors import EdgekitError
 
-# Per precision, an element passes when |onnx - torch| <= atol * scale + rtol * |torch|, with
-# scale = max |torch| of that output (boxes are in pixels, scores in [0, 1]: one table for
-# both); an output passes when every element does and its cosine similarity >= min_cosine.
-# max_map_drop bounds torch mAP - ONNX mAP when a data set is given. fp32 differs by kernel
-# arithmetic order and by ONNX Runtime's coarse Sigmoid near 0 (3.6e-7 at -15 against
-# 3.1e-7, exactly 0 below about -18): a detector score sqrt(sigmoid * sigmoid) then moves
-# by up to ~1.2e-4 where torch gives 1.2e-4 and ONNX 0, hence atol 2e-4; fp16 by half-precision rounding through ~30 layers; int8 and
-# mixed (2-8 bit) by quantization noise, which the float model does not have, so their
-# elementwise bounds are loose and cosine / mAP carry the judgement.
+# Per precision, an element passes when |onnx - torch| <= atol * max(scale, 1) + rtol * |torch|,
+# scale = max |torch| of that output: boxes are in pixels (their atol grows with the image),
+# scores in [0, 1] (their atol is absolute). An output passes when every element does and
+# its cosine similarity >= min_cosine; max_map_drop bounds torch mAP - ONNX mAP when a data
+# set is given. fp32 differs by arithmetic order and by ONNX Runtime's Sigmoid, which is
+# coarse near 0 (steps of ~6e-8: 8.9e-8 at -16.5 against 6.8e-8, exactly 0 below about -18);
+# a detector score sqrt(sigmoid(cls) * sigmoid(ctr)) amplifies that to up to
+# sqrt(2 * 6e-8) = 3.5e-4 near zero (2.3e-4 measured), hence atol 4e-4. fp16 differs by
+# half-precision rounding through ~30 layers; int8 and mixed (2-8 bit) by quantization
+# noise, which the float model does not have, so their elementwise bounds are loose and
+# cosine / mAP carry the judgement.
 TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"atol": 2e-4, "rtol": 1e-4, "min_cosine": 0.99999, "max_map_drop": 0.002},
+    "fp32": {"atol": 4e-4, "rtol": 1e-4, "min_cosine": 0.99999, "max_map_drop": 0.002},
     "fp16": {"atol": 5e-3, "rtol": 5e-3, "min_cosine": 0.999, "max_map_drop": 0.01},
     "int8": {"atol": 0.2, "rtol": 0.2, "min_cosine": 0.98, "max_map_drop": 0.05},
     "mixed": {"atol": 0.5, "rtol": 0.5, "min_cosine": 0.9, "max_map_drop": 0.15},
@@ -135,7 +137,7 @@ def compare_arrays(want, got, tol: dict) -> dict:
                 "non_finite": int((~np.isfinite(got)).sum())}
     denom = np.linalg.norm(want) * np.linalg.norm(got)
     cosine = float(want.ravel() @ got.ravel() / denom) if denom > 0 else float(np.array_equal(want, got))
-    within = diff <= tol["atol"] * scale + tol["rtol"] * np.abs(want)
+    within = diff <= tol["atol"] * max(scale, 1.0) + tol["rtol"] * np.abs(want)
     max_rel = diff / np.maximum(np.abs(want), max(scale, 1e-12) * 1e-3)  # floor: near-zero refs don't explode
     return {"max_abs_err": float(diff.max()) if diff.size else 0.0,
             "max_rel_err": float(max_rel.max()) if diff.size else 0.0,
@@ -187,7 +189,7 @@ def summary_line(report: dict) -> str:
         parts.append(f"mAP@.5 torch {m['torch']['map50']:.4f} vs onnx {m['onnx']['map50']:.4f}")
     tol = report.get("tolerance", {})
     verdict = "passed" if report.get("passed") else "FAILED"
-    return (f"parity {verdict} ({report.get('precision')}; tol atol {tol.get('atol')}*scale + rtol {tol.get('rtol')}, "
+    return (f"parity {verdict} ({report.get('precision')}; tol atol {tol.get('atol')}*max(scale,1) + rtol {tol.get('rtol')}, "
             f"cosine >= {tol.get('min_cosine')}): " + "; ".join(parts))
 
 

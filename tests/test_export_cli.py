@@ -232,3 +232,13 @@ def test_real_fp16_export(files, tmp_path, capsys):
     assert code == 0, err
     report = json.loads((tmp_path / "h" / "parity.json").read_text())
     assert report["precision"] == "fp16" and report["passed"] and "map" in report
+
+
+@pytest.mark.slow
+def test_real_decomposed_deform_export(files, tmp_path, capsys):
+    code, _, err = run_cli([files["deformable"], "--format", "onnx", "--deform", "decompose", "--out", tmp_path / "d",
+                            "--nms", "--score-threshold", "0.05"], capsys)
+    assert code == 0, err
+    graph = onnx.load(str(tmp_path / "d" / "model.onnx")).graph
+    assert not any(n.op_type == "DeformConv" for n in graph.node)
+    assert json.loads((tmp_path / "d" / "parity.json").read_text())["passed"]

@@ -50,11 +50,11 @@ def test_fp32_export_passes_with_statistics_from_the_outputs(exported):
 
 
 def test_a_changed_model_fails_fp32_but_passes_fp16(exported):
-    """A 1e-2 change of the class bias moves scores (~0.07) by ~3e-4: past fp32's bound, within fp16's."""
+    """A 5e-2 change of the class bias moves scores (~0.07) by ~2e-3: past fp32's bound, within fp16's."""
     model, path = exported
     x = images(fresh_seed())
     with torch.no_grad():
-        model.head.cls_out.bias += 1e-2
+        model.head.cls_out.bias += 5e-2
     try:
         with pytest.raises(ParityError, match=r"parity FAILED \(fp32.*scores: max abs") as info:
             check_parity(model, path, x, "fp32")
@@ -64,17 +64,18 @@ def test_a_changed_model_fails_fp32_but_passes_fp16(exported):
         assert check_parity(model, path, x, "fp16")["passed"]
     finally:
         with torch.no_grad():
-            model.head.cls_out.bias -= 1e-2
+            model.head.cls_out.bias -= 5e-2
 
 
 @pytest.mark.parametrize("precision", list(TOLERANCES))
 def test_tolerance_boundary(precision):
-    """An element just inside atol*scale + rtol*|ref| passes, just outside fails."""
+    """An element just inside atol*max(scale, 1) + rtol*|ref| passes, just outside fails."""
     rng = np.random.default_rng(fresh_seed())
     tol = TOLERANCES[precision]
-    want = rng.standard_normal(500) * 10
-    bound = tol["atol"] * np.abs(want).max() + tol["rtol"] * np.abs(want)
-    i = int(rng.integers(0, 500))
+    # Scale below and above 1; enough elements that one outlier leaves the cosine high.
+    want = rng.standard_normal(5000) * float(rng.choice([0.05, 10.0]))
+    bound = tol["atol"] * max(np.abs(want).max(), 1.0) + tol["rtol"] * np.abs(want)
+    i = int(rng.integers(0, 5000))
     for factor, verdict in ((0.99, True), (1.01, False)):
         got = want.copy()
         got[i] += factor * bound[i]
