@@ -160,8 +160,9 @@ def qat_train(model, quantized_model=None, data=None, *, epochs: int = 1, time_l
     ``model``: float checkpoint (safetensors) or module. ``quantized_model``: module,
     callable(float copy) -> module (e.g. ``lambda m: quantize(m, QuantConfig(...))``), or
     None (a float copy: plain self-distillation).
-    ``data``: DOTA root with train/ and val/ (detectors) or a Dataset (then pass
-    ``collate_fn`` if needed and ``evaluate_fn(student) -> dict`` for a final score).
+    ``data``: DOTA root with train/ and val/ (detectors) or a Dataset of (input, target)
+    items (then pass ``collate_fn`` if needed and ``evaluate_fn(student) -> dict`` for a
+    final score).
     Writes ``out/student.safetensors``, ``out/last.state.pt`` and ``out/qat.json``; the
     returned dict also holds the trained ``student`` and ``switch`` modules. For a module
     ``model``, ``model_name``/``model_kwargs`` (its ``create_model`` recipe) go in the
