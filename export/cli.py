@@ -244,18 +244,15 @@ def run_export(args) -> int:
         shutil.rmtree(stage, ignore_errors=True)
     final = out / graphs["final"].name
     target = out / Path(graphs["engine"]["engine"]).name if "engine" in graphs else final
-    line = f"exported {args.format} -> {target} ({target.stat().st_size / 1e6:.1f} MB, {len(moved)} files)"
-    if args.bundle:
+    print(f"exported {args.format} -> {target} ({target.stat().st_size / 1e6:.1f} MB, {len(moved)} files)")
+    if report is not None and not report["passed"]:
+        raise ParityError(f"{summary_line(report)} (files kept in {out} for inspection, details in parity.json"
+                          f"{'; no bundle written' if args.bundle else ''})")
+    print(summary_line(report) if report is not None else "parity: skipped (--no-parity)")
+    if args.bundle:  # only a validated export is packed for deployment
         from edgekit.export.bundle import write_bundle
 
-        write_bundle(args.bundle, {graphs["precision"]: final}, parity_report=report, **_bundle_options(opts, classes,
-                                                                                                       image_size))
-        line += f"; bundle {args.bundle}"
-    print(line)
-    if report is None:
-        print("parity: skipped (--no-parity)")
-        return 0
-    if not report["passed"]:
-        raise ParityError(f"{summary_line(report)} (files kept in {out} for inspection; details in parity.json)")
-    print(summary_line(report))
+        write_bundle(args.bundle, {graphs["precision"]: final}, parity_report=report,
+                     **_bundle_options(opts, classes, image_size))
+        print(f"bundle -> {args.bundle}")
     return 0

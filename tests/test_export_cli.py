@@ -80,6 +80,7 @@ def test_real_export_onnx_nms_and_bundle(files, tmp_path, capsys):
     assert {"labels.txt", "preprocess.json", "infer.py", "parity.json"} <= {p.name for p in bundle.iterdir()}
     lines = stdout.strip().splitlines()
     assert lines[0].startswith(f"exported onnx -> {out / 'model.onnx'}") and lines[1].startswith("parity passed")
+    assert lines[2] == f"bundle -> {bundle}"
 
 
 def test_int8_and_mixed_qdq_formats(files, tmp_path, capsys, fast_export):
@@ -159,9 +160,12 @@ def test_parity_failure_exits_1_and_keeps_the_files(files, tmp_path, capsys, fas
     monkeypatch.setitem(parity.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0, "min_cosine": 1.5,
                                                     "max_map_drop": 0.0})
     out = tmp_path / "out"
-    code, _, err = run_cli([files["plain"], "--format", "onnx", "--out", out, "--data", files["data"]], capsys)
+    bundle = tmp_path / "bundle"
+    code, _, err = run_cli([files["plain"], "--format", "onnx", "--out", out, "--data", files["data"],
+                            "--bundle", bundle], capsys)
     assert code == 1
     assert err.count("\n") == 1 and "parity FAILED (fp32" in err and "files kept in" in err
+    assert "no bundle written" in err and not bundle.exists()
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is False and report["map"]["num_images"] == 3
     assert (out / "model.onnx").is_file()
