@@ -323,7 +323,9 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
     model.eval()
     try:
         net, output_names, prefix = _graph_module(model, precision)
-        example = torch.randn(2 if dynamic_batch else 1, 3, image_size, image_size)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        # Batch 2, not 1: torch.export specialises a dimension whose example size is 1.
+        example = torch.randn(2 if dynamic_batch else 1, 3, image_size, image_size, device=device)
         proto = torch_to_onnx(net, (example,), input_names=[INPUT_NAME], output_names=output_names,
                               deform=deform, opset=opset, dynamic_batch=dynamic_batch)
     finally:
