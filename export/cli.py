@@ -6,7 +6,8 @@ are imported only when the command runs. Every option is checked before anything
 starts; artefacts are built in a hidden staging folder beside ``--out`` and moved in only
 when complete, so ``--out`` never holds a half-written file. Parity (see
 :mod:`edgekit.export.parity`) runs after every export unless ``--no-parity``; its report
-is ``parity.json`` and a failure exits with status 1 (the artefacts stay, for inspection).
+is ``parity.json`` and a failure exits with status 1 (the artefacts stay, for inspection;
+no bundle is written). :func:`export_checkpoint` is the same stage as a Python function.
 """
 
 from __future__ import annotations
@@ -202,13 +203,61 @@ def _move_into(stage: Path, out: Path) -> list[Path]:
     return moved
 
 
+def export_checkpoint(checkpoint, out, *, format: str = "onnx", image_size: int | None = None, nms: bool = False,
+                      score_threshold: float = 0.25, iou_threshold: float = 0.6, max_detections: int = 100,
+                      deform: str = "native", calibration=None, data=None, bundle=None, parity: bool = True,
+                      sqnr: bool = False) -> dict:
+    """The Python API of ``edgekit export`` (same options, same checks, same files).
+
+    Returns {"out", "files", "target" (the deliverable: ONNX file or engine), "parity"
+    (the report, None with ``parity=False``), "bundle"}; raises :class:`ParityError`
+    (artefacts kept, no bundle) when the export fails parity.
+    """
+    import argparse
+
+    from edgekit.export.parity import ParityError
+
+    def text(value):
+        return None if value is None else str(value)
+
+    args = argparse.Namespace(
+        checkpoint=str(checkpoint), out=str(out), format=format, image_size=text(image_size), nms=nms,
+        score_threshold=text(score_threshold), iou_threshold=text(iou_threshold), max_detections=text(max_detections),
+        deform=deform, calibration=text(calibration), data=text(data), bundle=text(bundle), parity=parity, sqnr=sqnr)
+    result = _export(args)
+    if result["parity"] is not None and not result["parity"]["passed"]:
+        raise ParityError(_failure_line(result, args))
+    return result
+
+
+def _failure_line(result: dict, args) -> str:
+    from edgekit.export.parity import summary_line
+
+    return (f"{summary_line(result['parity'])} (files kept in {result['out']} for inspection, details in "
+            f"parity.json{'; no bundle written' if args.bundle else ''})")
+
+
 def run_export(args) -> int:
+    from edgekit.export.parity import ParityError, summary_line
+
+    result = _export(args)
+    target, report = result["target"], result["parity"]
+    print(f"exported {args.format} -> {target} ({target.stat().st_size / 1e6:.1f} MB, {len(result['files'])} files)")
+    if report is not None and not report["passed"]:
+        raise ParityError(_failure_line(result, args))
+    print(summary_line(report) if report is not None else "parity: skipped (--no-parity)")
+    if result["bundle"]:
+        print(f"bundle -> {result['bundle']}")
+    return 0
+
+
+def _export(args) -> dict:
+    """Checks, export into a staging folder, parity, move into --out, bundle if parity passed."""
     import shutil
 
     opts = check_options(args)
     from edgekit.cli import detector_classes
     from edgekit.engine.checkpoint import load_model
-    from edgekit.export.parity import ParityError, summary_line
     from edgekit.fileio import write_json_atomic
 
     model, info = load_model(args.checkpoint)
@@ -244,15 +293,10 @@ def run_export(args) -> int:
         shutil.rmtree(stage, ignore_errors=True)
     final = out / graphs["final"].name
     target = out / Path(graphs["engine"]["engine"]).name if "engine" in graphs else final
-    print(f"exported {args.format} -> {target} ({target.stat().st_size / 1e6:.1f} MB, {len(moved)} files)")
-    if report is not None and not report["passed"]:
-        raise ParityError(f"{summary_line(report)} (files kept in {out} for inspection, details in parity.json"
-                          f"{'; no bundle written' if args.bundle else ''})")
-    print(summary_line(report) if report is not None else "parity: skipped (--no-parity)")
-    if args.bundle:  # only a validated export is packed for deployment
+    bundle = None
+    if args.bundle and (report is None or report["passed"]):  # only a validated export is packed for deployment
         from edgekit.export.bundle import write_bundle
 
-        write_bundle(args.bundle, {graphs["precision"]: final}, parity_report=report,
-                     **_bundle_options(opts, classes, image_size))
-        print(f"bundle -> {args.bundle}")
-    return 0
+        bundle = write_bundle(args.bundle, {graphs["precision"]: final}, parity_report=report,
+                              **_bundle_options(opts, classes, image_size))
+    return {"out": out, "files": moved, "target": target, "parity": report, "bundle": bundle}

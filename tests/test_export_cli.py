@@ -15,6 +15,7 @@ import torch
 from edgekit.cli import main
 from edgekit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
 from edgekit.engine.checkpoint import save_checkpoint
+from edgekit.errors import EdgekitError
 from edgekit.models import create_model
 from export_helpers import export_raw_detector
 
@@ -169,6 +170,22 @@ def test_parity_failure_exits_1_and_keeps_the_files(files, tmp_path, capsys, fas
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is False and report["map"]["num_images"] == 3
     assert (out / "model.onnx").is_file()
+
+
+def test_python_api_same_stage(files, tmp_path, fast_export, monkeypatch):
+    from edgekit.export import parity
+    from edgekit.export.cli import export_checkpoint
+    from edgekit.export.parity import ParityError
+
+    result = export_checkpoint(files["plain"], tmp_path / "a", format="onnx", nms=True, score_threshold=0.05)
+    assert result["target"] == tmp_path / "a" / "model.onnx" and result["parity"]["nms"]["passed"]
+    assert sorted(p.name for p in result["files"]) == ["model.onnx", "parity.json"] and result["bundle"] is None
+    with pytest.raises(EdgekitError, match="--max-detections must be an integer"):
+        export_checkpoint(files["plain"], tmp_path / "b", max_detections=2.5)
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0, "min_cosine": 1.5, "max_map_drop": 0})
+    with pytest.raises(ParityError, match="parity FAILED"):
+        export_checkpoint(files["plain"], tmp_path / "c", bundle=tmp_path / "bundle")
+    assert (tmp_path / "c" / "model.onnx").is_file() and not (tmp_path / "bundle").exists()
 
 
 def test_no_parity_writes_only_the_model(files, tmp_path, capsys, fast_export):
