@@ -184,11 +184,12 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_onnx_fp16_passes_fp16_not_fp32(tmp_path):
+def test_export_onnx_fp16_passes_fp16(tmp_path):
     from edgekit.export.to_onnx import export_onnx
 
     model = create_model("rsdet_atto", num_classes=2).eval()
     path = export_onnx(model, tmp_path / "fp16.onnx", image_size=SIZE, precision="fp16")
     x = images(fresh_seed())
-    assert check_parity(model, path, x, "fp16")["passed"]
-    assert not check_parity(model, path, x, "fp32", raise_on_failure=False)["passed"]
+    report = check_parity(model, path, x, "fp16")
+    # Half-precision rounding is visible (float32 alone stays near 1e-6 relative on boxes).
+    assert report["passed"] and report["outputs"]["boxes"]["max_rel_err"] > 2e-5, report["outputs"]
