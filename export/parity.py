@@ -236,7 +236,7 @@ def check_end2end(raw_onnx, end2end_onnx, inputs, *, iou_match: float = 0.99) ->
     return {"expected": expected, "got": found, "matched": matched, "settings": nms, "passed": passed}
 
 
-def _onnx_predictions(session, images, nms: dict | None, score_threshold: float) -> list[dict]:
+def _onnx_predictions(session, images, score_threshold: float) -> list[dict]:
     """Per-image {"boxes", "scores", "labels"} from a raw (boxes/scores) or end-to-end graph."""
     import torch
 
@@ -287,7 +287,7 @@ def map_difference(model, onnx_path, dataset_root, classes, image_size: int, *, 
     with torch.no_grad():
         for images, batch_targets in loader:
             for t, p, o in zip(batch_targets, model.predict(images, **torch_kwargs),
-                               _onnx_predictions(session, images, nms, score_threshold)):
+                               _onnx_predictions(session, images, score_threshold)):
                 torch_preds.append(to_original_coordinates(p, t))
                 onnx_preds.append(to_original_coordinates(o, t))
                 targets.append({**t, "boxes": t["boxes"] / float(t["scale"])})
