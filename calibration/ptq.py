@@ -4,7 +4,10 @@ layer sees, and write a quant spec (``edgekit.calibration.spec``).
 Weights are symmetric per output channel on the narrow signed range (what integer conv
 kernels expect: zero points of 0); each layer's INPUT activation gets one asymmetric
 grid, unsigned when everything observed was >= 0 (post-ReLU data wastes no code on
-negatives), signed otherwise. :func:`apply_fake_quant` simulates a spec in torch, the
+negatives), signed otherwise. With ``conv_outputs=True`` each Conv2d layer's OUTPUT gets
+a grid too (an ``output`` entry): ONNX Runtime fuses DQ -> Conv -> Q into an integer
+QLinearConv only when the output is quantized; Linear layers need none (their MatMul
+already runs as MatMulIntegerToFloat). :func:`apply_fake_quant` simulates a spec in torch, the
 reference that the QDQ ONNX model is checked against.
 """
 
@@ -60,9 +63,11 @@ def weight_qparams(weight, bits: int, per_channel: bool = True, observer: str = 
 
 def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits: int = 8, act_bits: int = 8,
               per_channel: bool = True, layers: Iterable[str] | None = None, exclude: Iterable[str] = DEFAULT_EXCLUDE,
-              weight_observer: str = "minmax", model_name: str | None = None, progress: bool = True) -> dict:
+              weight_observer: str = "minmax", model_name: str | None = None, progress: bool = True,
+              conv_outputs: bool = False) -> dict:
     """Observe ``model`` on ``batches`` (tensors, or tuples whose first item is the input)
-    and return a PTQ quant spec for the chosen layers."""
+    and return a PTQ quant spec for the chosen layers (``conv_outputs``: also quantize
+    Conv2d outputs, for integer kernels in ONNX Runtime)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -78,6 +83,8 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     modules = dict(model.named_modules())
     observers = {p: make_observer(observer) for p in chosen}
     hooks = [modules[p].register_forward_pre_hook(_recorder(observers[p])) for p in chosen]
+    out_observers = {p: make_observer(observer) for p, k in chosen.items() if conv_outputs and k == "Conv2d"}
+    hooks += [modules[p].register_forward_hook(_output_recorder(out_observers[p])) for p in out_observers]
     was_training = model.training
     model.eval()
     seen = 0
@@ -102,14 +109,21 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
         if obs.min is None:
             raise EdgekitError(f"layer {path!r} was never called on the calibration batches; leave it out "
                                f"(layers=/exclude=) or give data that reaches it")
-        signed = bool(obs.min.min() < 0)
-        scale, zp = obs.compute(act_bits, signed)
         spec["layers"][path] = {
             "type": kind,
             "weight": weight_qparams(modules[path].weight.detach(), weight_bits, per_channel, weight_observer),
-            "input": {"bits": act_bits, "signed": signed, "scale": scale, "zero_point": zp, "observer": observer},
+            "input": _act_qparams(obs, act_bits, observer),
         }
+        if path in out_observers:
+            spec["layers"][path]["output"] = _act_qparams(out_observers[path], act_bits, observer)
     return spec
+
+
+def _act_qparams(obs, bits: int, observer: str) -> dict:
+    """An activation grid: unsigned when everything observed was >= 0, signed otherwise."""
+    signed = bool(obs.min.min() < 0)
+    scale, zp = obs.compute(bits, signed)
+    return {"bits": bits, "signed": signed, "scale": scale, "zero_point": zp, "observer": observer}
 
 
 def _recorder(obs):
@@ -118,9 +132,16 @@ def _recorder(obs):
     return hook
 
 
+def _output_recorder(obs):
+    def hook(module, args, output):
+        obs.update(output)
+    return hook
+
+
 def apply_fake_quant(model, spec: dict):
     """A copy of ``model`` that computes as the spec's QDQ model does: fake-quantized
-    weights, and each quantized layer's input fake-quantized on entry."""
+    weights, each quantized layer's input fake-quantized on entry, and its output on
+    exit where the layer has an ``output`` entry."""
     from edgekit.calibration.spec import fake_quantize, validate_spec
 
     import torch
@@ -138,6 +159,8 @@ def apply_fake_quant(model, spec: dict):
         with torch.no_grad():
             module.weight.copy_(fake_quantize(module.weight, w["scale"], w["zero_point"], w["bits"], True,
                                               axis=w["axis"], narrow=True))
+        if layer.get("output") is not None:
+            module.register_forward_hook(_output_quantizer(layer["output"]))
         if layer.get("input") is None:
             continue
         if _is_deform(module):
@@ -172,6 +195,12 @@ def _quantize_input(x, a: dict):
 def _input_quantizer(a: dict):
     def hook(module, args):
         return (_quantize_input(args[0], a),) + tuple(args[1:])
+    return hook
+
+
+def _output_quantizer(a: dict):
+    def hook(module, args, output):
+        return _quantize_input(output, a)
     return hook
 
 

@@ -10,14 +10,17 @@ pyramid levels is one node per call) gets ``QuantizeLinear -> DequantizeLinear``
 data-input edge only (other readers of the same tensor stay float). Biases stay float:
 ONNX Runtime's QDQ fusion quantizes them itself when it fuses.
 
-Which runtime kernels result (ONNX Runtime 1.32, CPU): a layer whose output reaches the
-next quantized layer's QuantizeLinear directly or through a Relu becomes QLinearConv,
-a MatMul with a quantized input becomes MatMulIntegerToFloat; other convs run
-DequantizeLinear + float Conv (RSDet's convs feed norms, so only its Linear layers run
-integer). On x86 CPUs without VNNI those integer kernels sum u8 x s8 pairs in int16 and
-can saturate with 8-bit weights (measured: they then depart from the graph's meaning;
-with 7-bit weights they match it exactly); calibrate with ``weight_bits=7`` for such
-targets (ORT's "reduce range"; TensorRT is unaffected).
+Which runtime kernels result (ONNX Runtime 1.32, CPU): ORT fuses a node unit "DQ on
+data and weight -> op -> Q" into an integer kernel, so a layer with an ``output`` entry
+in the spec (PTQ writes one for Conv2d with ``calibrate(..., conv_outputs=True)``) gets
+Q -> DQ after its node as well, and its Conv becomes QLinearConv whatever follows it
+(norms, adds). Without it a conv runs DequantizeLinear + float Conv (slower than the FP32
+graph: ORT's blocked NCHWc float convs are lost too); a MatMul with a quantized input
+becomes MatMulIntegerToFloat either way (no output Q needed, so Linear layers get none).
+On x86 CPUs without VNNI those integer kernels sum u8 x s8 pairs in int16 and can
+saturate with 8-bit weights (measured: they then depart from the graph's meaning; with
+7-bit weights they match it exactly); calibrate with ``weight_bits=7`` for such targets
+(ORT's "reduce range"; TensorRT is unaffected).
 
 Storage by bit width: 2- to 4-bit weights are INT4 (two per byte, opset 21), 5- to 8-bit
 weights INT8, so the file shrinks with the bits. 2-bit weights are INT4 holding values in
@@ -50,6 +53,7 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     from edgekit.calibration.spec import validate_spec
 
     spec = validate_spec(spec)
+    _validate_outputs(spec, validate_spec)
     src = Path(fp32_onnx_path)
     if not src.is_file():
         raise EdgekitError(f"ONNX model {src} not found; export one first (edgekit export)")
@@ -66,6 +70,15 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     onnx.save(proto, str(tmp))
     os.replace(tmp, out)
     return out
+
+
+def _validate_outputs(spec: dict, validate_spec) -> None:
+    """An optional ``output`` entry follows the rules of ``input`` (calibration/spec.py
+    predates it): checked by validating each such layer with its output in the input slot."""
+    for path, layer in spec["layers"].items():
+        if layer.get("output") is not None:
+            validate_spec({**spec, "layers": {path: {**layer, "input": layer["output"]}}},
+                          "quant spec ('output' entry, checked as 'input')")
 
 
 def _with_opset(model, opset: int, src: Path):
@@ -96,6 +109,7 @@ class _QDQRewriter:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.new_nodes: list = []  # (anchor node, node to insert before it)
+        self.after: dict[int, list] = {}  # id(node) -> nodes to insert right after it
 
     def apply(self, layers: dict, model=None) -> None:
         weights = self._weight_initializers(layers, model)
@@ -103,10 +117,41 @@ class _QDQRewriter:
             wname, axis = weights[path]
             nodes = self._compute_nodes(wname, path)
             self._quantize_weight(wname, layer["weight"], axis, path)
-            if layer.get("input") is not None:
-                for k, (node, data_index) in enumerate(nodes):
-                    self._quantize_input(node, data_index, layer["input"], f"{path}.input" + (f"_{k}" if k else ""))
+            for k, (node, data_index) in enumerate(nodes):
+                suffix = f"_{k}" if k else ""
+                self._constant_bias(node)
+                if layer.get("input") is not None:
+                    self._quantize_input(node, data_index, layer["input"], f"{path}.input{suffix}")
+                if layer.get("output") is not None:
+                    self._quantize_output(node, layer["output"], f"{path}.output{suffix}")
         self._insert_nodes()
+
+    def _constant_bias(self, node) -> None:
+        """Make a Conv's computed constant bias an initializer. The dynamo exporter writes a
+        bias-free conv's zeros as Expand(CastLike(0, <activation>), [C]); the CastLike reads a
+        runtime tensor (only for its dtype), so ORT cannot fold it, and ORT fuses a QDQ conv
+        into QLinearConv only when the bias is an initializer."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2] or node.input[2] in self.inits:
+            return
+        producers = {o: n for n in self.graph.node for o in n.output}
+        expand = producers.get(node.input[2])
+        if expand is None or expand.op_type != "Expand" or expand.input[1] not in self.inits:
+            return
+        value = expand.input[0]
+        if value in producers and producers[value].op_type == "CastLike":
+            value = producers[value].input[0]  # float graph: the cast is to float32
+        if value not in self.inits:
+            return
+        shape = numpy_helper.to_array(self.inits[expand.input[1]])
+        bias = np.broadcast_to(numpy_helper.to_array(self.inits[value]).astype(np.float32), tuple(shape))
+        name = f"{node.name or node.output[0]}_bias"
+        init = numpy_helper.from_array(np.ascontiguousarray(bias), name)
+        self.graph.initializer.append(init)
+        self.inits[name] = init
+        node.input[2] = name
 
     def _weight_initializers(self, layers: dict, model) -> dict:
         """{path: (initializer name, output-channel axis)}: by name, else (with the torch
@@ -198,39 +243,53 @@ class _QDQRewriter:
                               name=f"{wname}_DequantizeLinear", axis=axis)
         self.new_nodes.append((None, dq))
 
-    def _quantize_input(self, node, data_index: int, aspec: dict, base: str) -> None:
+    def _qdq(self, x: str, aspec: dict, base: str, out: str | None = None) -> list:
+        """QuantizeLinear -> DequantizeLinear (-> Clip to a 5-7 bit grid) from tensor ``x``;
+        the last node writes ``out`` (default ``<base>_dequantized``/``_clipped``)."""
         import numpy as np
         from onnx import helper, numpy_helper
 
         from edgekit.calibration.spec import qrange
 
         bits, signed = aspec["bits"], aspec["signed"]
-        x = node.input[data_index]
         container = bits if bits <= 4 else 8  # 5-7 bits live in an 8-bit container plus a Clip
-        elem = _int_type(container, signed)
+        # A signed grid is the unsigned one shifted by 2^(bits-1) (the same float values).
+        # Activations are written unsigned: ORT's x86 integer kernels are u8 x s8, and its
+        # transpose optimizer fails on graphs that mix INT8 and UINT8 activations.
+        zero_point = aspec["zero_point"] + (2 ** (bits - 1) if signed else 0)
+        qmin, qmax = qrange(bits, signed)
         self.graph.initializer.extend([
             numpy_helper.from_array(np.array(aspec["scale"], np.float32), f"{base}_scale"),
-            _int_tensor(f"{base}_zero_point", np.array(aspec["zero_point"]), elem)])
-        q = helper.make_node("QuantizeLinear", [x, f"{base}_scale", f"{base}_zero_point"], [f"{base}_quantized"],
-                             name=f"{base}_QuantizeLinear")
-        dq_out = f"{base}_dequantized"
-        dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                              [dq_out], name=f"{base}_DequantizeLinear")
-        self.new_nodes += [(node, q), (node, dq)]
-        if container != bits:
-            qmin, qmax = qrange(bits, signed)
+            _int_tensor(f"{base}_zero_point", np.array(zero_point), _int_type(container, signed=False))])
+        clipped = container != bits
+        dq_out = out if out is not None and not clipped else f"{base}_dequantized"
+        nodes = [helper.make_node("QuantizeLinear", [x, f"{base}_scale", f"{base}_zero_point"],
+                                  [f"{base}_quantized"], name=f"{base}_QuantizeLinear"),
+                 helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                                  [dq_out], name=f"{base}_DequantizeLinear")]
+        if clipped:
             lo = (qmin - aspec["zero_point"]) * np.float32(aspec["scale"])
             hi = (qmax - aspec["zero_point"]) * np.float32(aspec["scale"])
             self.graph.initializer.extend([numpy_helper.from_array(np.array(lo, np.float32), f"{base}_clip_min"),
                                            numpy_helper.from_array(np.array(hi, np.float32), f"{base}_clip_max")])
-            clip = helper.make_node("Clip", [dq_out, f"{base}_clip_min", f"{base}_clip_max"], [f"{base}_clipped"],
-                                    name=f"{base}_Clip")
-            self.new_nodes.append((node, clip))
-            dq_out = f"{base}_clipped"
-        node.input[data_index] = dq_out
+            nodes.append(helper.make_node("Clip", [dq_out, f"{base}_clip_min", f"{base}_clip_max"],
+                                          [out or f"{base}_clipped"], name=f"{base}_Clip"))
+        return nodes
+
+    def _quantize_input(self, node, data_index: int, aspec: dict, base: str) -> None:
+        nodes = self._qdq(node.input[data_index], aspec, base)
+        self.new_nodes += [(node, n) for n in nodes]
+        node.input[data_index] = nodes[-1].output[0]
+
+    def _quantize_output(self, node, aspec: dict, base: str) -> None:
+        """Q/DQ after the node, which then writes a new name: its readers keep theirs."""
+        original = node.output[0]
+        node.output[0] = f"{base}_float"
+        self.after.setdefault(id(node), []).extend(self._qdq(node.output[0], aspec, base, out=original))
 
     def _insert_nodes(self) -> None:
-        """Weight DQs first, activation QDQ right before their node: topological order kept."""
+        """Weight DQs first, input QDQ right before their node, output QDQ right after it:
+        topological order kept."""
         before: dict[int, list] = {}
         head = []
         for anchor, new in self.new_nodes:
@@ -239,6 +298,7 @@ class _QDQRewriter:
         for node in self.graph.node:
             ordered += before.get(id(node), [])
             ordered.append(node)
+            ordered += self.after.get(id(node), [])
         del self.graph.node[:]
         self.graph.node.extend(ordered)
 

@@ -70,11 +70,15 @@ def last_layer_step(spec, model):
     return a["scale"] * model.fc.weight.detach().abs().sum(1).max().item()
 
 
-@pytest.mark.parametrize("weight_bits, act_bits", [(8, 8), (4, 8), (4, 4), (2, 8), (6, 6), (3, 5)])
-def test_qdq_graph_equals_fake_quant(convnet, tmp_path, weight_bits, act_bits):
+@pytest.mark.parametrize("weight_bits, act_bits, conv_outputs", [
+    (8, 8, False), (4, 8, False), (4, 4, False), (2, 8, False), (6, 6, False), (3, 5, False),
+    (8, 8, True), (7, 6, True), (4, 4, True)])
+def test_qdq_graph_equals_fake_quant(convnet, tmp_path, weight_bits, act_bits, conv_outputs):
     model, fp32 = convnet
     batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
-    spec = calibrate(model, batches, weight_bits=weight_bits, act_bits=act_bits, progress=False)
+    spec = calibrate(model, batches, weight_bits=weight_bits, act_bits=act_bits, progress=False,
+                     conv_outputs=conv_outputs)
+    assert all(("output" in layer) == (conv_outputs and layer["type"] == "Conv2d") for layer in spec["layers"].values())
     out = quantize_onnx(fp32, spec, tmp_path / "q.onnx")
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     x = torch.randn(3, 3, 16, 16)
@@ -115,6 +119,34 @@ def test_int8_runs_integer_kernels_and_matches_fake_quant_with_reduced_range(con
     with torch.no_grad():
         expected = apply_fake_quant(model, spec)(x).numpy()
     assert np.abs(got - expected).max() <= 2 * last_layer_step(spec, model)
+
+
+def test_quantized_conv_outputs_make_every_conv_an_integer_kernel(convnet, tmp_path):
+    """ORT fuses DQ -> Conv -> Q only: with output entries no quantized conv stays float."""
+    model, fp32 = convnet
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    x = torch.randn(3, 3, 16, 16)
+    counts = {}
+    for conv_outputs in (False, True):
+        spec = calibrate(model, batches, weight_bits=7, progress=False, conv_outputs=conv_outputs)
+        out = quantize_onnx(fp32, spec, tmp_path / f"q{conv_outputs}.onnx")
+        got = run_ort(out, x, optimize=True, optimized_path=tmp_path / f"opt{conv_outputs}.onnx")
+        ops = [n.op_type for n in onnx.load(str(tmp_path / f"opt{conv_outputs}.onnx")).graph.node]
+        counts[conv_outputs] = (ops.count("QLinearConv"), ops.count("Conv") + ops.count("FusedConv"))
+        with torch.no_grad():
+            expected = apply_fake_quant(model, spec)(x).numpy()
+        assert np.abs(got - expected).max() <= 2 * last_layer_step(spec, model)
+    assert counts[True] == (3, 0), counts
+    assert counts[False][1] > 0, counts  # without them the last conv (feeding a mean) stays float
+
+
+def test_bad_output_entry_is_reported(convnet, tmp_path):
+    model, fp32 = convnet
+    spec = calibrate(model, [torch.randn(1, 3, 16, 16)], progress=False, conv_outputs=True)
+    spec["layers"]["conv2"]["output"]["zero_point"] = 999
+    with pytest.raises(EdgekitError, match="output.*conv2.*zero_point"):
+        quantize_onnx(fp32, spec, tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_weight_storage_shrinks_with_the_bits(fresh_torch_seed, tmp_path):
