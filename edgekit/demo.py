@@ -1,8 +1,9 @@
 """``edgekit demo``: every stage that exists, on the built-in synthetic data, with a report.
 
-Stages today: generate data -> train the atto detector -> evaluate -> predict. Later
-stages (quantize, export, bench) add themselves here. The report is markdown + JSON +
-a PNG of predictions on held-out images.
+Stages: generate data -> train the atto detector -> evaluate -> predict, then the
+deployment stages of :mod:`edgekit.demo_deploy` (GHOST bit search, PTQ calibration, ONNX
+FP32 / INT8 / mixed-precision exports with parity and a deploy bundle, latency bench). The
+report is markdown + JSON + a PNG of predictions on held-out images.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from PIL import Image
 
 from edgekit.data.images import load_image
 from edgekit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
+from edgekit.demo_deploy import deploy_stages, render_deploy
 from edgekit.engine.checkpoint import load_model
 from edgekit.engine.config import make_config
 from edgekit.engine.predict import detect_array, draw_detections
@@ -59,11 +61,15 @@ def run_demo(out: Path, time_limit: float = 330.0, quick: bool = False, progress
                      list(SYNTHETIC_CLASSES), grid)
     stages["predict"] = time.perf_counter() - t
 
+    deploy, deploy_seconds = deploy_stages(Path(result["checkpoint"]), data, out / "deploy", quick=quick,
+                                           quiet=not progress)
+    stages.update(deploy_seconds)
+
     report = {
         "val": result["val"], "classes": list(SYNTHETIC_CLASSES), "plan": plan, "time_limit": time_limit,
         "epochs_run": len(result["history"]), "history": result["history"], "stage_seconds": stages,
         "total_seconds": time.perf_counter() - t0, "checkpoint": result["checkpoint"],
-        "environment": environment(),
+        "environment": environment(), "deploy": deploy,
     }
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", render_report(report))
@@ -111,6 +117,7 @@ def render_report(r: dict) -> str:
         *[f"| {k} | {v:.1f} |" for k, v in r["stage_seconds"].items()], "",
         f"Predictions (score >= {GRID_SCORE_THRESHOLD}) on held-out images: `predictions.png`. "
         f"Checkpoint: `{r['checkpoint']}`.", "",
+        *render_deploy(r["deploy"]),
         "Environment: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items()), "",
     ]
     return "\n".join(lines)
