@@ -9,6 +9,7 @@ fused integer kernels agree with fake-quant too.
 """
 
 import warnings
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -286,8 +287,10 @@ def test_transposed_linear_weights_are_found_by_value(fresh_torch_seed, tmp_path
 
 
 @pytest.mark.slow
-def test_rsdet_atto_qdq_matches_fake_quant(fresh_torch_seed, tmp_path):
-    """The detector through export_onnx (dynamo, DeformConv, folded Linear weights) at 64 px."""
+@pytest.mark.parametrize("conv_outputs", [False, True])
+def test_rsdet_atto_qdq_matches_fake_quant(fresh_torch_seed, tmp_path, conv_outputs):
+    """The detector through export_onnx (dynamo, DeformConv, folded Linear weights) at 64 px;
+    with conv outputs quantized ORT runs every quantized conv and Linear as an integer kernel."""
     from edgekit.export.to_onnx import DetectorOutputs, export_onnx
     from edgekit.models import create_model
 
@@ -296,9 +299,21 @@ def test_rsdet_atto_qdq_matches_fake_quant(fresh_torch_seed, tmp_path):
         if "conv_offset" in name:
             nn.init.normal_(p, std=0.01)
     fp32 = export_onnx(model, tmp_path / "rsdet.onnx", image_size=64)
-    spec = calibrate(model, [torch.randn(2, 3, 64, 64) for _ in range(2)], weight_bits=7, progress=False)
+    spec = calibrate(model, [torch.randn(2, 3, 64, 64) for _ in range(2)], weight_bits=7, progress=False,
+                     conv_outputs=conv_outputs)
     assert any(layer["type"] == "DeformConv2d" for layer in spec["layers"].values())
     out = quantize_onnx(fp32, spec, tmp_path / "rsdet_qdq.onnx", model=model)
+    run_ort(out, torch.randn(1, 3, 64, 64), optimized_path=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    float_convs = ops.count("Conv") + ops.count("FusedConv")
+    offset_convs = sum(1 for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"
+                       and any("conv_offset" in i for i in n.input))  # excluded from quantization
+    linears = sum(1 for layer in spec["layers"].values() if layer["type"] == "Linear")
+    assert ops.count("MatMulIntegerToFloat") == linears > 0
+    if conv_outputs:
+        assert float_convs == offset_convs > 0 and ops.count("QLinearConv") > 4 * offset_convs, Counter(ops)
+    else:
+        assert ops.count("QLinearConv") < float_convs, Counter(ops)
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         simulate = DetectorOutputs(apply_fake_quant(model, spec))
