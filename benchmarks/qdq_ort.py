@@ -11,6 +11,9 @@ on random batches (input and Conv output ranges), and writes:
   without VNNI, whose u8 x s8 kernels can saturate with 8-bit weights);
 - ``W7A8 in-only``: the same spec without output entries (edgekit's export before conv
   outputs were quantized: convs then run DequantizeLinear + float Conv);
+- ``FP32 folded``: the FP32 graph with the exporter's computed zero conv biases made
+  initializers (``fold_conv_biases``, which ``quantize_onnx`` applies too), so that the
+  INT8 models' gain over FP32 is not just that: ORT then runs its blocked NCHWc float convs;
 - ``ORT static``: ``onnxruntime.quantization.quantize_static`` (QDQ, per channel, reduce
   range, same calibration batches), the yardstick of what ORT reaches on this CPU.
 
@@ -32,7 +35,7 @@ from pathlib import Path
 INTEGER_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm",
                "DynamicQuantizeMatMul", "MatMulNBits")
 FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
-PROFILED = ("FP32", "W7A8")
+PROFILED = ("FP32", "FP32 folded", "W7A8")
 
 
 def _session(path: Path, threads: int, optimized: Path | None = None, profile_prefix: str | None = None):
@@ -104,7 +107,7 @@ def run(image_size: int, out_dir: Path, rounds: int = 20, threads: int = 2, cali
 
     from edgekit.benchmarks.harness import machine_info, write_atomic, write_json
     from edgekit.calibration.ptq import calibrate, weight_qparams
-    from edgekit.export.qdq import quantize_onnx
+    from edgekit.export.qdq import fold_conv_biases, quantize_onnx
     from edgekit.export.to_onnx import export_onnx
     from edgekit.models import create_model
 
@@ -127,6 +130,10 @@ def run(image_size: int, out_dir: Path, rounds: int = 20, threads: int = 2, cali
                 if not outputs:
                     layer.pop("output", None)
             files[name] = quantize_onnx(fp32, variant, tmp / f"{name.replace(' ', '_')}.onnx", model=model)
+        folded = onnx.load(str(fp32))
+        fold_conv_biases(folded)
+        onnx.save(folded, str(tmp / "fp32_folded.onnx"))
+        files["FP32 folded"] = tmp / "fp32_folded.onnx"
         files["ORT static"] = _ort_static(fp32, tmp / "ort_static.onnx", batches)
 
         rows, sessions, reference = [], {}, None

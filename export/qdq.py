@@ -62,6 +62,7 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a corrupt file
         raise EdgekitError(f"{src} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
     proto = _with_opset(proto, opset, src)
+    fold_conv_biases(proto)
     _QDQRewriter(proto, src).apply(spec["layers"], model)
     onnx.checker.check_model(proto)
     out = Path(out_path)
@@ -70,6 +71,51 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     onnx.save(proto, str(tmp))
     os.replace(tmp, out)
     return out
+
+
+def fold_conv_biases(proto) -> int:
+    """Make Conv biases that are computed constants initializers; return how many.
+
+    The dynamo exporter writes a bias-free conv's zeros as Expand(CastLike(0, <activation>),
+    [C]); the CastLike reads a runtime tensor (only for its dtype), so ORT cannot fold it,
+    and ORT fuses a QDQ conv into QLinearConv (and a float conv into its blocked NCHWc
+    kernel) only when the bias is an initializer.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    folded, dead = 0, []
+    for node in graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2] or node.input[2] in inits:
+            continue
+        expand = producers.get(node.input[2])
+        if expand is None or expand.op_type != "Expand" or expand.input[1] not in inits:
+            continue
+        value = expand.input[0]
+        if value in producers and producers[value].op_type == "CastLike":
+            value = producers[value].input[0]  # the graph is float32: the cast is to float32
+        if value not in inits:
+            continue
+        shape = tuple(numpy_helper.to_array(inits[expand.input[1]]))
+        bias = np.broadcast_to(numpy_helper.to_array(inits[value]).astype(np.float32), shape)
+        name = f"{node.name or node.output[0]}_bias"
+        inits[name] = numpy_helper.from_array(np.ascontiguousarray(bias), name)
+        graph.initializer.append(inits[name])
+        node.input[2] = name
+        folded += 1
+        dead += [expand] + ([producers[expand.input[0]]] if expand.input[0] in producers else [])
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in dead:  # Expand first, then its CastLike: each only once nothing reads it
+        if node.output[0] not in used and node in graph.node:
+            graph.node.remove(node)
+            used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    stale = {i for n in dead for i in n.input if i in inits and i not in used}
+    for name in stale:
+        graph.initializer.remove(inits[name])
+    return folded
 
 
 def _validate_outputs(spec: dict, validate_spec) -> None:
@@ -119,39 +165,11 @@ class _QDQRewriter:
             self._quantize_weight(wname, layer["weight"], axis, path)
             for k, (node, data_index) in enumerate(nodes):
                 suffix = f"_{k}" if k else ""
-                self._constant_bias(node)
                 if layer.get("input") is not None:
                     self._quantize_input(node, data_index, layer["input"], f"{path}.input{suffix}")
                 if layer.get("output") is not None:
                     self._quantize_output(node, layer["output"], f"{path}.output{suffix}")
         self._insert_nodes()
-
-    def _constant_bias(self, node) -> None:
-        """Make a Conv's computed constant bias an initializer. The dynamo exporter writes a
-        bias-free conv's zeros as Expand(CastLike(0, <activation>), [C]); the CastLike reads a
-        runtime tensor (only for its dtype), so ORT cannot fold it, and ORT fuses a QDQ conv
-        into QLinearConv only when the bias is an initializer."""
-        import numpy as np
-        from onnx import numpy_helper
-
-        if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2] or node.input[2] in self.inits:
-            return
-        producers = {o: n for n in self.graph.node for o in n.output}
-        expand = producers.get(node.input[2])
-        if expand is None or expand.op_type != "Expand" or expand.input[1] not in self.inits:
-            return
-        value = expand.input[0]
-        if value in producers and producers[value].op_type == "CastLike":
-            value = producers[value].input[0]  # float graph: the cast is to float32
-        if value not in self.inits:
-            return
-        shape = numpy_helper.to_array(self.inits[expand.input[1]])
-        bias = np.broadcast_to(numpy_helper.to_array(self.inits[value]).astype(np.float32), tuple(shape))
-        name = f"{node.name or node.output[0]}_bias"
-        init = numpy_helper.from_array(np.ascontiguousarray(bias), name)
-        self.graph.initializer.append(init)
-        self.inits[name] = init
-        node.input[2] = name
 
     def _weight_initializers(self, layers: dict, model) -> dict:
         """{path: (initializer name, output-channel axis)}: by name, else (with the torch

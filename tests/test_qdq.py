@@ -150,6 +150,35 @@ def test_bad_output_entry_is_reported(convnet, tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_exporters_expanded_zero_bias_becomes_an_initializer(tmp_path):
+    """dynamo writes a bias-free conv's bias as Expand(CastLike(0, x), [C]), which ORT cannot
+    fold (CastLike reads a runtime tensor) and which blocks its QLinearConv fusion."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.export.qdq import fold_conv_biases
+
+    rng = np.random.default_rng()
+    c = int(rng.integers(2, 9))
+    value = np.float32(rng.choice([0.0, rng.standard_normal()]))
+    nodes = [helper.make_node("CastLike", ["zero", "X"], ["zero_cast"]),
+             helper.make_node("Expand", ["zero_cast", "shape"], ["bias"]),
+             helper.make_node("Conv", ["X", "w", "bias"], ["Y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(np.array(value), "zero"), numpy_helper.from_array(np.array([c]), "shape"),
+             numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 5, 5])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, c, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.standard_normal((1, 3, 5, 5)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"X": x})[0]
+    assert fold_conv_biases(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    assert {t.name for t in model.graph.initializer} == {"w", model.graph.node[0].input[2]}
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"X": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)  # another conv kernel: float rounding
+    assert fold_conv_biases(model) == 0  # already an initializer
+
+
 def test_weight_storage_shrinks_with_the_bits(fresh_torch_seed, tmp_path):
     model = ConvNet(width=64).eval()
     fp32 = export_legacy(model, tmp_path / "fp32.onnx")
