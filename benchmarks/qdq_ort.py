@@ -154,19 +154,31 @@ def run(image_size: int, out_dir: Path, rounds: int = 20, threads: int = 2, cali
         for row in rows:
             t = sorted(times[row["model"]])
             ratios = [f / m for f, m in zip(times["FP32"], times[row["model"]])]
+            ratios.sort()
             row.update({"median_ms": statistics.median(t), "p90_ms": t[min(len(t) - 1, round(0.9 * (len(t) - 1)))],
-                        "min_ms": t[0], "speedup_vs_fp32": statistics.median(ratios)})
+                        "min_ms": t[0], "speedup_vs_fp32": statistics.median(ratios),
+                        "speedup_p10_p90": [ratios[round(0.1 * (len(t) - 1))], ratios[round(0.9 * (len(t) - 1))]]})
         profiles = {}
         for name in PROFILED:
             session = _session(files[name], threads, profile_prefix=str(tmp / f"profile_{name}"))
             profiles[name] = _op_profile(session, feed)
     record = {"benchmark": "qdq_ort", "model": "rsdet_atto", "image_size": image_size, "batch": 1,
-              "intra_op_num_threads": threads, "rounds": rounds, "machine": machine_info(), "results": rows,
+              "cpu_flags": _simd_flags(), "intra_op_num_threads": threads, "rounds": rounds, "machine": machine_info(), "results": rows,
               "op_profiles": profiles}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "qdq_ort_cpu.json", record)
     write_atomic(out_dir / "qdq_ort_cpu.md", _markdown(record))
     return record
+
+
+def _simd_flags() -> list:
+    """The SIMD flags that decide ORT's integer kernels (VNNI or not), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f)
 
 
 def _markdown(record: dict) -> str:
@@ -175,18 +187,18 @@ def _markdown(record: dict) -> str:
     lines = [f"# ONNX Runtime CPU: QDQ vs FP32 ({record['model']}, {record['image_size']} px, batch 1)", "",
              f"Written by `{m['command']}` on {m['date']}; {m['cpu']}, {m['cores']} cores, load average "
              f"(1/5/15 min, at the end) {load}; onnxruntime {m['versions']['onnxruntime']}, "
-             f"intra_op_num_threads={record['intra_op_num_threads']}.", "",
+             f"intra_op_num_threads={record['intra_op_num_threads']}; SIMD: {' '.join(record['cpu_flags']) or '?'}.", "",
              f"Interleaved: {record['rounds']} rounds, each runs every model once; \"vs FP32\" is the median of "
              f"the per-round ratios FP32 ms / model ms (above 1: faster than FP32). A note, not a floor: the "
              f"2-core machine is shared.", "",
-             "| model | file KiB | median ms | p90 ms | vs FP32 | integer kernels | float convs/matmuls | "
+             "| model | file KiB | median ms | p90 ms | vs FP32 (p10-p90) | integer kernels | float convs/matmuls | "
              "Q+DQ nodes | scores mean abs diff vs FP32 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in record["results"]:
         kernels = ", ".join(f"{k} {v}" for k, v in r["integer_kernels"].items()) or "none"
         floats = ", ".join(f"{k} {v}" for k, v in r["float_compute"].items()) or "none"
         lines.append(f"| {r['model']} | {r['file_bytes'] / 1024:.0f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['speedup_vs_fp32']:.2f}x | {kernels} | {floats} | {r['q_dq_nodes']} | "
+                     f"{r['speedup_vs_fp32']:.2f}x ({r['speedup_p10_p90'][0]:.2f}-{r['speedup_p10_p90'][1]:.2f}) | {kernels} | {floats} | {r['q_dq_nodes']} | "
                      f"{r['scores_mean_abs_diff_vs_fp32']:.3g} |")
     lines += ["", "Per-op kernel time (ORT profiler, ms per inference, top op types; run one after the other, "
               "not interleaved):", ""]

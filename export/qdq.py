@@ -7,8 +7,11 @@ channels are then axis 1). The weight becomes a quantized initializer followed b
 per-channel ``DequantizeLinear`` whose output keeps the original name, so every consumer
 is untouched; each Conv/Gemm/MatMul/DeformConv node reading it (a module shared across
 pyramid levels is one node per call) gets ``QuantizeLinear -> DequantizeLinear`` on its
-data-input edge only (other readers of the same tensor stay float). Biases stay float:
-ONNX Runtime's QDQ fusion quantizes them itself when it fuses.
+data-input edge only (other readers of the same tensor stay float) and, where the layer
+has an ``output`` entry, after its output. Biases stay float: ONNX Runtime's QDQ fusion
+quantizes them itself when it fuses (which needs them as initializers: see
+:func:`fold_conv_biases`). Activation grids are written as UINT8/UINT4 (a signed grid is
+the same values with the zero point shifted by 2^(bits-1)).
 
 Which runtime kernels result (ONNX Runtime 1.32, CPU): ORT fuses a node unit "DQ on
 data and weight -> op -> Q" into an integer kernel, so a layer with an ``output`` entry
