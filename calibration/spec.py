@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
-from edgekit.fileio import temp_path
+from edgekit.fileio import write_text_atomic
 
 FORMAT = "edgekit.quant-spec/1"
 SOURCES = ("ptq", "qat", "ghost", "uniform", "budget", "sensitivity")
@@ -140,12 +139,7 @@ def _check_zero_point(z, qmin: int, qmax: int, where: str) -> None:
 def save_spec(spec: dict, path) -> Path:
     """Validate, then write atomically (a reader never sees half a spec)."""
     validate_spec(spec, f"quant spec for {path}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(spec, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(spec, indent=1) + "\n")
 
 
 def load_spec(path) -> dict:

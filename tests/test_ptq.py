@@ -233,3 +233,29 @@ def test_calibrate_command_errors_are_one_line(capsys, untrained_checkpoint, tin
                  str(tmp_path / "s.json"), "--quiet", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and len(err.splitlines()) == 1 and not (tmp_path / "s.json").exists()
+
+
+def test_calibrate_out_pointing_at_a_folder_is_one_line_and_leaves_no_temp(capsys, untrained_checkpoint, tiny_data,
+                                                                             tmp_path):
+    from edgekit.cli import main
+
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    code = main(["calibrate", str(untrained_checkpoint), "--data", str(tiny_data / "val"), "--batches", "1",
+                 "--batch-size", "1", "--out", str(folder), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is a directory" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [folder] and not list(folder.iterdir())  # no temporary left anywhere
+
+
+def test_atomic_target_removes_its_temporary_when_the_write_fails(tmp_path):
+    from edgekit.fileio import atomic_target, write_bytes_atomic
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_target(tmp_path / "a.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert not list(tmp_path.iterdir())
+    data = np.random.default_rng().bytes(64)
+    assert write_bytes_atomic(tmp_path / "a.bin", data).read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
