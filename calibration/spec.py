@@ -5,7 +5,8 @@ Format ``edgekit.quant-spec/1``::
     {"format": "edgekit.quant-spec/1", "model": str|null, "source": "ptq|qat|ghost|uniform|budget|sensitivity",
      "layers": {"<module path>": {"type": "Conv2d|Linear|DeformConv2d",
          "weight": {"bits", "signed": true, "axis": 0, "scale": [per out channel], "zero_point": [ints]},
-         "input": {"bits", "signed", "scale", "zero_point", "observer"} | null}}}
+         "input": {"bits", "signed", "scale", "zero_point", "observer"} | null,
+         "output": same as "input", optional (PTQ writes it for conv outputs)}}}
 
 ``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` with round-half-to-even (as
 ONNX QuantizeLinear does); signed weights use the narrow range ``[-(2^(b-1)-1),
@@ -105,25 +106,34 @@ def _validate_layer(layer, where: str) -> None:
     qmin, qmax = qrange(bits, True, narrow=True)
     for z in zp:
         _check_zero_point(z, qmin, qmax, f"{where} weight")
-    act = layer.get("input")
+    for key in ("input", "output"):
+        _validate_activation(layer.get(key), f"{where} {key}")
+
+
+def _validate_activation(act, where: str) -> None:
+    """An activation quantizer ("input", or the optional "output" PTQ writes for convs)."""
     if act is None:
         return
     if not isinstance(act, dict):
-        raise EdgekitError(f"{where}: 'input' must be an object or null")
-    bits = _check_bits(act, f"{where} input")
+        raise EdgekitError(f"{where}: expected an object or null")
+    bits = _check_bits(act, where)
     if not isinstance(act.get("signed"), bool):
-        raise EdgekitError(f"{where} input: signed must be true or false")
-    _check_scale(act.get("scale"), f"{where} input")
-    _check_zero_point(act.get("zero_point"), *qrange(bits, act["signed"]), f"{where} input")
+        raise EdgekitError(f"{where}: signed must be true or false")
+    _check_scale(act.get("scale"), where)
+    _check_zero_point(act.get("zero_point"), *qrange(bits, act["signed"]), where)
     if act.get("observer") not in OBSERVERS:
-        raise EdgekitError(f"{where} input: observer {act.get('observer')!r} is not one of {', '.join(OBSERVERS)}")
+        raise EdgekitError(f"{where}: observer {act.get('observer')!r} is not one of {', '.join(OBSERVERS)}")
+
+
+def check_bits(value, name: str) -> int:
+    """The one bit-width check of the package: an int in [MIN_BITS, MAX_BITS] (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise EdgekitError(f"{name}: bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
+    return value
 
 
 def _check_bits(entry: dict, where: str) -> int:
-    bits = entry.get("bits")
-    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-        raise EdgekitError(f"{where}: bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-    return bits
+    return check_bits(entry.get("bits"), where)
 
 
 def _check_scale(s, where: str) -> None:
