@@ -4,8 +4,8 @@ layer sees, and write a quant spec (``edgekit.calibration.spec``).
 Weights are symmetric per output channel on the narrow signed range (what integer conv
 kernels expect: zero points of 0); each layer's INPUT activation gets one asymmetric
 grid, unsigned when everything observed was >= 0 (post-ReLU data wastes no code on
-negatives), signed otherwise. With ``conv_outputs=True`` each Conv2d layer's OUTPUT gets
-a grid too (an ``output`` entry): ONNX Runtime fuses DQ -> Conv -> Q into an integer
+negatives), signed otherwise. With ``conv_outputs=True`` (the default) each Conv2d layer's
+OUTPUT gets a grid too (an ``output`` entry): ONNX Runtime fuses DQ -> Conv -> Q into an integer
 QLinearConv only when the output is quantized; Linear layers need none (their MatMul
 already runs as MatMulIntegerToFloat). :func:`apply_fake_quant` simulates a spec in torch, the
 reference that the QDQ ONNX model is checked against.
@@ -64,10 +64,11 @@ def weight_qparams(weight, bits: int, per_channel: bool = True, observer: str = 
 def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits: int = 8, act_bits: int = 8,
               per_channel: bool = True, layers: Iterable[str] | None = None, exclude: Iterable[str] = DEFAULT_EXCLUDE,
               weight_observer: str = "minmax", model_name: str | None = None, progress: bool = True,
-              conv_outputs: bool = False) -> dict:
+              conv_outputs: bool = True) -> dict:
     """Observe ``model`` on ``batches`` (tensors, or tuples whose first item is the input)
     and return a PTQ quant spec for the chosen layers (``conv_outputs``: also quantize
-    Conv2d outputs, for integer kernels in ONNX Runtime)."""
+    Conv2d outputs, without which ONNX Runtime runs the convs in float and the INT8 model
+    is slower than FP32: 0.84x against 1.10x, ``benchmarks/results/qdq_ort_cpu.md``)."""
     import torch
     from tqdm.auto import tqdm
 

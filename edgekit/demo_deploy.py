@@ -15,7 +15,7 @@ from edgekit.errors import EdgekitError
 
 # ONNX Runtime's x86 int8 kernels without VNNI can saturate with 8-bit weights; the
 # calibrate command recommends 7-bit weights there (see `edgekit calibrate --help`).
-PTQ_WEIGHT_BITS = 8
+PTQ_WEIGHT_BITS = 7
 CALIBRATION_BATCHES = 8
 
 

@@ -15,7 +15,7 @@ the same values with the zero point shifted by 2^(bits-1)).
 
 Which runtime kernels result (ONNX Runtime 1.32, CPU): ORT fuses a node unit "DQ on
 data and weight -> op -> Q" into an integer kernel, so a layer with an ``output`` entry
-in the spec (PTQ writes one for Conv2d with ``calibrate(..., conv_outputs=True)``) gets
+in the spec (PTQ writes one for each Conv2d by default, ``calibrate(..., conv_outputs=True)``) gets
 Q -> DQ after its node as well, and its Conv becomes QLinearConv whatever follows it
 (norms, adds). Without it a conv runs DequantizeLinear + float Conv (slower than the FP32
 graph: ORT's blocked NCHWc float convs are lost too); a MatMul with a quantized input
@@ -56,7 +56,6 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     from edgekit.calibration.spec import validate_spec
 
     spec = validate_spec(spec)
-    _validate_outputs(spec, validate_spec)
     src = Path(fp32_onnx_path)
     if not src.is_file():
         raise EdgekitError(f"ONNX model {src} not found; export one first (edgekit export)")
@@ -119,15 +118,6 @@ def fold_conv_biases(proto) -> int:
     for name in stale:
         graph.initializer.remove(inits[name])
     return folded
-
-
-def _validate_outputs(spec: dict, validate_spec) -> None:
-    """An optional ``output`` entry follows the rules of ``input`` (calibration/spec.py
-    predates it): checked by validating each such layer with its output in the input slot."""
-    for path, layer in spec["layers"].items():
-        if layer.get("output") is not None:
-            validate_spec({**spec, "layers": {path: {**layer, "input": layer["output"]}}},
-                          "quant spec ('output' entry, checked as 'input')")
 
 
 def _with_opset(model, opset: int, src: Path):
