@@ -161,8 +161,10 @@ def bits_table(model, bits=None) -> dict:
     quantizers. Layers missing from it are float."""
     if bits is None:
         return _bits_of_quantized(model)
+    where = "quant spec"
     if isinstance(bits, (str, Path)):
         from edgekit.calibration.quantize import _read_json
+        where = f"quant spec {bits}"
         bits = _read_json(bits)
     from edgekit.calibration.quantize import CONFIG_FORMAT, QuantConfig, resolve_config
 
@@ -172,6 +174,8 @@ def bits_table(model, bits=None) -> dict:
         config = resolve_config(model, bits)
         return {p: (b, config.act_bits.get(p, config.default_bits)) for p, b in config.weight_bits.items()}
     if isinstance(bits, dict) and str(bits.get("format", "")).startswith("edgekit.quant-spec"):
+        from edgekit.calibration.spec import validate_spec
+        validate_spec(bits, where)  # a missing or malformed entry is one line, not a KeyError
         out = {}
         for path, layer in bits.get("layers", {}).items():
             act = layer.get("input")

@@ -92,3 +92,22 @@ def test_shared_head_counts_every_call_and_spec_bits(tmp_path):
         profile_model(model, 64, {"nope.conv": 4})
     with pytest.raises(EdgekitError, match="image size"):
         profile_model(model, 0)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda layer: layer.pop("weight"), "'weight' must be an object"),
+    (lambda layer: layer["weight"].update(bits=12), "weight: bits"),
+    (lambda layer: layer.update(input={"bits": 8}), "input: signed"),
+])
+def test_profile_command_with_a_broken_spec_is_one_line(tmp_path, capsys, damage, needle):
+    from edgekit.cli import main
+
+    layer = {"type": "Conv2d", "weight": {"bits": 4, "signed": True, "axis": 0, "scale": [0.1] * 8,
+                                          "zero_point": [0] * 8}, "input": None}
+    damage(layer)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"format": "edgekit.quant-spec/1", "model": None, "source": "uniform",
+                                "layers": {"stem.0": layer}}))
+    code = main(["profile", "convnextv2_atto", "--image-size", "32", "--bits", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and str(path) in err and "'stem.0'" in err and len(err.splitlines()) == 1
