@@ -35,11 +35,10 @@ narrower grid; both reproduce ``fake_quantize`` exactly.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
-from edgekit.fileio import temp_path
+from edgekit.fileio import atomic_target
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "DeformConv")
 PASS_THROUGH_OPS = ("Transpose", "Identity", "Cast", "Reshape")
@@ -68,10 +67,8 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     _QDQRewriter(proto, src).apply(spec["layers"], model)
     onnx.checker.check_model(proto)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, out)
+    with atomic_target(out) as tmp:
+        onnx.save(proto, str(tmp))
     return out
 
 
