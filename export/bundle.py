@@ -51,7 +51,7 @@ def write_bundle(bundle_dir, models: dict, *, class_names, image_size: int, norm
     if parity_report is not None and not isinstance(parity_report, dict):
         raise EdgekitError(f"parity_report must be a dict (the parity check's report), got "
                            f"{type(parity_report).__name__}; pass the report or None")
-    _check_destination(bundle_dir, overwrite)
+    check_destination(bundle_dir, overwrite)
 
     tmp = bundle_dir.with_name(f".{bundle_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -298,12 +298,15 @@ def _normalisation(normalisation: dict | None) -> tuple[list[float], list[float]
     return mean, std
 
 
-def _check_destination(bundle_dir: Path, overwrite: bool):
+def check_destination(bundle_dir, overwrite: bool = False) -> Path:
+    """Refuse a file, or a non-empty folder unless ``overwrite``; one check for the API and the CLI."""
+    bundle_dir = Path(bundle_dir)
     if bundle_dir.exists() and not bundle_dir.is_dir():
-        raise EdgekitError(f"bundle destination {bundle_dir} is a file; choose a folder name")
+        raise EdgekitError(f"bundle destination {bundle_dir} is a file, not a folder; remove it or choose a folder name")
     if bundle_dir.is_dir() and any(bundle_dir.iterdir()) and not overwrite:
-        raise EdgekitError(f"bundle folder {bundle_dir} already exists and is not empty; remove it, choose another "
-                           f"folder or pass overwrite=True (--overwrite)")
+        raise EdgekitError(f"bundle folder {bundle_dir} already exists and is not empty; remove it or choose another "
+                           f"folder")
+    return bundle_dir
 
 
 def _swap_in(tmp: Path, bundle_dir: Path):

@@ -86,8 +86,10 @@ def check_options(args) -> dict:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EdgekitError(f"--out {out} exists and is not a folder; choose a folder path")
-    if args.bundle and Path(args.bundle).exists() and any(Path(args.bundle).iterdir()):
-        raise EdgekitError(f"--bundle {args.bundle} exists and is not empty; choose a new folder or remove it")
+    if args.bundle:
+        from edgekit.export.bundle import check_destination
+
+        check_destination(args.bundle)
     opts["spec"] = _load_spec(args) if args.calibration else None
     if args.format == "tensorrt":
         from edgekit.export.tensorrt import require_tensorrt
@@ -97,12 +99,8 @@ def check_options(args) -> dict:
 
 
 def _load_spec(args) -> dict:
-    try:
-        from edgekit.calibration.spec import load_spec
-        import edgekit.export.qdq  # noqa: F401  (the QDQ writer must exist too)
-    except ImportError as exc:
-        raise EdgekitError(f"--format {args.format} is not available in this edgekit build ({exc}); "
-                           f"use --format onnx or onnx-fp16") from None
+    from edgekit.calibration.spec import load_spec
+
     spec = load_spec(args.calibration)
     low = sorted({e["weight"]["bits"] for e in spec["layers"].values()} - {8})
     if args.format == "onnx-int8" and low:

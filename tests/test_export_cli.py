@@ -215,6 +215,8 @@ def _bad_cases(files, tmp):
     full = tmp / "full_bundle"
     full.mkdir(exist_ok=True)
     (full / "x").write_text("x")
+    bundle_file = tmp / "bundle.txt"
+    bundle_file.write_text("x")
     ck = files["plain"]
     return {
         "missing checkpoint": ([tmp / "nope.safetensors", "--format", "onnx"], "not found"),
@@ -232,6 +234,7 @@ def _bad_cases(files, tmp):
         "corrupt spec": ([ck, "--format", "onnx-mixed", "--calibration", bad_spec], "not valid JSON"),
         "data missing": ([ck, "--format", "onnx", "--data", tmp / "nodata"], "is not a folder"),
         "bundle not empty": ([ck, "--format", "onnx", "--bundle", full], "exists and is not empty"),
+        "bundle is a file": ([ck, "--format", "onnx", "--bundle", bundle_file], "is a file, not a folder"),
         "sqnr without spec": ([ck, "--format", "onnx", "--sqnr"], "--sqnr debugs quantized exports"),
     }
 
@@ -239,7 +242,7 @@ def _bad_cases(files, tmp):
 @pytest.mark.parametrize("case", ["missing checkpoint", "corrupt checkpoint", "unknown format", "unknown deform",
                                   "score range", "score text", "iou zero", "max det", "max det text", "image size",
                                   "int8 no spec", "spec with onnx", "corrupt spec", "data missing",
-                                  "bundle not empty", "sqnr without spec"])
+                                  "bundle not empty", "bundle is a file", "sqnr without spec"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, capsys, case):
     args, match = _bad_cases(files, tmp_path)[case]
     out = tmp_path / "out"
