@@ -53,6 +53,7 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     import onnx
 
     from edgekit.calibration.spec import validate_spec
+    from edgekit.export.to_onnx import set_metadata
 
     spec = validate_spec(spec)
     src = Path(fp32_onnx_path)
@@ -65,11 +66,23 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     proto = _with_opset(proto, opset, src)
     fold_conv_biases(proto)
     _QDQRewriter(proto, src).apply(spec["layers"], model)
+    set_metadata(proto, quantization_metadata(spec, opset))
     onnx.checker.check_model(proto)
     out = Path(out_path)
     with atomic_target(out) as tmp:
         onnx.save(proto, str(tmp))
     return out
+
+
+def quantization_metadata(spec: dict, opset: int) -> dict:
+    """What a runtime or a reader of the file needs to know: the precision as the export
+    names it (int8 when every quantized weight is 8-bit), the opset, and per-layer bits."""
+    layers = spec["layers"]
+    weight_bits = {path: layer["weight"]["bits"] for path, layer in layers.items()}
+    act_bits = {path: layer["input"]["bits"] for path, layer in layers.items() if layer.get("input")}
+    low = any(b < 8 for b in (*weight_bits.values(), *act_bits.values()))
+    return {"precision": "mixed" if low else "int8", "opset": str(opset), "quant_source": spec.get("source"),
+            "weight_bits": weight_bits, "act_bits": act_bits}
 
 
 def fold_conv_biases(proto) -> int:

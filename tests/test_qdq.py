@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from edgekit.calibration.ptq import apply_fake_quant, calibrate
 from edgekit.errors import EdgekitError
 from edgekit.export.qdq import quantize_onnx
+from edgekit.export.to_onnx import read_metadata
 
 
 class ConvNet(nn.Module):
@@ -190,6 +191,9 @@ def test_weight_storage_shrinks_with_the_bits(fresh_torch_seed, tmp_path):
         sizes[bits] = quantize_onnx(fp32, spec, tmp_path / f"w{bits}.onnx").stat().st_size
         types = {t.name: t.data_type for t in onnx.load(str(tmp_path / f"w{bits}.onnx")).graph.initializer}
         assert types["conv2.weight_quantized"] == (onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4)
+        meta = read_metadata(tmp_path / f"w{bits}.onnx")  # the file says what it holds
+        assert meta["precision"] == ("int8" if bits == 8 else "mixed") and meta["opset"] == "21"
+        assert meta["weight_bits"] == {path: bits for path in spec["layers"]}
     fp32_size = fp32.stat().st_size
     # float32 -> int8 saves 3 bytes per weight, int8 -> int4 half a byte; 2 bits are stored as INT4.
     assert fp32_size - sizes[8] == pytest.approx(3 * n_weights, rel=0.05)
