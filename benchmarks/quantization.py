@@ -98,6 +98,7 @@ class DigitsTask:
             tr, te = tr[:160], te[:96]
         self.x_train, self.y_train, self.x_test, self.y_test = x[tr], y[tr], x[te], y[te]
         self.train_seconds, self.qat_seconds, self.quick = train_seconds, qat_seconds, quick
+        self.qat_batch = 16 if quick else 64
         self.data_note = f"sklearn digits: {len(tr)} train / {len(te)} test images (8x8, real)"
 
     def train_float(self, progress: bool):
@@ -127,17 +128,18 @@ class DigitsTask:
             pred = model(self.x_test).argmax(1)
         return {"top1": 100.0 * float((pred == self.y_test).float().mean())}
 
-    def batches(self, count: int, batch_size: int = 64) -> list:
+    def batches(self, count: int, batch_size: int | None = None) -> list:
         import torch
+        batch_size = batch_size or self.qat_batch
         idx = torch.randperm(len(self.y_train))[:count * batch_size].split(batch_size)
         return [(self.x_train[i], self.y_train[i]) for i in idx]
 
     def qat_data(self):
         from torch.utils.data import TensorDataset
         data = TensorDataset(self.x_train, self.y_train)
-        return _resampled(data, 64 if self.quick else 256), None
+        return _resampled(data, (1 if self.quick else 4) * self.qat_batch), None
 
-    qat_lr, qat_batch = 5e-4, 64
+    qat_lr = 5e-4
 
 
 class DetectorTask:
