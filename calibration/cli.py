@@ -175,6 +175,9 @@ def _cmd_quantize(args) -> int:
         extra = f" (plus {search.sensitivity_seconds:.2f} s estimating sensitivities)" \
             if search.sensitivity_seconds else ""
         print(f"bit search took {search.seconds:.2f} s{extra}")
+        if search.unused:
+            print(f"not searched (the forward pass never calls them; default {config.default_bits} bits): "
+                  f"{', '.join(search.unused)}")
 
     from edgekit.calibration.profiler import profile_model
     from edgekit.calibration.quantize import (calibrate_activations, quant_spec_from_model, quantize,

@@ -216,13 +216,14 @@ class SearchResult:
     sensitivity: dict | None
     seconds: float                      # the search itself
     sensitivity_seconds: float = 0.0    # estimating the sensitivities, when search_bits did it
+    unused: list = dataclasses.field(default_factory=list)  # quantizable layers the forward pass never calls
 
     def to_dict(self) -> dict:
         return {"method": self.method, "metric": self.metric, "weight_bits": self.weight_bits,
                 "fixed_bits": self.fixed_bits, "seconds": self.seconds,
                 "sensitivity_seconds": self.sensitivity_seconds,
                 "relative_error": {p: {b: e.relative(b) for b in e.mse} for p, e in self.errors.items()},
-                "sensitivity": self.sensitivity}
+                "sensitivity": self.sensitivity, "unused": self.unused}
 
 
 def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: float = 0.01, metric: str | None = None,
@@ -237,6 +238,9 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
     :mod:`edgekit.calibration.sensitivity`), HAWQ-v2's objective. Layers the config's
     first/last policy fixes are not searched but count in the budget, as do float
     layers (at 32 bits) and other parameters; BOPs budgets need fixed activation bits.
+    Quantizable layers the forward pass never calls are left out of the search and
+    listed in ``SearchResult.unused`` (their bits change neither the output nor the
+    BOPs; a size budget counts their weights as float, an upper bound).
     """
     from edgekit.calibration.profiler import FLOAT_BITS, measure_layers
     from edgekit.calibration.quantize import (QuantConfig, default_example_input, fixed_layer_bits,
@@ -256,11 +260,12 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
     layers = quantizable_layers(model, config)
     graph = trace_layers(model, layers, default_example_input(model))
     fixed = fixed_layer_bits(graph, config)
-    searched = {p: m for p, m in layers.items() if p not in fixed}
+    unused = [p for p in layers if p not in graph.order]
+    searched = {p: m for p, m in layers.items() if p not in fixed and p not in unused}
     if method == "ghost":
         errors = layer_errors(searched, bits, metric, progress)
         chosen = threshold_bits(errors, threshold, bits)
-        return SearchResult(method, metric, chosen, fixed, errors, None, time.perf_counter() - start)
+        return SearchResult(method, metric, chosen, fixed, errors, None, time.perf_counter() - start, unused=unused)
     if (budget_bops is None) == (budget_bytes is None):
         raise EdgekitError(f"method {method} needs exactly one budget: --budget-bops or --budget-mb")
     if method == "sensitivity" and sensitivity is None:
@@ -293,7 +298,7 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
         objective = {p: {b: errors[p].relative(b) for b in bits} for p in searched}
     chosen = allocate_bits(cost, objective, budget - outside)
     return SearchResult(method, metric, chosen, fixed, errors, sensitivity,
-                        time.perf_counter() - start - sens_seconds, sens_seconds)
+                        time.perf_counter() - start - sens_seconds, sens_seconds, unused)
 
 
 def config_from_search(result: SearchResult, config=None):

@@ -221,3 +221,27 @@ def test_search_modes_on_the_atto_detector_are_fast_and_meet_budgets():
         search_bits(model, "budget", budget_bops=1e6, image_size=64)
     with pytest.raises(EdgekitError, match="fixed activation bits"):
         search_bits(model, "budget", budget_bops=1e12, act_bits="tied", image_size=64)
+
+
+class WithUnusedLinear(nn.Module):
+    """Three convs in a chain (first/last fixed, the middle one searched) and a Linear never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.middle, self.last = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 2, 1)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.middle(torch.relu(self.first(x)))))
+
+
+@pytest.mark.parametrize("method, budget", [("ghost", {}), ("budget", {"budget_bops": 1e12}),
+                                            ("budget", {"budget_bytes": 1e9})])
+def test_a_layer_the_forward_pass_never_calls_is_left_out_and_reported(fresh_torch_seed, method, budget):
+    model = WithUnusedLinear()
+    result = search_bits(model, method, image_size=16, **budget)
+    assert result.unused == ["unused"] and result.to_dict()["unused"] == ["unused"]
+    assert set(result.weight_bits) == {"middle"} and set(result.fixed_bits) == {"first", "last"}
+    assert "unused" not in result.errors
+    if budget:  # an ample budget buys the widest grid for the searched layer
+        assert result.weight_bits == {"middle": 8}
