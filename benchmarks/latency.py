@@ -12,8 +12,9 @@ Conventions (trtexec / onnxruntime_perf_test / MLPerf):
 - percentiles use linear interpolation between order statistics (numpy's default);
 - stdev is the sample standard deviation (ddof=1); CV = stdev / mean, and a CV above
   10% gets a warning in the result (the machine was busy or the workload is unstable);
-- MLPerf SingleStream reports the p90 latency of back-to-back batch-1 queries; Offline
-  reports samples per second at the largest batch.
+- MLPerf SingleStream reports the p90 latency of back-to-back batch-1 queries (none when
+  batch 1 was not measured); Offline reports samples per second at the batch size with
+  the best throughput among those measured.
 
 Run ``python -m edgekit.benchmarks.latency --overhead`` to measure the harness's own
 overhead on a ~1 ms calibrated busy-wait; it writes ``benchmarks/results/harness_overhead.json``.
@@ -189,13 +190,18 @@ def throughput(block: dict, batch: int) -> dict:
             "images_per_s_p50": 1e3 * batch / block["percentiles"]["p50"]}
 
 
-def mlperf_summary(single_stream: dict, by_batch: dict[int, dict]) -> dict:
-    """MLPerf-style scenarios: SingleStream p90 latency (batch-1 blocks) and Offline
-    throughput (samples/s at the batch size with the best throughput)."""
+def mlperf_summary(by_batch: dict[int, dict]) -> dict:
+    """MLPerf-style scenarios from latency summaries per batch size: SingleStream p90
+    latency of batch 1 (None, with a note, when batch 1 was not measured: another batch's
+    latency is not SingleStream) and Offline throughput (samples/s at the batch size with
+    the best throughput)."""
     best = max(by_batch.items(), key=lambda kv: 1e3 * kv[0] / kv[1]["mean"]) if by_batch else None
-    return {"single_stream_p90_ms": single_stream["percentiles"]["p90"],
-            "offline_samples_per_s": 1e3 * best[0] / best[1]["mean"] if best else None,
-            "offline_batch": best[0] if best else None}
+    summary = {"single_stream_p90_ms": by_batch[1]["percentiles"]["p90"] if 1 in by_batch else None,
+               "offline_samples_per_s": 1e3 * best[0] / best[1]["mean"] if best else None,
+               "offline_batch": best[0] if best else None}
+    if 1 not in by_batch:
+        summary["note"] = "SingleStream not measured: batch 1 was not among the timed batch sizes"
+    return summary
 
 
 # ----------------------------------------------------------------------------- memory, threads

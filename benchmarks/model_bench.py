@@ -58,7 +58,9 @@ def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
     if path.suffix == ".onnx":
         if not path.is_file():
             raise EdgekitError(f"ONNX file {item} not found")
-        meta = onnx_metadata(path)
+        from edgekit.export.to_onnx import read_metadata
+
+        meta = read_metadata(path)  # what edgekit export wrote (classes, input size, strides); {} otherwise
         size = (meta.get("input_size") or [None])[0]
         return ModelSource(path.stem, onnx=path, size_bytes=path.stat().st_size, image_size=image_size or size or 256,
                            class_names=meta.get("classes"), strides=tuple(meta.get("strides") or DEFAULT_STRIDES))
@@ -84,20 +86,6 @@ def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
     return ModelSource(item, model=model, size_bytes=size, image_size=image_size or 256,
                        class_names=getattr(model, "class_names", None),
                        strides=tuple(getattr(model, "strides", DEFAULT_STRIDES)))
-
-
-def onnx_metadata(path: Path) -> dict:
-    """What ``edgekit export`` wrote into the file (classes, input size, strides); {} for
-    other files or when the export stage is not installed."""
-    try:
-        from edgekit.export.to_onnx import read_metadata
-    except ImportError:
-        return {}
-    try:
-        meta = read_metadata(path)
-    except EdgekitError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def decode_outputs(flat: list, strides):
@@ -305,6 +293,11 @@ def _time_runner(row, runner, source, onnx_path, batch_sizes, budget, data, e2e)
         row.update(status="failed", reason=_one_line(exc))
         if not by_batch:
             return
+    if not by_batch:  # every requested batch size was skipped: nothing timed, say why
+        row.update(status="skipped", skipped_batches=skipped_batches,
+                   reason=f"no requested batch size runs: {'; '.join(sorted(set(skipped_batches.values())))} "
+                          f"(asked for {', '.join(map(str, batch_sizes))})")
+        return
     single = by_batch[min(by_batch)]
     row["latency"] = single.latency
     row["batch"] = min(by_batch)
@@ -315,7 +308,7 @@ def _time_runner(row, runner, source, onnx_path, batch_sizes, budget, data, e2e)
                                   "latency": {k: v for k, v in t.latency.items() if k != "values"}}
                          for b, t in by_batch.items()}
     row["skipped_batches"] = skipped_batches
-    row["mlperf"] = mlperf_summary(single.latency, {b: t.latency for b, t in by_batch.items()})
+    row["mlperf"] = mlperf_summary({b: t.latency for b, t in by_batch.items()})
     if single.latency.get("warning"):
         row["warning"] = single.latency["warning"]
     if e2e:

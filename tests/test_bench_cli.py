@@ -219,3 +219,17 @@ def test_int8_and_mixed_rows_of_the_default_detector(tmp_path):
     assert rows["ort-int8"]["size_mb"] < rows["ort-mixed"]["size_mb"] < rows["ort"]["size_mb"]
     assert rows["ort-int8"]["quantized_layers"] > rows["ort-mixed"]["quantized_layers"] > 0
     assert rows["ort-int8"]["bops"] < rows["ort-mixed"]["bops"]
+
+
+def test_static_batch_graph_with_only_other_batch_sizes_is_a_skipped_row(capsys, tmp_path):
+    static = tmp_path / "static2.onnx"  # batch fixed at 2; asking for 1 and 4 leaves nothing to time
+    torch.onnx.export(TinyDet().eval(), (torch.zeros(2, 3, 64, 64),), str(static), input_names=["images"],
+                      opset_version=17, dynamo=False)
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "bench", str(static), "--backends", "ort", "--batch-sizes", "1,4",
+                            "--image-size", "64", "--out", str(out), *FAST)
+    assert code == 0, err
+    row = json.loads((out / "bench.json").read_text())["rows"][0]
+    assert row["status"] == "skipped" and "static batch of 2" in row["reason"] and "1, 4" in row["reason"]
+    assert set(row["skipped_batches"]) == {"1", "4"} and "latency" not in row
+    assert "skipped" in stdout

@@ -139,9 +139,15 @@ def test_throughput_and_mlperf():
     b8 = L.summarize([50.0, 50.0])
     tp = L.throughput(b4, 4)
     assert tp["images_per_s"] == pytest.approx(4000 / 30) and tp["ms_per_image"] == pytest.approx(7.5)
-    m = L.mlperf_summary(b1, {1: b1, 4: b4, 8: b8})
+    m = L.mlperf_summary({1: b1, 4: b4, 8: b8})
     assert m["single_stream_p90_ms"] == pytest.approx(np.percentile([10, 10, 12, 20], 90))
     assert m["offline_batch"] == 8 and m["offline_samples_per_s"] == pytest.approx(8000 / 50)
+    assert "note" not in m
+    slow8 = L.summarize([200.0, 200.0])  # Offline is the best throughput, not the largest batch
+    m = L.mlperf_summary({1: b1, 4: b4, 8: slow8})
+    assert m["offline_batch"] == 4 and m["offline_samples_per_s"] == pytest.approx(4000 / 30)
+    m = L.mlperf_summary({4: b4, 8: b8})  # no batch 1: no SingleStream figure, and it says why
+    assert m["single_stream_p90_ms"] is None and "batch 1" in m["note"] and m["offline_batch"] == 8
 
 
 def test_peak_rss_sees_a_large_allocation():
