@@ -116,27 +116,50 @@ def _read_json(path) -> dict:
 # --------------------------------------------------------------------------- layers
 
 
-def quantizable_layers(model, config: QuantConfig | None = None) -> dict:
-    """``{path: module}`` of the layers ``config`` quantizes (Conv2d, Linear, deformable
-    convs), in ``named_modules`` order; offset branches and ``skip`` matches excluded."""
+def layer_type(module) -> str | None:
+    """The quant spec's type name of a quantizable module (None: not quantizable)."""
     import torch.nn as nn
 
+    from edgekit.models.deform import DeformConv2d
+
+    for cls, name in ((DeformConv2d, "DeformConv2d"), (nn.Conv2d, "Conv2d"), (nn.Linear, "Linear")):
+        if isinstance(module, cls):
+            return name
+    return None
+
+
+def quantizable_layers(model, config: QuantConfig | None = None, layers=None) -> dict:
+    """``{path: module}`` of the layers to quantize (Conv2d, Linear, deformable convs), the
+    one definition that PTQ, GHOST quantization and the bit search share.
+
+    Default: every such layer in ``named_modules`` order, except the offset/mask branch
+    of deformable convs (unless ``config.quantize_offset_branch``) and ``config.skip``
+    matches. ``layers``: an explicit list of paths instead (in that order; each must be
+    a quantizable module, else one line naming it).
+    """
     from edgekit.models.deform import DeformableSkip, DeformConv2d
 
+    found = {path: module for path, module in model.named_modules() if layer_type(module)}
+    if layers is not None:
+        layers = list(layers)
+        unknown = [p for p in layers if p not in found]
+        if unknown:
+            raise EdgekitError(f"layers {', '.join(unknown[:3])} are not Conv2d/Linear/DeformConv2d modules of the "
+                               f"model; pick names from model.named_modules()")
+        return {p: found[p] for p in layers}
     config = config or QuantConfig()
     offset_branch = set()
     if not config.quantize_offset_branch:
         for path, module in model.named_modules():
             if isinstance(module, (DeformConv2d, DeformableSkip)) and hasattr(module, "conv_offset"):
                 offset_branch.add(f"{path}.conv_offset" if path else "conv_offset")
-    layers = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear, DeformConv2d)) or path in offset_branch:
-            continue
-        if any(fnmatch.fnmatchcase(path, pattern) for pattern in config.skip):
-            continue
-        layers[path] = module
-    return layers
+    return {path: module for path, module in found.items()
+            if path not in offset_branch and not any(fnmatch.fnmatchcase(path, pat) for pat in config.skip)}
+
+
+def quantizable_layer_types(model, config: QuantConfig | None = None, layers=None) -> dict:
+    """``{path: spec type name}`` of :func:`quantizable_layers` (what a quant spec records)."""
+    return {path: layer_type(module) for path, module in quantizable_layers(model, config, layers).items()}
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgekit.calibration.ptq import apply_fake_quant, calibrate, quantizable_layers
+from edgekit.calibration.ptq import apply_fake_quant, calibrate
 from edgekit.calibration.spec import (FORMAT, fake_quantize, load_spec, new_spec, qrange, save_spec,
                                       validate_spec)
 from edgekit.errors import EdgekitError
@@ -137,7 +137,7 @@ def test_calibration_errors_are_clear(net):
         calibrate(net, [torch.randn(1, 3, 8, 8)], act_bits=9, progress=False)
     with pytest.raises(EdgekitError, match="not Conv2d/Linear"):
         calibrate(net, [torch.randn(1, 3, 8, 8)], layers=["nope"], progress=False)
-    assert "dcn.conv_offset" in quantizable_layers(net, exclude=())
+    assert "dcn.conv_offset" in calibrate(net, [torch.randn(1, 3, 8, 8)], exclude=(), progress=False)["layers"]
     net.unused = nn.Conv2d(3, 3, 1)
     with pytest.raises(EdgekitError, match="'unused' was never called"):
         calibrate(net, [torch.randn(1, 3, 8, 8)], progress=False)

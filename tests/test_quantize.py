@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgekit.calibration.quantize import (QuantConfig, calibrate_activations, load_float_weights, load_quantized,
-                                          quant_spec_from_model, quantize, quantized_layer_types, save_quantized)
+                                          quant_spec_from_model, quantizable_layer_types, quantizable_layers, quantize,
+                                          quantized_layer_types, save_quantized)
 from edgekit.calibration.spec import fake_quantize, validate_spec
 from edgekit.errors import EdgekitError
 from edgekit.models import GRN, DeformConv2dPack, deform_conv2d_reference
@@ -269,3 +270,23 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, argv, needle):
     argv = [str(tmp_path / a) if a == "X" else a for a in argv]
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, needle)
+
+
+def test_quantizable_layers_the_one_selection_for_ptq_and_quantize(fresh_torch_seed):
+    model = nn.Sequential(toy(), nn.Conv2d(2, 2, 1))
+    model.conv_offset = nn.Conv2d(2, 2, 1)  # named like an offset branch but not one: still quantized
+    expected = {"0.stem": "Conv2d", "0.fc1": "Linear", "0.fc2": "Linear", "0.dcn": "DeformConv2d",
+                "0.head": "Conv2d", "1": "Conv2d", "conv_offset": "Conv2d"}
+    assert quantizable_layer_types(model) == expected
+    layers = quantizable_layers(model)
+    assert list(layers) == list(expected) and layers["0.dcn"] is model[0].dcn
+    with_offsets = quantizable_layer_types(model, QuantConfig(quantize_offset_branch=True))
+    assert with_offsets == {**expected, "0.dcn.conv_offset": "Conv2d"}
+    # PTQ's selection: its exclude patterns are skip patterns over every layer, offsets included
+    assert quantizable_layer_types(model, QuantConfig(skip=("*conv_offset",), quantize_offset_branch=True)) == \
+        {p: k for p, k in expected.items() if p != "conv_offset"}
+    assert quantizable_layer_types(model, QuantConfig(skip=("0.*",))) == {"1": "Conv2d", "conv_offset": "Conv2d"}
+    assert quantizable_layer_types(model, layers=["1", "0.dcn.conv_offset"]) == {"1": "Conv2d",
+                                                                                 "0.dcn.conv_offset": "Conv2d"}
+    with pytest.raises(EdgekitError, match="0.norm are not Conv2d/Linear/DeformConv2d"):
+        quantizable_layers(model, layers=["0.norm"])
