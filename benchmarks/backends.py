@@ -12,7 +12,6 @@ returns a :class:`Skipped` record with the reason, and the report shows it as a 
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -204,20 +203,67 @@ def _cuda_graph(model, threads, example):
 
 
 def onnx_precision(path: Path) -> str:
-    """"int8-qdq" when the graph has Q/DQ pairs (fully or partly quantized: "mixed" when
-    some Conv/Gemm weights stay float), "fp16" for float16 initializers, else "fp32"."""
+    """The graph's precision label: "int8-qdq" (every weight quantized), "mixed" (some
+    Conv/Gemm/MatMul weights float, or mixed bit widths), "fp16" or "fp32".
+
+    The export's own metadata decides when present (``export_format`` onnx-int8/onnx-mixed
+    from ``edgekit export``, or low bit widths recorded by
+    :func:`edgekit.export.qdq.quantize_onnx`): it knows that deformable offset convs stay
+    float by design. Otherwise the graph is inspected,
+    following each weight back through pass-through ops (a Linear weight reaches MatMul via
+    DequantizeLinear -> Transpose) and ignoring convs that only compute DeformConv offsets.
+    """
     import onnx
 
+    from edgekit.export.to_onnx import read_metadata
+
     m = onnx.load(str(path), load_external_data=False)
-    ops = [n.op_type for n in m.graph.node]
-    if "DequantizeLinear" in ops:
-        dq_out = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-        float_weights = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
-                         and n.input[1] not in dq_out]
-        return "mixed" if float_weights else "int8-qdq"
+    meta = read_metadata(m)
+    by_format = {"onnx-int8": "int8-qdq", "onnx-mixed": "mixed"}.get(meta.get("export_format"))
+    if by_format is not None:
+        return by_format
+    if "quant_source" in meta and meta.get("precision") == "mixed":  # quantize_onnx: some layers below 8 bits
+        return "mixed"
+    if any(n.op_type == "DequantizeLinear" for n in m.graph.node):
+        return "mixed" if _float_weights(m.graph) else "int8-qdq"
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer):
         return "fp16"
     return "fp32"
+
+
+def _float_weights(graph) -> list:
+    """Compute nodes whose weight is a float constant (not DequantizeLinear's output),
+    looking through pass-through ops; convs feeding only DeformConv offsets/masks excluded."""
+    from edgekit.export.qdq import PASS_THROUGH_OPS
+
+    producer = {o: n for n in graph.node for o in n.output}
+    consts = {t.name for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+
+    def source(name):  # the op that really produces a tensor, skipping pass-through ops
+        node = producer.get(name)
+        while node is not None and node.op_type in PASS_THROUGH_OPS and node.input:
+            name, node = node.input[0], producer.get(node.input[0])
+        return name, node
+
+    def only_offsets(name, seen=()):  # every reader is a DeformConv offset/mask input (maybe via pass-through)
+        uses = consumers.get(name, [])
+        return bool(uses) and all((n.op_type == "DeformConv" and i in (2, 4)) or
+                                  (n.op_type in PASS_THROUGH_OPS and all(only_offsets(o) for o in n.output))
+                                  for n, i in uses)
+
+    found = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "DeformConv") or len(node.input) < 2:
+            continue
+        name, src = source(node.input[1])
+        constant = name in consts or (src is not None and src.op_type == "Constant")
+        if constant and not only_offsets(node.output[0]):
+            found.append(node)
+    return found
 
 
 def missing_provider(backend: str) -> Skipped | None:
@@ -313,36 +359,3 @@ def _torch_dtype(trt, engine, name):
     import torch
 
     return torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-
-
-def export_onnx(model, example, path: Path, opset: int = 19) -> Path:
-    """Export ``model`` for the ONNX Runtime rows through the export stage's
-    :func:`edgekit.export.to_onnx.export_onnx` (decoded ``boxes``/``scores`` outputs,
-    dynamic batch) when it is importable; otherwise ``torch.onnx.export`` (TorchScript
-    path, raw head outputs) with the deformable convolution decomposed into standard ops
-    by :func:`edgekit.export.deform_export.export_backends`. Written atomically."""
-    import os
-
-    import torch
-
-    try:
-        from edgekit.export.to_onnx import export_onnx as stage_export
-    except ImportError:
-        stage_export = None
-    if stage_export is not None:
-        return stage_export(model, path, image_size=example.shape[-1])
-
-    from edgekit.export.deform_export import export_backends
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with export_backends("decompose"), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about shape checks turned constant
-            torch.onnx.export(model.eval(), (example,), str(tmp), input_names=["images"], opset_version=opset,
-                              dynamic_axes={"images": {0: "batch"}}, dynamo=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

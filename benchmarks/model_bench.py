@@ -179,14 +179,13 @@ def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path |
     the FP32 export (made once per source and size), or its QDQ version from PTQ (min-max)
     calibration: every layer PTQ quantizes by default at INT8 ("ort-int8"), or all of those
     but the detection head ("ort-mixed")."""
-    import torch
-
-    from edgekit.benchmarks.backends import QUANTIZED_BACKENDS, export_onnx
+    from edgekit.benchmarks.backends import QUANTIZED_BACKENDS
+    from edgekit.export.to_onnx import export_onnx
 
     size = source.image_size
     fp32 = onnx_dir / f"{source.name}_{size}_fp32.onnx"
     if not fp32.is_file():
-        export_onnx(source.model, torch.zeros(1, 3, size, size), fp32)
+        export_onnx(source.model, fp32, image_size=size)
     if backend not in QUANTIZED_BACKENDS:
         return fp32, None
     from edgekit.calibration.ptq import calibrate

@@ -93,6 +93,55 @@ def test_precision_labels(tmp_path):
         np.testing.assert_allclose(r(x)[0].numpy(), x.numpy() * 0.3 * second, rtol=1e-6)
 
 
+def _graph(nodes, inits, opset=19):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _linear_and_deform(float_matmul: bool) -> onnx.ModelProto:
+    """A Linear whose weight reaches MatMul through DequantizeLinear -> Transpose, and a
+    DeformConv (quantized weight) whose offsets come from a float conv, as exports have them."""
+    s, z = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])
+    inits = [s, z, helper.make_tensor("lin_q", TensorProto.INT8, [2, 2], [1, 2, 3, 4]),
+             helper.make_tensor("dw_q", TensorProto.INT8, [1, 1, 1, 1], [3]),
+             helper.make_tensor("off_w", TensorProto.FLOAT, [2, 1, 1, 1], [0.0, 0.0])]
+    nodes = [helper.make_node("DequantizeLinear", ["dw_q", "s", "z"], ["dw"]),
+             helper.make_node("Conv", ["x", "off_w"], ["off"]),
+             helper.make_node("DeformConv", ["x", "dw", "off"], ["d"], kernel_shape=[1, 1])]
+    if float_matmul:
+        inits.append(helper.make_tensor("lin_f", TensorProto.FLOAT, [2, 2], [0.1, 0.2, 0.3, 0.4]))
+        nodes.append(helper.make_node("Transpose", ["lin_f"], ["lin_t"], perm=[1, 0]))
+    else:
+        nodes += [helper.make_node("DequantizeLinear", ["lin_q", "s", "z"], ["lin_f"]),
+                  helper.make_node("Transpose", ["lin_f"], ["lin_t"], perm=[1, 0])]
+    nodes.append(helper.make_node("MatMul", ["d", "lin_t"], ["out"]))
+    return _graph(nodes, inits)
+
+
+def test_precision_follows_pass_through_ops_and_ignores_offset_convs(tmp_path):
+    for float_matmul, want in ((False, "int8-qdq"), (True, "mixed")):
+        p = tmp_path / f"lin{float_matmul}.onnx"
+        onnx.save(_linear_and_deform(float_matmul), str(p))
+        assert onnx_precision(p) == want
+
+
+def test_precision_prefers_the_export_metadata(tmp_path):
+    from edgekit.export.to_onnx import set_metadata
+
+    for export_format, want in (("onnx-int8", "int8-qdq"), ("onnx-mixed", "mixed")):
+        for graph_quantized in (True, False):  # the graph alone would say int8-qdq / mixed
+            m = _qdq_model(graph_quantized)
+            set_metadata(m, {"export_format": export_format})
+            p = tmp_path / f"{export_format}{graph_quantized}.onnx"
+            onnx.save(m, str(p))
+            assert onnx_precision(p) == want
+    m = _qdq_model(True)  # quantize_onnx's record of bit widths below 8: mixed precision
+    set_metadata(m, {"quant_source": "ghost", "precision": "mixed"})
+    onnx.save(m, str(tmp_path / "low.onnx"))
+    assert onnx_precision(tmp_path / "low.onnx") == "mixed"
+
+
 def test_unavailable_backends_are_skipped_not_raised(tmp_path):
     path = export(TwoHeads(), tmp_path / "m.onnx")
     providers = ort.get_available_providers()
