@@ -32,7 +32,7 @@ from pathlib import Path
 from edgekit.errors import EdgekitError
 
 OUTPUT_NAME = "detections"
-MIN_OPSET = 13  # Unsqueeze/ReduceSum with axes as inputs, GreaterOrEqual, stable TopK
+MIN_OPSET = 13  # Unsqueeze/ReduceSum with axes as inputs, stable TopK
 PREFIX = "end2end/"
 
 
@@ -111,17 +111,17 @@ def append_nms(model, *, score_threshold: float = 0.05, iou_threshold: float = 0
     whwh = g.op("Gather", [hw, g.const([1, 0, 1, 0], "whwh", np.int64)])
     boxes = g.op("Min", [g.op("Max", [boxes, g.const(0.0, "zero", np.float32)]), whwh])
 
-    # Pre-NMS top-k over (class, box) pairs per image: scores below the k-th best are zeroed,
-    # so they fail the score threshold (which is >= 0) inside NonMaxSuppression.
+    # Pre-NMS top-k over (class, box) pairs per image: exactly the k pairs TopK returns keep
+    # their scores (scattered into zeros), so ties at the k-th score cannot let more through;
+    # the zeroed rest fail the score threshold (>= 0) inside NonMaxSuppression.
     scores_bcn = g.op("Transpose", [scores], perm=[0, 2, 1])
     flat = g.op("Reshape", [scores_bcn, g.const([0, -1], "flat", np.int64)])
     pairs = g.op("Gather", [g.op("Shape", [flat]), g.const([1], "one", np.int64)])
     k = g.op("Min", [pairs, g.const([pre_nms_top_k], "topk", np.int64)])
-    top_values, _ = g.op("TopK", [flat, k], outputs=2, axis=1)
-    kth = g.op("Gather", [top_values, g.op("Sub", [k, g.const([1], "one", np.int64)])], axis=1)
-    kth = g.op("Unsqueeze", [kth, g.const([2], "axis2", np.int64)])
-    masked = g.op("Where", [g.op("GreaterOrEqual", [scores_bcn, kth]), scores_bcn,
-                            g.const(0.0, "zero", np.float32)])
+    top_values, top_index = g.op("TopK", [flat, k], outputs=2, axis=1)
+    zeros = g.op("ConstantOfShape", [g.op("Shape", [flat])], value=helper.make_tensor("zero", f32, [1], [0.0]))
+    kept = g.op("ScatterElements", [zeros, top_index, top_values], axis=1)
+    masked = g.op("Reshape", [kept, g.op("Shape", [scores_bcn])])
 
     selected = g.op("NonMaxSuppression", [boxes, masked, g.const([max_detections], "max_out", np.int64),
                                           g.const([iou_threshold], "iou", np.float32),

@@ -119,3 +119,27 @@ def test_unreadable_onnx_file(tmp_path):
     with pytest.raises(EdgekitError, match="not a readable ONNX file"):
         make_end2end(bad, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_ties_at_the_kth_score_let_exactly_top_k_through():
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["b_in"], ["boxes"]), helper.make_node("Identity", ["s_in"], ["scores"])], "g",
+        [helper.make_tensor_value_info("images", f, [1, 3, 64, 64]), helper.make_tensor_value_info("b_in", f, [1, 6, 4]),
+         helper.make_tensor_value_info("s_in", f, [1, 6, 2])],
+        [helper.make_tensor_value_info("boxes", f, [1, 6, 4]), helper.make_tensor_value_info("scores", f, [1, 6, 2])])
+    raw = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    e2e = append_nms(raw, score_threshold=0.1, iou_threshold=0.5, max_detections=20, pre_nms_top_k=3)
+    boxes = np.array([[[10 * i, 0, 10 * i + 5, 5] for i in range(6)]], np.float32)  # disjoint: NMS removes none
+    tie = float(np.random.default_rng().uniform(0.2, 0.9))
+    scores = np.zeros((1, 6, 2), np.float32)
+    scores[0, :, 1] = tie  # six pairs tied at the 3rd-best score
+    session = ort.InferenceSession(e2e.SerializeToString(), providers=["CPUExecutionProvider"])
+    det = session.run(None, {"images": np.zeros((1, 3, 64, 64), np.float32), "b_in": boxes, "s_in": scores})[0]
+    assert det.shape == (3, 7), (tie, det)
+    assert np.allclose(det[:, 5], tie) and np.all(det[:, 6] == 1)
+    scores[0, 0, 0] = tie + 0.05  # one pair above the tie: it and two of the tied ones
+    det = session.run(None, {"images": np.zeros((1, 3, 64, 64), np.float32), "b_in": boxes, "s_in": scores})[0]
+    assert det.shape == (3, 7) and det[0, 5] == pytest.approx(tie + 0.05) and det[0, 6] == 0
