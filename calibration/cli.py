@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from edgekit.calibration.spec import check_bits
 from edgekit.errors import EdgekitError
 
 METHODS = ("ghost", "uniform", "budget", "sensitivity")
@@ -122,8 +123,10 @@ def _parse_bits(text: str) -> tuple:
         bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
     except ValueError:
         raise EdgekitError(f"--bits must be comma-separated integers such as 2,4,8, got {text!r}") from None
-    if not bits or bits[0] < 2 or bits[-1] > 8:
-        raise EdgekitError(f"--bits must be in 2..8, got {text!r}")
+    if not bits:
+        raise EdgekitError(f"--bits must name at least one width such as 2,4,8, got {text!r}")
+    for b in bits:
+        check_bits(b, f"--bits {text!r}")
     return bits
 
 

@@ -245,13 +245,14 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
     from edgekit.calibration.profiler import FLOAT_BITS, measure_layers
     from edgekit.calibration.quantize import (QuantConfig, default_example_input, fixed_layer_bits,
                                               quantizable_layers, trace_layers)
+    from edgekit.calibration.spec import check_bits
 
     start, sens_seconds = time.perf_counter(), 0.0
     if method not in ("ghost", "budget", "sensitivity"):
         raise EdgekitError(f"unknown search method {method!r}; use ghost, budget or sensitivity")
-    bits = tuple(sorted(set(int(b) for b in bits)))
-    if not bits or bits[0] < 2 or bits[-1] > 8:
-        raise EdgekitError(f"bit widths must be in 2..8, got {list(bits)}")
+    bits = tuple(sorted({check_bits(int(b), "bit widths") for b in bits}))
+    if not bits:
+        raise EdgekitError("no bit widths to search; pass some, e.g. bits=(2, 4, 8)")
     metric = metric or ("kmeans" if method == "ghost" else "uniform")
     if method != "ghost" and budget_bops is not None and not isinstance(act_bits, int):
         raise EdgekitError("a BOPs budget needs fixed activation bits (tied ones couple the layers); "

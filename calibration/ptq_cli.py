@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit.calibration.spec import OBSERVERS, check_bits
 from edgekit.errors import EdgekitError
 
-OBSERVER_CHOICES = ("minmax", "percentile", "entropy", "mse")
+# The spec's observer names less "qat" (learned, not observed): the keys of
+# observers.OBSERVERS, read from the light spec module so that the CLI starts without numpy.
+OBSERVER_CHOICES = tuple(name for name in OBSERVERS if name != "qat")
 
 
 def add_subcommands(sub) -> None:
@@ -37,8 +40,7 @@ def run_calibrate(args) -> int:
     if args.batches < 1 or args.batch_size < 1:
         raise EdgekitError(f"--batches and --batch-size must be >= 1, got {args.batches} and {args.batch_size}")
     for flag, bits in (("--weight-bits", args.weight_bits), ("--act-bits", args.act_bits)):
-        if not 2 <= bits <= 8:
-            raise EdgekitError(f"{flag} must be in [2, 8], got {bits}")
+        check_bits(bits, flag)
     from itertools import islice
 
     from torch.utils.data import DataLoader

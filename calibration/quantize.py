@@ -25,9 +25,9 @@ import json
 from collections import deque
 from pathlib import Path
 
+from edgekit.calibration.spec import check_bits
 from edgekit.errors import EdgekitError
 
-MIN_BITS, MAX_BITS = 2, 8
 CONFIG_FORMAT = "edgekit.quant-config/1"
 
 
@@ -57,17 +57,17 @@ class QuantConfig:
         for name in ("first_layer_bits", "last_layer_bits", "default_bits"):
             value = getattr(self, name)
             if value is not None:
-                _check_bits(value, name)
+                check_bits(value, f"quant config {name}")
         if isinstance(self.weight_bits, dict):
             for path, b in self.weight_bits.items():
-                _check_bits(b, f"weight_bits[{path!r}]")
+                check_bits(b, f"quant config weight_bits[{path!r}]")
         else:
-            _check_bits(self.weight_bits, "weight_bits")
+            check_bits(self.weight_bits, "quant config weight_bits")
         if isinstance(self.act_bits, dict):
             for path, b in self.act_bits.items():
-                _check_bits(b, f"act_bits[{path!r}]")
+                check_bits(b, f"quant config act_bits[{path!r}]")
         elif self.act_bits != "tied":
-            _check_bits(self.act_bits, "act_bits")
+            check_bits(self.act_bits, "quant config act_bits")
 
     @property
     def resolved(self) -> bool:
@@ -96,11 +96,6 @@ class QuantConfig:
     @classmethod
     def load(cls, path) -> "QuantConfig":
         return cls.from_dict(_read_json(path), str(path))
-
-
-def _check_bits(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        raise EdgekitError(f"quant config: {name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {value!r}")
 
 
 def _read_json(path) -> dict:

@@ -178,3 +178,15 @@ def test_errors_are_one_line():
         MinMaxObserver().compute(8, True)
     with pytest.raises(EdgekitError, match="NaN"):
         MinMaxObserver().update(np.array([1.0, np.nan]))
+
+
+def test_calibrate_command_offers_exactly_the_observers_and_starts_without_numpy():
+    import subprocess
+    import sys
+
+    from edgekit.calibration.ptq_cli import OBSERVER_CHOICES
+
+    assert set(OBSERVER_CHOICES) == set(OBSERVERS)
+    code = "import sys, edgekit.cli as c; c.build_parser(); print('numpy' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -257,7 +257,7 @@ def assert_one_line_error(code, err, needle):
 @pytest.mark.parametrize("argv, needle", [
     (["quantize", "rsdet_atto", "--method", "budget", "--out", "X"], "needs --budget-bops"),
     (["quantize", "rsdet_atto", "--method", "ghost", "--budget-mb", "1", "--out", "X"], "takes no budget"),
-    (["quantize", "rsdet_atto", "--method", "ghost", "--bits", "1,4", "--out", "X"], "--bits must be in 2..8"),
+    (["quantize", "rsdet_atto", "--method", "ghost", "--bits", "1,4", "--out", "X"], "--bits '1,4': bits must be an integer in [2, 8], got 1"),
     (["quantize", "rsdet_atto", "--method", "ghost", "--bits", "a", "--out", "X"], "comma-separated"),
     (["quantize", "missing.safetensors", "--method", "uniform", "--out", "X"], "not found"),
     (["quantize", "no_such_model", "--method", "uniform", "--out", "X"], "unknown model"),
