@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edgekit.calibration.spec import check_bits
+from edgekit.calibration.spec import check_bits, save_spec
 from edgekit.errors import EdgekitError
 
 METHODS = ("ghost", "uniform", "budget", "sensitivity")
@@ -206,7 +206,7 @@ def _cmd_quantize(args) -> int:
     report = profile_model(qmodel, size, model_name=name)
 
     resolved.save(out / "qconfig.json")
-    _save_spec(spec, out / "quant_spec.json")
+    save_spec(spec, out / "quant_spec.json")
     report.to_json(out / "profile.json")
     from edgekit.fileio import write_text_atomic
     write_text_atomic(out / "profile.txt", report.to_table() + "\n")
@@ -221,16 +221,6 @@ def _cmd_quantize(args) -> int:
     print(f"{name}: {t['bops'] / 1e9:.3f} GBOPs, {t['size_mb']:.4f} MB, "
           f"search {search.seconds if search else 0.0:.2f} s -> {out}")
     return 0
-
-
-def _save_spec(spec: dict, path: Path) -> None:
-    try:
-        from edgekit.calibration.spec import save_spec
-    except ImportError:
-        from edgekit.fileio import write_json_atomic
-        write_json_atomic(path, spec)
-        return
-    save_spec(spec, path)
 
 
 def _example(model, size: int):

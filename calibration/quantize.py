@@ -477,16 +477,6 @@ def _input_calibrated(quant_proxy) -> bool:
     return True
 
 
-def _layer_type(module) -> str:
-    import torch.nn as nn
-
-    from edgekit.models.deform import DeformConv2d
-
-    if isinstance(module, DeformConv2d):
-        return "DeformConv2d"
-    return "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
-
-
 def quant_spec_from_model(qmodel, model_name: str | None = None, source: str = "qat",
                           observer: str = "qat") -> dict:
     """The ``edgekit.quant-spec/1`` dict of a quantized model, read from its brevitas
@@ -503,7 +493,7 @@ def quant_spec_from_model(qmodel, model_name: str | None = None, source: str = "
             scale = qw.scale.detach().flatten().double()
             channels = module.weight.shape[0]
             scale = scale.expand(channels) if scale.numel() == 1 else scale
-            entry = {"type": _layer_type(module),
+            entry = {"type": layer_type(module),
                      "weight": {"bits": int(qw.bit_width), "signed": True, "axis": 0,
                                 "scale": scale.tolist(),
                                 "zero_point": [int(z) for z in qw.zero_point.detach().flatten().expand(channels)]},
@@ -519,11 +509,10 @@ def quant_spec_from_model(qmodel, model_name: str | None = None, source: str = "
     if uncalibrated:
         raise EdgekitError(f"input quantizers of {len(uncalibrated)} layers (e.g. {uncalibrated[0]}) have no "
                            f"scale yet; run calibrate_activations(qmodel, batches) or train first")
-    spec = {"format": "edgekit.quant-spec/1", "model": model_name, "source": source, "layers": layers}
-    try:
-        from edgekit.calibration.spec import validate_spec
-    except ImportError:  # the spec module is optional for this producer
-        return spec
+    from edgekit.calibration.spec import new_spec, validate_spec
+
+    spec = new_spec(model_name, source)
+    spec["layers"] = layers
     return validate_spec(spec, "quant spec from model")
 
 
