@@ -90,6 +90,10 @@ def test_mse_clip_is_no_worse_than_minmax_and_other_clips(rng):
 
 def test_entropy_beats_minmax_on_the_bulk_of_heavy_tailed_data(rng):
     data = rng.standard_t(2, size=100_000)
+    # Truncated at |x| <= 1000: one value beyond ~3000 (1% of runs) squeezes the bulk into fewer
+    # histogram bins than the 128 levels, and TensorRT's KL search then keeps the whole range.
+    # Truncated, the entropy/minmax error ratio stayed below 0.1 over 150 seeds.
+    data = data[np.abs(data) <= 1000]
     bulk = data[np.abs(data) < np.percentile(np.abs(data), 99)]
     errors = {}
     for cls in (EntropyObserver, MinMaxObserver):
@@ -113,14 +117,16 @@ def test_entropy_threshold_of_a_uniform_distribution_is_its_range(rng):
 @pytest.mark.parametrize("name", sorted(OBSERVERS))
 def test_per_channel_histograms_follow_each_channel(rng, name):
     scales = np.array([0.1, 1.0, 10.0])
-    data = rng.normal(size=(4000, 3)) * scales  # channel axis 1
+    # One random sample scaled per channel (channel axis 1): every observer is scale-equivariant,
+    # so the scales must be exactly 10x apart. (Independent samples per channel made the ratio
+    # a random variable: it came within 15% of the old 50% tolerance over 30 seeds.)
+    data = rng.normal(size=(4000, 1)) * scales
     obs = make_observer(name, axis=1)
     for part in batches_of(data, 4):
         obs.update(part)
     scale, zp = obs.compute(8, signed=True, symmetric=True, narrow=True)
     assert scale.shape == (3,) and (zp == 0).all()
-    ratios = scale[1:] / scale[:-1]
-    np.testing.assert_allclose(ratios, 10, rtol=0.5)  # each channel gets its own range
+    np.testing.assert_allclose(scale[1:] / scale[:-1], 10, rtol=1e-5)  # each channel gets its own range
     single = make_observer(name)
     for part in batches_of(data, 4):
         single.update(part[:, 2])
