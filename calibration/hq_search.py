@@ -36,15 +36,16 @@ EXACT_CHUNKS = 256    # the optimal segmentation cuts between at most this many 
 EXACT_WORK = 2e6      # ... and is used when k * runs^2 stays below this (all k <= 16; small layers)
 
 
-def kmeans_1d(values, k: int, iters: int = 40, presorted: bool = False) -> tuple[np.ndarray, float]:
+def kmeans_1d(values, k: int, iters: int = 300, presorted: bool = False) -> tuple[np.ndarray, float]:
     """(sorted centres, mean squared distance) of a 1-D k-means.
 
     For k <= 16, or few weights, the start is the optimal k-segmentation of the sorted
     weights cut only between EXACT_CHUNKS equal-count runs (exact dynamic programming;
     the exact optimum when there are at most that many weights): few centres, or few
     weights per centre, is where plain Lloyd gets stuck in poor local optima. Otherwise the
-    start is quantiles. Lloyd then refines
-    on all weights (``presorted``: ``values`` is a sorted 1-D float64 array).
+    start is companding quantiles. Lloyd then refines on all weights up to a fixed point
+    (``iters`` caps it; 40 steps left bimodal layers at k=64 short of one in ~10% of draws)
+    (``presorted``: ``values`` is a sorted 1-D float64 array).
     """
     w = np.asarray(values, dtype=np.float64).ravel()
     w = w if presorted else np.sort(w)
