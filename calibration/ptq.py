@@ -14,7 +14,6 @@ reference that the QDQ ONNX model is checked against.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import functools
 from collections.abc import Iterable
 
@@ -23,29 +22,6 @@ from edgekit.errors import EdgekitError
 # Offset/mask predictors of deformable convs stay float: a one-step error in an offset
 # moves a sampling point, which costs far more accuracy than the layer's size saves.
 DEFAULT_EXCLUDE = ("*conv_offset",)
-
-
-def quantizable_layers(model, layers: Iterable[str] | None = None, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> dict:
-    """{module path: spec type} of the layers to quantize (default: every Conv2d, Linear and
-    edgekit DeformConv2d whose path matches no ``exclude`` pattern)."""
-    import torch.nn as nn
-
-    from edgekit.models.deform import DeformConv2d
-
-    kinds = ((DeformConv2d, "DeformConv2d"), (nn.Conv2d, "Conv2d"), (nn.Linear, "Linear"))
-    found = {}
-    for path, module in model.named_modules():
-        kind = next((k for cls, k in kinds if isinstance(module, cls)), None)
-        if kind is not None:
-            found[path] = kind
-    if layers is None:
-        return {p: k for p, k in found.items() if not any(fnmatch.fnmatchcase(p, pat) for pat in exclude)}
-    layers = list(layers)
-    unknown = [p for p in layers if p not in found]
-    if unknown:
-        raise EdgekitError(f"layers {', '.join(unknown[:3])} are not Conv2d/Linear/DeformConv2d modules of the model; "
-                           f"pick names from model.named_modules()")
-    return {p: found[p] for p in layers}
 
 
 def weight_qparams(weight, bits: int, per_channel: bool = True, observer: str = "minmax") -> dict:
@@ -73,12 +49,13 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     from tqdm.auto import tqdm
 
     from edgekit.calibration.observers import make_observer
-    from edgekit.calibration.spec import MAX_BITS, MIN_BITS, new_spec
+    from edgekit.calibration.quantize import QuantConfig, quantizable_layer_types
+    from edgekit.calibration.spec import check_bits, new_spec
 
-    for name, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
-        if not MIN_BITS <= bits <= MAX_BITS:
-            raise EdgekitError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
-    chosen = quantizable_layers(model, layers, exclude)
+    check_bits(weight_bits, "weight_bits")
+    check_bits(act_bits, "act_bits")
+    # One layer selection for PTQ and QAT; ``exclude`` patterns play QuantConfig.skip's part.
+    chosen = quantizable_layer_types(model, QuantConfig(skip=tuple(exclude), quantize_offset_branch=True), layers)
     if not chosen:
         raise EdgekitError("the model has no Conv2d/Linear/DeformConv2d layer left to quantize")
     modules = dict(model.named_modules())
