@@ -165,12 +165,15 @@ def _export_graphs(model, info, args, opts, stage: Path, image_size: int) -> dic
     return result
 
 
-def _parity(model, graphs: dict, args, classes, image_size: int) -> dict:
-    from edgekit.export.parity import check_end2end, check_parity, map_difference
+def _parity(model, graphs: dict, args, classes, image_size: int, spec: dict | None = None) -> dict:
+    from edgekit.export.parity import check_end2end, check_fake_quant, check_parity, map_difference
 
     precision = graphs["precision"]
     inputs = _parity_inputs(args.data, classes, image_size)
-    report = check_parity(model, graphs["raw"], inputs, precision, raise_on_failure=False)
+    if spec is not None:  # judged against the spec's fake-quant model; the float comparison is information
+        report = check_fake_quant(model, graphs["raw"], inputs, spec, precision, raise_on_failure=False)
+    else:
+        report = check_parity(model, graphs["raw"], inputs, precision, raise_on_failure=False)
     report["onnx"] = graphs["final"].name
     if args.nms:
         report["nms"] = check_end2end(graphs["raw"], graphs["final"], inputs)
@@ -275,7 +278,7 @@ def _export(args) -> dict:
     stage.mkdir(parents=True)
     try:
         graphs = _export_graphs(model, info, args, opts, stage, image_size)
-        report = _parity(model, graphs, args, classes, image_size) if args.parity else None
+        report = _parity(model, graphs, args, classes, image_size, opts["spec"]) if args.parity else None
         if args.sqnr:
             from edgekit.export.parity import layer_sqnr
 

@@ -6,6 +6,8 @@ Runtime's CPU provider on sample inputs:
 - :func:`check_parity`: per output, max absolute error, max relative error and cosine
   similarity against the torch model, judged against :data:`TOLERANCES` (one row per
   precision); past them, :class:`ParityError` with the numbers in its one line.
+- :func:`check_fake_quant`: a quantized (QDQ) graph against the torch fake-quant model
+  of its spec under tight tolerances; the float comparison is kept as information.
 - :func:`check_end2end`: an end-to-end (NMS) graph gives the detections that the torch
   post-processing gives on the raw graph's own boxes/scores (the NMS itself is checked,
   not the network twice).
@@ -41,6 +43,13 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp16": {"atol": 5e-3, "rtol": 5e-3, "min_cosine": 0.999, "max_map_drop": 0.01},
     "int8": {"atol": 0.2, "rtol": 0.2, "min_cosine": 0.98, "max_map_drop": 0.05},
     "mixed": {"atol": 0.5, "rtol": 0.5, "min_cosine": 0.9, "max_map_drop": 0.15},
+    # A QDQ graph against the torch fake-quant model of the same spec (check_fake_quant), run
+    # without ORT's graph optimizations so it computes the graph's own meaning: only
+    # rounding-boundary flips (accumulation order) differ, each one grid step, which later
+    # layers carry on. Measured on rsdet_atto (random weights, PTQ min-max spec, deformable,
+    # 64 and 128 px, 2 runs each): W8A8 max err 6.1e-3*scale, cosine >= 0.999986; W4A6 3.0e-3,
+    # 0.9999988; W2A4 4.7e-2, 0.99929 (most runs bit-exact, up to 7 px of 152 on a flip).
+    "fake-quant": {"atol": 0.1, "rtol": 0.1, "min_cosine": 0.998},
 }
 SQNR_CAP_DB = 200.0  # reported for bit-identical tensors (infinite SQNR is not valid JSON)
 
@@ -59,7 +68,7 @@ def _tolerance(precision: str) -> dict:
     return TOLERANCES[precision]
 
 
-def _session(onnx_path):
+def _session(onnx_path, optimize: bool = True):
     import onnxruntime as ort
 
     path = Path(onnx_path)
@@ -67,6 +76,8 @@ def _session(onnx_path):
         raise EdgekitError(f"{path}: no such ONNX file; export one first (edgekit export)")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:  # each node as written: the graph's meaning, not ORT's fused integer kernels
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid/unsupported graphs
@@ -144,17 +155,19 @@ def compare_arrays(want, got, tol: dict) -> dict:
             "cosine": cosine, "scale": scale, "passed": bool(within.all() and cosine >= tol["min_cosine"])}
 
 
-def check_parity(model, onnx_path, inputs, precision: str = "fp32", *, raise_on_failure: bool = True) -> dict:
+def check_parity(model, onnx_path, inputs, precision: str = "fp32", *, raise_on_failure: bool = True,
+                 optimize: bool = True) -> dict:
     """Compare ``model(*inputs)`` with the ONNX graph at ``onnx_path`` on the same inputs.
 
     ``model`` is the torch module the graph was exported from (an RSDet is compared through
     :class:`~edgekit.export.to_onnx.DetectorOutputs`, as exported); its outputs, flattened
     in order, pair with the graph's outputs in order. Returns the report dict
     ``{"precision", "tolerance", "outputs": {name: stats}, "passed"}``; raises
-    :class:`ParityError` when it did not pass and ``raise_on_failure``.
+    :class:`ParityError` when it did not pass and ``raise_on_failure``. ``optimize=False``
+    runs the graph without ONNX Runtime's graph optimizations (fusions).
     """
     tol = _tolerance(precision)
-    onnx_out = run_onnx(onnx_path, inputs)
+    onnx_out = run_onnx(_session(onnx_path, optimize), inputs)
     torch_out = _torch_outputs(model, inputs)
     if len(torch_out) != len(onnx_out):
         raise EdgekitError(f"{onnx_path}: the graph has {len(onnx_out)} output(s) ({', '.join(onnx_out)}) but the "
@@ -163,6 +176,27 @@ def check_parity(model, onnx_path, inputs, precision: str = "fp32", *, raise_on_
     report = {"precision": precision, "tolerance": dict(tol), "onnx": str(onnx_path),
               "input_shapes": [list(getattr(x, "shape", ())) for x in _as_list(inputs)],
               "outputs": outputs, "passed": all(o["passed"] for o in outputs.values())}
+    if raise_on_failure:
+        raise_if_failed(report)
+    return report
+
+
+def check_fake_quant(model, onnx_path, inputs, spec: dict, precision: str, *, raise_on_failure: bool = True) -> dict:
+    """Parity of a QDQ graph made from ``spec``: judged against the torch fake-quant model
+    (:func:`edgekit.calibration.ptq.apply_fake_quant`, the spec's meaning) under the tight
+    "fake-quant" tolerances, which catch a wrong scale or zero point in the graph; the
+    comparison with the float ``model`` (quantization noise, ORT's optimized integer
+    kernels) is kept under "float_model" as information. ``precision`` (int8 or mixed)
+    names the graph and sets ``max_map_drop``."""
+    from edgekit.calibration.ptq import apply_fake_quant
+
+    float_report = check_parity(model, onnx_path, inputs, precision, raise_on_failure=False)
+    report = check_parity(apply_fake_quant(model, spec), onnx_path, inputs, "fake-quant", raise_on_failure=False,
+                          optimize=False)
+    report.update(precision=precision, reference="torch fake-quant model of the spec, ONNX Runtime unoptimized",
+                  tolerance={**report["tolerance"], "max_map_drop": _tolerance(precision)["max_map_drop"]},
+                  float_model={"note": "information: against the float model, ONNX Runtime optimized",
+                               **{k: float_report[k] for k in ("tolerance", "outputs", "passed")}})
     if raise_on_failure:
         raise_if_failed(report)
     return report
@@ -189,7 +223,8 @@ def summary_line(report: dict) -> str:
         parts.append(f"mAP@.5 torch {m['torch']['map50']:.4f} vs onnx {m['onnx']['map50']:.4f}")
     tol = report.get("tolerance", {})
     verdict = "passed" if report.get("passed") else "FAILED"
-    return (f"parity {verdict} ({report.get('precision')}; tol atol {tol.get('atol')}*max(scale,1) + rtol {tol.get('rtol')}, "
+    against = " vs torch fake-quant" if "float_model" in report else ""
+    return (f"parity {verdict} ({report.get('precision')}{against}; tol atol {tol.get('atol')}*max(scale,1) + rtol {tol.get('rtol')}, "
             f"cosine >= {tol.get('min_cosine')}): " + "; ".join(parts))
 
 

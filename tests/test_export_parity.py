@@ -193,3 +193,42 @@ def test_export_onnx_fp16_passes_fp16(tmp_path):
     report = check_parity(model, path, x, "fp16")
     # Half-precision rounding is visible (float32 alone stays near 1e-6 relative on boxes).
     assert report["passed"] and report["outputs"]["boxes"]["max_rel_err"] > 2e-5, report["outputs"]
+
+
+def test_fake_quant_parity_passes_a_qdq_graph_and_catches_a_wrong_zero_point(exported, tmp_path):
+    """The QDQ graph of a PTQ spec matches the spec's torch fake-quant model tightly. A graph
+    whose first activation DequantizeLinear has its zero point off by 2^(bits-1) (a signed
+    grid written as unsigned without the shift, the mistake the UINT8 rewrite can make)
+    fails it, while the float comparison's loose bounds let that graph through. (A wrong
+    zero point shared by a Q/DQ pair only moves the clipping range; ConvNeXt's norms absorb
+    small constant offsets, so a shift of a few steps is below any safe bound.)"""
+    from onnx import numpy_helper
+
+    from edgekit.calibration.ptq import calibrate
+    from edgekit.export.parity import check_fake_quant
+    from edgekit.export.qdq import quantize_onnx
+
+    model, path = exported
+    seed = fresh_seed()
+    spec = calibrate(model, [images(seed + i) for i in range(2)], progress=False)
+    x = images(seed + 2)
+    good = quantize_onnx(path, spec, tmp_path / "good.onnx", model=model)
+    report = check_fake_quant(model, good, x, spec, "int8")
+    assert report["passed"] and report["precision"] == "int8" and "float_model" in report
+    assert report["tolerance"] == {**TOLERANCES["fake-quant"], "max_map_drop": TOLERANCES["int8"]["max_map_drop"]}
+
+    proto = onnx.load(str(good))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in producers
+              and producers[n.input[0]].op_type == "QuantizeLinear")  # the image's quantizer: first in graph order
+    zero = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == dq.input[2]))
+    half = 2 ** (8 * zero.dtype.itemsize - 1)
+    wrong = numpy_helper.from_array(((zero.astype(np.int64) + half) % (2 * half)).astype(zero.dtype), "wrong_zero")
+    proto.graph.initializer.append(wrong)
+    dq.input[2] = "wrong_zero"
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    report = check_fake_quant(model, tmp_path / "bad.onnx", x, spec, "int8", raise_on_failure=False)
+    print({k: (o["max_abs_err"], o["cosine"]) for k, o in report["outputs"].items()})
+    assert report["float_model"]["passed"] and not report["passed"]
+    with pytest.raises(ParityError, match="FAILED .*fake-quant"):
+        check_fake_quant(model, tmp_path / "bad.onnx", x, spec, "int8")
