@@ -68,8 +68,8 @@ def _numel(x) -> int:
     return 0
 
 
-def _conv_macs(out, weight, groups: int) -> int:
-    # every output element: (Cin/groups) x kh x kw multiply-accumulates
+def _conv_macs(out, weight) -> int:
+    # every output element: (Cin/groups) x kh x kw multiply-accumulates (weight.shape[1] is Cin/groups)
     return out.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
 
 
@@ -93,14 +93,14 @@ def profile_layers(model, example, spec: dict | None = None) -> list[LayerCost]:
             own = sum(p.numel() for p in mod.parameters(recurse=False))
             if isinstance(mod, DeformConv2d):
                 x = inputs[0]
-                macs = _conv_macs(output, mod.weight, mod.groups)
+                macs = _conv_macs(output, mod.weight)
                 k = mod.kernel_points
                 has_mask = (len(inputs) > 2 and inputs[2] is not None) or getattr(mod, "modulated", False)
                 per_sample = BILINEAR_FLOPS + (1 if has_mask else 0)
                 samples = output.shape[0] * output.shape[2] * output.shape[3] * k * x.shape[1]
                 flops = 2 * macs + per_sample * samples
             elif isinstance(mod, nn.Conv2d):
-                macs = _conv_macs(output, mod.weight, mod.groups)
+                macs = _conv_macs(output, mod.weight)
                 flops = 2 * macs
             elif isinstance(mod, nn.Linear):
                 macs = output.numel() * mod.in_features
