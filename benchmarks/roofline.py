@@ -11,10 +11,13 @@ and the model's predicted latency is the sum (layers run one after another at ba
 Everything this module returns is labelled ``"predicted"``; :func:`validate_on_cpu`
 puts it beside a measured eager latency.
 
-Why hooks rather than ``torch.utils.flop_counter`` alone: the flop counter sees aten
-ops, not module paths with weights and bit widths, and it does not know the deformable
-convolution's sampling; it is used in the tests as the independent check of the
-Conv2d/Linear counts. Ops outside modules (residual additions, reshapes) are not counted.
+MACs of Conv2d, Linear and deformable convs (its bilinear sampling included) are the
+profiler's (:func:`edgekit.calibration.profiler.measure_layers`), so BOPs, ``edgekit
+profile`` and the roofline give one count; this module adds the bytes moved and FLOPs =
+2 x MACs. Why hooks rather than ``torch.utils.flop_counter`` alone: the flop counter sees
+aten ops, not module paths with weights and bit widths, and it does not know the
+deformable convolution's sampling; it is used in the tests as the independent check of
+the Conv2d/Linear counts. Ops outside modules (residual additions, reshapes) are not counted.
 
 Costs per element for non-matmul layers (FLOPs per output element) are rough constants,
 stated in ``ELEMENTWISE_FLOPS``; they matter little next to the convolutions, and those
@@ -29,7 +32,6 @@ from edgekit.errors import EdgekitError
 
 ELEMENTWISE_FLOPS = {"LayerNorm": 5, "GroupNorm": 5, "BatchNorm2d": 2, "GELU": 8, "ReLU": 1, "SiLU": 4,
                      "Sigmoid": 4, "GRN": 6, "Scale": 1, "Identity": 0, "Dropout": 0, "DropPath": 0}
-BILINEAR_FLOPS = 7  # per sampled value of a deformable conv: 4 products + 3 sums (+1 for the v2 mask)
 FLOAT_BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 
 
@@ -68,11 +70,6 @@ def _numel(x) -> int:
     return 0
 
 
-def _conv_macs(out, weight) -> int:
-    # every output element: (Cin/groups) x kh x kw multiply-accumulates (weight.shape[1] is Cin/groups)
-    return out.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
-
-
 def profile_layers(model, example, spec: dict | None = None) -> list[LayerCost]:
     """Per-layer costs from one forward of ``model(example)`` (no gradient).
 
@@ -91,25 +88,11 @@ def profile_layers(model, example, spec: dict | None = None) -> list[LayerCost]:
         def fn(mod, inputs, output):
             tname = type(mod).__name__
             own = sum(p.numel() for p in mod.parameters(recurse=False))
-            if isinstance(mod, DeformConv2d):
-                x = inputs[0]
-                macs = _conv_macs(output, mod.weight)
-                k = mod.kernel_points
-                has_mask = (len(inputs) > 2 and inputs[2] is not None) or getattr(mod, "modulated", False)
-                per_sample = BILINEAR_FLOPS + (1 if has_mask else 0)
-                samples = output.shape[0] * output.shape[2] * output.shape[3] * k * x.shape[1]
-                flops = 2 * macs + per_sample * samples
-            elif isinstance(mod, nn.Conv2d):
-                macs = _conv_macs(output, mod.weight)
-                flops = 2 * macs
-            elif isinstance(mod, nn.Linear):
-                macs = output.numel() * mod.in_features
-                flops = 2 * macs
-            else:
-                macs = 0
-                flops = ELEMENTWISE_FLOPS.get(tname, 1) * _numel(output)
+            weighted = isinstance(mod, (nn.Conv2d, nn.Linear, DeformConv2d))
+            # weighted layers: MACs/FLOPs from the profiler below; others: a rough per-element cost
+            flops = 0 if weighted else ELEMENTWISE_FLOPS.get(tname, 1) * _numel(output)
             q = quant.get(name) or {}
-            costs.append(LayerCost(name, tname, int(macs), int(flops), int(own), int(_numel(inputs)),
+            costs.append(LayerCost(name, tname, 0, int(flops), int(own), int(_numel(inputs)),
                                    int(_numel(output)), (q.get("weight") or {}).get("bits"),
                                    (q.get("input") or {}).get("bits")))
         return fn
@@ -122,7 +105,27 @@ def profile_layers(model, example, spec: dict | None = None) -> list[LayerCost]:
     finally:
         for h in hooks:
             h.remove()
+    _profiler_counts(costs, model, example)
     return costs
+
+
+def _profiler_counts(costs: list[LayerCost], model, example) -> None:
+    """MACs of Conv2d/Linear/DeformConv2d layers from :func:`edgekit.calibration.profiler.measure_layers`
+    (the one count edgekit reports, BOPs and sizes included), scaled to the example's batch;
+    FLOPs = 2 x (MACs + the deformable sampling's multiply-adds). A module called several
+    times (a shared head) has its total split evenly over its calls."""
+    from collections import Counter
+
+    from edgekit.calibration.profiler import measure_layers
+
+    counted = measure_layers(model, tuple(example.shape[-2:]), in_channels=example.shape[1])
+    calls = Counter(c.name for c in costs if c.name in counted)
+    batch = example.shape[0]
+    for c in costs:
+        if c.name in counted:
+            _, _, macs, sampling = counted[c.name]
+            c.macs = macs * batch // calls[c.name]
+            c.flops = 2 * (macs + sampling) * batch // calls[c.name]
 
 
 def predict(costs: list[LayerCost], device, precision: str = "fp32") -> dict:

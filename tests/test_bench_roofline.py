@@ -48,7 +48,12 @@ def test_deformable_conv_counts_gemm_and_sampling():
     dcn, offset_conv = costs["0"], costs["0.conv_offset"]
     gemm_macs = 2 * 6 * 7 * 9 * 4 * 9  # N * Cout * H * W * Cin * k*k
     assert dcn.type == "DeformConv2dPack" and dcn.macs == gemm_macs
-    assert dcn.flops == 2 * gemm_macs + (7 + 1) * 2 * 7 * 9 * 9 * 4  # bilinear (+mask) per sampled value
+    # the profiler's count: 4 multiply-adds (+1 for the mask) per sampled value, 2 FLOPs each
+    assert dcn.flops == 2 * gemm_macs + 2 * (4 + 1) * 2 * 7 * 9 * 9 * 4
+    from edgekit.calibration.profiler import measure_layers
+
+    one = measure_layers(nn.Sequential(layer), (7, 9), in_channels=4)  # the single source, at batch 1
+    assert dcn.macs == 2 * one["0"][2] and dcn.flops == 2 * 2 * (one["0"][2] + one["0"][3])
     assert offset_conv.macs == 2 * 27 * 7 * 9 * 4 * 9
     assert dcn.weight_numel == layer.weight.numel() + layer.bias.numel()  # its own, not conv_offset's
 
