@@ -100,11 +100,13 @@ def check_options(args) -> dict:
 
 def _load_spec(args) -> dict:
     from edgekit.calibration.spec import load_spec
+    from edgekit.export.qdq import spec_precision
 
     spec = load_spec(args.calibration)
-    low = sorted({e["weight"]["bits"] for e in spec["layers"].values()} - {8})
-    if args.format == "onnx-int8" and low:
-        raise EdgekitError(f"{args.calibration} has {low}-bit layers; --format onnx-int8 is for 8-bit specs, "
+    if args.format == "onnx-int8" and spec_precision(spec) != "int8":
+        low = sorted({e["weight"]["bits"] for e in spec["layers"].values()})
+        raise EdgekitError(f"{args.calibration} has layers below int8 (weight bits {low}, or activations under 8 "
+                           f"bits); --format onnx-int8 takes 7- or 8-bit weights and 8-bit activations, "
                            f"use --format onnx-mixed")
     return spec
 

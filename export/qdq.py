@@ -74,14 +74,27 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     return out
 
 
+# Bit widths an INT8 export holds: 7-bit weights are the "reduced range" int8 that x86 CPUs
+# without VNNI need (their u8s8 kernels saturate with full 8-bit weights), stored as INT8.
+INT8_WEIGHT_BITS = (7, 8)
+
+
+def spec_precision(spec: dict) -> str:
+    """"int8" when every quantized weight is int8-stored (7 or 8 bits) and every activation
+    8-bit, else "mixed" (some layer below that)."""
+    layers = spec["layers"].values()
+    weights_int8 = all(layer["weight"]["bits"] in INT8_WEIGHT_BITS for layer in layers)
+    acts_int8 = all(layer[key]["bits"] == 8 for layer in layers for key in ("input", "output") if layer.get(key))
+    return "int8" if weights_int8 and acts_int8 else "mixed"
+
+
 def quantization_metadata(spec: dict, opset: int) -> dict:
     """What a runtime or a reader of the file needs to know: the precision as the export
-    names it (int8 when every quantized weight is 8-bit), the opset, and per-layer bits."""
+    names it, the opset, and per-layer bits."""
     layers = spec["layers"]
     weight_bits = {path: layer["weight"]["bits"] for path, layer in layers.items()}
     act_bits = {path: layer["input"]["bits"] for path, layer in layers.items() if layer.get("input")}
-    low = any(b < 8 for b in (*weight_bits.values(), *act_bits.values()))
-    return {"precision": "mixed" if low else "int8", "opset": str(opset), "quant_source": spec.get("source"),
+    return {"precision": spec_precision(spec), "opset": str(opset), "quant_source": spec.get("source"),
             "weight_bits": weight_bits, "act_bits": act_bits}
 
 

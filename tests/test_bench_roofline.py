@@ -125,35 +125,38 @@ def test_ci_cpu_profile_is_derived_from_this_machine():
     assert D.copy_bandwidth_gbs(megabytes=8, repeats=2) > 0
 
 
-class Sleep(nn.Module):
-    def __init__(self, seconds):
-        super().__init__()
-        self.seconds = seconds
+def test_measured_layer_times_are_exclusive_of_children(monkeypatch):
+    """A fake clock that only the layers advance: exact times, immune to machine load."""
+    import time
 
-    def forward(self, x):
-        import time
-        time.sleep(self.seconds)
-        return x
-
-
-def test_measured_layer_times_are_exclusive_of_children():
     from edgekit.benchmarks.roofline import measure_layers
     from edgekit.models.deform import DeformConv2d
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+
+    class Tick(nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            now[0] += self.seconds
+            return x
 
     class Outer(DeformConv2d):  # a hooked non-leaf, like DeformConv2dPack around its offset conv
         def __init__(self):
             super().__init__(1, 1, 1)
-            self.slow = Sleep(0.05)
+            self.slow = Tick(0.05)
 
         def forward(self, x):
-            import time
-            time.sleep(0.005)
+            now[0] += 0.005
             return self.slow(x)
 
-    t = measure_layers(nn.Sequential(Outer(), Sleep(0.01)), torch.zeros(1, 1, 2, 2), repeats=1)
+    t = measure_layers(nn.Sequential(Outer(), Tick(0.01)), torch.zeros(1, 1, 2, 2), repeats=1)
     assert set(t) == {"0", "0.slow", "1"}
-    assert t["0.slow"] >= 50_000 and t["1"] >= 10_000
-    assert 5_000 <= t["0"] < 30_000  # its own 5 ms, not its child's 50 ms
+    assert t["0.slow"] == pytest.approx(50_000) and t["1"] == pytest.approx(10_000)
+    assert t["0"] == pytest.approx(5_000)  # its own 5 ms, not its child's 50 ms
 
 
 def test_validation_report_groups_by_layer_type():

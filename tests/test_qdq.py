@@ -361,3 +361,14 @@ def test_rsdet_atto_qdq_matches_fake_quant(fresh_torch_seed, tmp_path, conv_outp
         print(f"optimize={optimize}: mean |ORT - fake-quant| {err:.4g}, float32/64 floor {floor:.4g}, "
               f"|float - fake-quant| {float_err:.4g}")
         assert err <= 3 * floor + 0.01 * float_err and err < float_err
+
+
+def test_int8_precision_takes_reduced_range_weights_only():
+    from edgekit.export.qdq import spec_precision
+
+    def spec(weight_bits, act_bits):
+        act = {"bits": act_bits, "signed": False, "scale": 0.1, "zero_point": 0, "observer": "minmax"}
+        return {"layers": {"a": {"weight": {"bits": weight_bits}, "input": act}}}
+
+    assert spec_precision(spec(8, 8)) == spec_precision(spec(7, 8)) == "int8"  # 7: int8 on CPUs without VNNI
+    assert spec_precision(spec(6, 8)) == spec_precision(spec(8, 4)) == "mixed"
