@@ -524,7 +524,34 @@ def save_quantized(path, qmodel, model_name: str, model_kwargs: dict, info: dict
     config = getattr(qmodel, "quant_config", None)
     if config is None:
         raise EdgekitError("save_quantized: the model has no quant_config; build it with quantize()")
+    # brevitas creates weight-scale parameters lazily, on first use: reading every weight
+    # quantizer here makes the saved state complete, so load_quantized can rebuild it.
+    import torch
+
+    with torch.no_grad():
+        for module in qmodel.modules():
+            if isinstance(module, quantized_layer_types()):
+                module.quant_weight()
     return save_checkpoint(path, qmodel, model_name, model_kwargs, {**(info or {}), "quant_config": config.to_dict()})
+
+
+def export_view(checkpoint):
+    """(float model, info, quant spec) of a quantized checkpoint, for export: the float
+    model carries the checkpoint's own (e.g. QAT-trained) weights, and the spec holds the
+    scales its learned quantizers define. Export writes the float graph and then Q/DQ from
+    the spec, the same route a PTQ spec takes."""
+    from edgekit.models import create_model
+
+    qmodel, info = load_quantized(checkpoint)
+    float_model = create_model(info["model"], **info["kwargs"])
+    qstate = qmodel.state_dict()
+    missing = [k for k in float_model.state_dict() if k not in qstate]
+    if missing:
+        raise EdgekitError(f"{checkpoint}: the quantized model has no float tensor for {missing[:3]}; "
+                           f"re-run edgekit quantize")
+    float_model.load_state_dict({k: qstate[k] for k in float_model.state_dict()}, strict=True)
+    spec = quant_spec_from_model(qmodel, info["model"], source=info.get("quant_source", "qat"))
+    return float_model.eval(), info, spec
 
 
 def load_quantized(checkpoint, qconfig=None):

@@ -55,8 +55,9 @@ def _number(value: str, flag: str, kind=float):
         raise EdgekitError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
 
-def check_options(args) -> dict:
-    """Every user-facing check that needs no model: one line per problem, before any work."""
+def check_options(args, quantized_checkpoint: bool = False) -> dict:
+    """Every user-facing check that needs no model: one line per problem, before any work.
+    A quantized checkpoint (edgekit quantize) carries its own spec; --calibration overrides it."""
     if args.format not in FORMATS:
         raise EdgekitError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
     if args.deform not in DEFORM_MODES:
@@ -75,8 +76,9 @@ def check_options(args) -> dict:
     if size is not None and (size < 32 or size % 32):
         raise EdgekitError(f"--image-size must be a positive multiple of 32 (the backbone's stride), got {size}")
     quantized = args.format in ("onnx-int8", "onnx-mixed")
-    if quantized and not args.calibration:
-        raise EdgekitError(f"--format {args.format} needs --calibration SPEC.json (write one with edgekit calibrate)")
+    if quantized and not args.calibration and not quantized_checkpoint:
+        raise EdgekitError(f"--format {args.format} needs --calibration SPEC.json (write one with edgekit calibrate) "
+                           f"or a quantized checkpoint (edgekit quantize)")
     if args.sqnr and not args.calibration:
         raise EdgekitError("--sqnr debugs quantized exports; give --calibration SPEC.json (onnx-int8, onnx-mixed)")
     if args.calibration and args.format in ("onnx", "onnx-fp16"):
@@ -258,12 +260,28 @@ def _export(args) -> dict:
     """Checks, export into a staging folder, parity, move into --out, bundle if parity passed."""
     import shutil
 
-    opts = check_options(args)
     from edgekit.cli import detector_classes
-    from edgekit.engine.checkpoint import load_model
+    from edgekit.engine.checkpoint import load_model, read_checkpoint
     from edgekit.fileio import write_json_atomic
 
-    model, info = load_model(args.checkpoint)
+    try:
+        quantized_checkpoint = "quant_config" in read_checkpoint(args.checkpoint)[3]
+    except EdgekitError:  # missing or corrupt: reported after the option checks, by load_model
+        quantized_checkpoint = False
+    opts = check_options(args, quantized_checkpoint)
+    if quantized_checkpoint:
+        from edgekit.calibration.quantize import export_view
+
+        model, info, own_spec = export_view(args.checkpoint)
+        if opts["spec"] is None:
+            if args.format == "onnx-int8":
+                from edgekit.export.qdq import spec_precision
+
+                if spec_precision(own_spec) != "int8":
+                    raise EdgekitError(f"{args.checkpoint} is quantized below int8; use --format onnx-mixed")
+            opts["spec"] = own_spec
+    else:
+        model, info = load_model(args.checkpoint)
     classes = detector_classes(info, args.checkpoint)
     image_size = opts["image_size"] or int(info.get("image_size", 256))
     if image_size < 32 or image_size % 32:

@@ -279,3 +279,28 @@ def test_real_decomposed_deform_export(files, tmp_path, capsys):
     graph = onnx.load(str(tmp_path / "d" / "model.onnx")).graph
     assert not any(n.op_type == "DeformConv" for n in graph.node)
     assert json.loads((tmp_path / "d" / "parity.json").read_text())["passed"]
+
+
+def test_a_quantized_checkpoint_exports_its_own_weights_and_scales(files, fast_export, capsys, tmp_path):
+    """edgekit quantize -> (QAT) -> export: no --calibration, the checkpoint's weights and spec."""
+    from edgekit.calibration.quantize import (QuantConfig, calibrate_activations, export_view, quantize,
+                                              save_quantized)
+    from edgekit.engine.checkpoint import load_model
+
+    model, info = load_model(files["plain"])
+    qmodel = quantize(model, QuantConfig(weight_bits=4, act_bits=8), example_input=torch.randn(1, 3, SIZE, SIZE))
+    calibrate_activations(qmodel, [torch.randn(2, 3, SIZE, SIZE)])
+    with torch.no_grad():  # what QAT does: the float weights move away from the float checkpoint's
+        qmodel.head.cls_out.weight.add_(torch.randn_like(qmodel.head.cls_out.weight) * 0.05)
+    ckpt = save_quantized(tmp_path / "q.safetensors", qmodel, "rsdet_atto", info["kwargs"], {"image_size": SIZE})
+
+    float_model, _, spec = export_view(ckpt)
+    assert torch.equal(float_model.head.cls_out.weight, qmodel.head.cls_out.weight)
+    assert {e["weight"]["bits"] for p, e in spec["layers"].items()} >= {4}
+
+    code, _, err = run_cli([ckpt, "--format", "onnx-int8", "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "onnx-mixed" in err and not (tmp_path / "bad").exists()
+    code, _, err = run_cli([ckpt, "--format", "onnx-mixed", "--out", tmp_path / "mixed"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "mixed" / "parity.json").read_text())
+    assert report["passed"] and report["precision"] == "mixed"
