@@ -32,6 +32,14 @@ def tiny_run(tiny_data, tmp_path_factory):
 
 
 @pytest.fixture
+def rng():
+    """A numpy generator with a fresh, printed seed (replay a failure with that seed)."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"numpy seed {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
 def fresh_torch_seed():
     """Fresh inputs each run; the seed is printed so a failure can be replayed."""
     value = int(np.random.SeedSequence().entropy % 2**31)

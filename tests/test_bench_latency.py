@@ -34,13 +34,6 @@ def scripted(clock, durations_s):
     return fn, calls
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"numpy seed {seed}")
-    return np.random.default_rng(seed)
-
-
 def test_summary_matches_numpy(rng):
     values = list(rng.lognormal(0.0, 0.5, size=int(rng.integers(2, 500))))
     block = L.summarize(values)

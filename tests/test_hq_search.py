@@ -17,13 +17,6 @@ from edgekit.calibration.sensitivity import fisher_trace, hutchinson_trace, laye
 from edgekit.errors import EdgekitError
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"numpy seed {seed}")
-    return np.random.default_rng(seed)
-
-
 def dense_lloyd(x, centres, iters):
     """Textbook Lloyd: full distance matrix, same init (an independent implementation)."""
     c = centres.copy()

@@ -11,13 +11,6 @@ from edgekit.calibration.spec import fake_quantize, qrange
 from edgekit.errors import EdgekitError
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"numpy seed {seed}")
-    return np.random.default_rng(seed)
-
-
 def batches_of(data: np.ndarray, n: int):
     return np.array_split(data, n)
 
