@@ -156,8 +156,7 @@ def _cmd_quantize(args) -> int:
                          last_layer_bits=first_last)
     model, name, kwargs, info = _load_float(args.checkpoint)
     size = _image_size(args, info)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created only once there is something to write: a failed search leaves nothing
     progress = not args.quiet
 
     search = None
@@ -205,6 +204,7 @@ def _cmd_quantize(args) -> int:
     spec = quant_spec_from_model(qmodel, name, source=source, observer=observer)
     report = profile_model(qmodel, size, model_name=name)
 
+    out.mkdir(parents=True, exist_ok=True)
     resolved.save(out / "qconfig.json")
     save_spec(spec, out / "quant_spec.json")
     report.to_json(out / "profile.json")
