@@ -179,11 +179,9 @@ def append_nms(model, *, score_threshold: float = 0.05, iou_threshold: float = 0
 def make_end2end(raw_onnx: str | Path, out_path: str | Path, **nms) -> Path:
     """Read a boxes/scores ONNX file, append NMS (keyword arguments of :func:`append_nms`)
     and write the end-to-end graph atomically."""
-    import os
-
     import onnx
 
-    from edgekit.fileio import temp_path
+    from edgekit.fileio import atomic_target
 
     raw_onnx, out_path = Path(raw_onnx), Path(out_path)
     try:
@@ -191,9 +189,8 @@ def make_end2end(raw_onnx: str | Path, out_path: str | Path, **nms) -> Path:
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
         raise EdgekitError(f"{raw_onnx} is not a readable ONNX file ({type(exc).__name__}); export it again") from None
     model = append_nms(model, **nms)
-    tmp = temp_path(out_path)
-    onnx.save(model, str(tmp))
-    os.replace(tmp, out_path)
+    with atomic_target(out_path) as tmp:
+        onnx.save(model, str(tmp))
     return out_path
 
 

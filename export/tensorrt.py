@@ -31,12 +31,12 @@ DeformConv import are written from NVIDIA's migration guide and release notes, u
 
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.fileio import write_bytes_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 MIN_VERSION = (10, 0)
@@ -137,17 +137,6 @@ def _profile_shapes(inputs: dict, min_batch: int, opt_batch: int, max_batch: int
     return shapes
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    from edgekit.fileio import temp_path
-
-    tmp = temp_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _script_paths(engine_path: Path, onnx_path: Path, cache_path: Path) -> list:
     """Paths for the trtexec script, which runs in the engine's folder: files in that folder
     by name (the folder can move, e.g. onto the target device), others absolute."""
@@ -219,13 +208,13 @@ def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: 
         raise EdgekitError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path}; "
                            f"its log above says why (often an unsupported layer or too small a workspace)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_path, bytes(serialized))
-    _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    write_bytes_atomic(engine_path, bytes(serialized))
+    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     command = trtexec_command(*_script_paths(engine_path, onnx_path, cache_path), precision=precision,
                               trt_major=version[0], shapes=shapes, workspace_mib=workspace_mib,
                               strongly_typed=strongly_typed)
     script = engine_path.with_name(engine_path.name + ".trtexec.sh")
-    _write_atomic(script, f"#!/bin/sh\n# Rebuilds {engine_path.name} as edgekit did (TensorRT {trt.__version__}).\n"
+    write_bytes_atomic(script, f"#!/bin/sh\n# Rebuilds {engine_path.name} as edgekit did (TensorRT {trt.__version__}).\n"
                           f"cd \"$(dirname \"$0\")\" || exit 1\n{command}\n".encode())
     return {"engine": str(engine_path), "trtexec": command, "trtexec_script": str(script),
             "timing_cache": str(cache_path), "tensorrt": trt.__version__, "precision": precision,

@@ -289,19 +289,6 @@ def load_onnx(path) -> "onnx.ModelProto":  # noqa: F821
     return model
 
 
-def _save_atomic(model, path: Path) -> Path:
-    from edgekit.fileio import temp_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        tmp.write_bytes(model.SerializeToString())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp32", deform: str = "native",
                 opset: int = 19, dynamic_batch: bool = True, metadata: dict | None = None,
                 simplify: bool = True, model_name: str | None = None) -> Path:
@@ -345,4 +332,6 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
     else:
         meta["simplified"] = "no (simplify=False)"
     set_metadata(proto, meta)
-    return _save_atomic(proto, path)
+    from edgekit.fileio import write_bytes_atomic
+
+    return write_bytes_atomic(path, proto.SerializeToString())
