@@ -19,7 +19,6 @@ and ``--data`` a validation split, for the mAP column and the accuracy plots.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.fileio import read_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH_FORMAT = "edgekit.bench/1"
@@ -529,14 +529,7 @@ def compare(a_path: str, b_path: str) -> str:
 
 
 def _load_record(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise EdgekitError(f"--compare: {path} not found")
-    try:
-        record = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EdgekitError(f"--compare: {path} is not JSON ({exc.msg if hasattr(exc, 'msg') else exc}); pass a "
-                           f"file written by edgekit bench") from None
+    record = read_json(path, "--compare:", "pass a file written by edgekit bench")
     if not isinstance(record, dict) or record.get("format") != BENCH_FORMAT or not isinstance(record.get("rows"), list):
         raise EdgekitError(f"--compare: {path} is not an edgekit bench result (format {BENCH_FORMAT!r}); pass a file "
                            f"written by edgekit bench")

@@ -204,16 +204,8 @@ class DetectorTask:
         return {"map": 100.0 * r["map"], "map50": 100.0 * r["map50"]}
 
     def batches(self, count: int, batch_size: int = 4) -> list:
-        from torch.utils.data import DataLoader
-
-        from edgekit.data.dataset import collate_detection
-        loader = DataLoader(self.calib_set, batch_size=batch_size, shuffle=True, collate_fn=collate_detection)
-        out = []
-        for batch in loader:
-            out.append(batch)
-            if len(out) == count:
-                break
-        return out
+        from edgekit.data.dataset import sample_batches
+        return sample_batches(self.calib_set, count, batch_size)
 
     def qat_data(self):
         from edgekit.data.dataset import collate_detection

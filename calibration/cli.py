@@ -240,17 +240,8 @@ def _batches(model, info, args, size: int, count: int, batch_size: int = 2):
     import torch
 
     if _is_detector(model) and args.data:
-        from torch.utils.data import DataLoader
-
-        from edgekit.data.dataset import DetectionDataset, collate_detection
-        loader = DataLoader(DetectionDataset(Path(args.data), model.class_names, image_size=size),
-                            batch_size=batch_size, shuffle=True, collate_fn=collate_detection)
-        batches = []
-        for batch in loader:
-            batches.append(batch)
-            if len(batches) == count:
-                break
-        return batches
+        from edgekit.data.dataset import DetectionDataset, sample_batches
+        return sample_batches(DetectionDataset(Path(args.data), model.class_names, image_size=size), count, batch_size)
     if _is_detector(model):
         from edgekit.data.synthetic import synthetic_sample
         from edgekit.data.transforms import normalize, to_tensor

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
-from edgekit.fileio import write_text_atomic
+from edgekit.fileio import read_json, write_text_atomic
 
 FORMAT = "edgekit.quant-spec/1"
 SOURCES = ("ptq", "qat", "ghost", "uniform", "budget", "sensitivity")
@@ -154,11 +154,5 @@ def save_spec(spec: dict, path) -> Path:
 
 def load_spec(path) -> dict:
     """Read and validate a spec file; a missing or corrupt file is one clear line."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgekitError(f"quant spec {path} not found; write one with `edgekit calibrate` or `edgekit quantize`")
-    try:
-        spec = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EdgekitError(f"quant spec {path} is not valid JSON ({exc}); re-run calibration to rewrite it") from None
+    spec = read_json(path, "quant spec", "write it with `edgekit calibrate` or `edgekit quantize`")
     return validate_spec(spec, f"quant spec {path}")

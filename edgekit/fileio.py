@@ -51,3 +51,14 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | Path, what: str, fix: str):
+    """Parse a JSON file; a missing or corrupt file is one line: ``"{what} {path} ..., {fix}"``."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgekitError(f"{what} {path} not found; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgekitError(f"{what} {path} is not valid JSON ({exc}); {fix}") from None

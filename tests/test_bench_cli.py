@@ -70,7 +70,7 @@ def test_bad_inputs_are_one_line_errors(capsys, tmp_path):
         (("rsdet_atto", "--data", str(tmp_path / "nope")), "--data"),
         (("--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")), "not found"),
         (("--compare", str(not_bench), str(not_bench)), "not an edgekit bench result"),
-        (("--compare", str(broken), str(broken)), "not JSON"),
+        (("--compare", str(broken), str(broken)), "not valid JSON"),
         (("rsdet_atto", "--compare", str(not_bench), str(not_bench)), "no models"),
     ]
     for argv, needle in cases:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgekit.data.dataset import DetectionDataset, collate_detection
+from edgekit.data.dataset import DetectionDataset, collate_detection, sample_batches
 from edgekit.data.dota import DotaAnnotation, DotaObject, write_dota_labels
 from edgekit.data.images import save_image
 from edgekit.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, hflip, letterbox, random_flip_rotate, rot90,
@@ -137,3 +137,12 @@ def test_errors(tmp_path):
     (tmp_path / "images" / "im0.png").write_text("not an image")
     with pytest.raises(EdgekitError, match="im0.png"):
         DetectionDataset(tmp_path, ["ship", "plane"])
+
+
+def test_sample_batches_takes_at_most_count_batches(tiny_data):
+    from edgekit.data.synthetic import SYNTHETIC_CLASSES
+
+    dataset = DetectionDataset(tiny_data / "train", list(SYNTHETIC_CLASSES), image_size=128)  # 8 images
+    two = sample_batches(dataset, 2, batch_size=3)
+    assert [b[0].shape[0] for b in two] == [3, 3] and len(two[0][1]) == 3
+    assert sum(b[0].shape[0] for b in sample_batches(dataset, 10, batch_size=3)) == 8  # a small set gives fewer

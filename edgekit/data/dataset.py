@@ -92,3 +92,14 @@ def collate_detection(batch):
     """(images [B, 3, S, S], list of target dicts): boxes differ in number per image."""
     images, targets = zip(*batch)
     return torch.stack(images), list(targets)
+
+
+def sample_batches(dataset, count: int, batch_size: int) -> list:
+    """``count`` shuffled detection batches (fewer if the set is small): the data of
+    calibration and sensitivity estimates."""
+    import itertools
+
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_detection)
+    return list(itertools.islice(loader, count))
