@@ -336,59 +336,22 @@ def map_difference(model, onnx_path, dataset_root, classes, image_size: int, *, 
     return result
 
 
-def _weight_names(model_proto, weights: dict) -> dict:
-    """{module path: ONNX name of its weight}: '<path>.weight' when the graph has it, else an
-    initializer holding the same values or their transpose (exporters fold a Linear's
-    weight transpose into a new, anonymous initializer)."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    produced = {o for node in model_proto.graph.node for o in node.output}
-    inits = {i.name: i for i in model_proto.graph.initializer}
-    by_content = {}
-    for name, init in inits.items():
-        if len(init.dims) == 2:
-            a = numpy_helper.to_array(init)
-            by_content.setdefault((a.shape, a.astype(np.float32).tobytes()), name)
-    names = {}
-    for path, w in weights.items():
-        if f"{path}.weight" in inits or f"{path}.weight" in produced:
-            names[path] = f"{path}.weight"
-        elif w.ndim == 2:
-            for cand in (w, w.T):
-                c = np.ascontiguousarray(cand, np.float32)
-                if (c.shape, c.tobytes()) in by_content:
-                    names[path] = by_content[(c.shape, c.tobytes())]
-                    break
-    return names
-
-
 def _layer_tensors(model_proto, weight_names: dict) -> dict:
     """{module path: [ONNX tensors holding that layer's output, one per call, graph order]}.
 
-    ``weight_names`` maps module paths to their weight's ONNX name (see
-    :func:`_weight_names`; in a QDQ graph, the DequantizeLinear output keeps it), followed through pass-through ops to every Conv/Gemm/MatMul/DeformConv
-    reading it (a shared head runs once per pyramid level); a MatMul's bias Add, when it
-    is the only reader, is part of the layer.
+    ``weight_names`` maps module paths to their weight's ONNX name (in a QDQ graph, the
+    DequantizeLinear output keeps it), followed to every compute node reading it
+    (:func:`edgekit.export.qdq.layer_nodes`; a shared head runs once per pyramid level);
+    a MatMul's bias Add, when it is the only reader, is part of the layer.
     """
-    from edgekit.export.qdq import COMPUTE_OPS, PASS_THROUGH_OPS
+    from edgekit.export.qdq import consumer_map, layer_nodes
 
-    consumers: dict[str, list] = {}
-    for node in model_proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumer_map(model_proto.graph)
     order = {id(node): i for i, node in enumerate(model_proto.graph.node)}
     found = {}
     for path, weight_name in weight_names.items():
-        frontier, nodes = [weight_name], []
-        while frontier:
-            for node in consumers.get(frontier.pop(), []):
-                if node.op_type in COMPUTE_OPS:
-                    nodes.append(node)
-                elif node.op_type in PASS_THROUGH_OPS:
-                    frontier.extend(node.output)
         outs = []
-        for node in sorted(nodes, key=lambda n: order[id(n)]):
+        for node, _ in sorted(layer_nodes(weight_name, consumers), key=lambda n: order[id(n[0])]):
             out = node.output[0]
             readers = consumers.get(out, [])
             if node.op_type == "MatMul" and len(readers) == 1 and readers[0].op_type == "Add":
@@ -443,6 +406,7 @@ def layer_sqnr(model, onnx_path, inputs, layers=None, *, float_onnx=None) -> dic
     import onnxruntime as ort
     import torch
 
+    from edgekit.export.qdq import find_layer_weights
     from edgekit.export.to_onnx import DetectorOutputs, is_detector, load_onnx
     from edgekit.models.deform import DeformConv2d
 
@@ -455,7 +419,8 @@ def layer_sqnr(model, onnx_path, inputs, layers=None, *, float_onnx=None) -> dic
         raise EdgekitError(f"layer_sqnr: no module {unknown[0]!r} in the model; use paths from named_modules()")
     proto = load_onnx(onnx_path)
     weights = {p: modules[p].weight.detach().float().cpu().numpy() for p in paths}
-    tensors = _layer_tensors(proto, _weight_names(load_onnx(float_onnx) if float_onnx else proto, weights))
+    named = find_layer_weights((load_onnx(float_onnx) if float_onnx else proto).graph, weights)
+    tensors = _layer_tensors(proto, {path: name for path, (name, _) in named.items()})
     captured: dict[str, list] = {path: [] for path in tensors}
     hooks = [modules[path].register_forward_hook(
         lambda _m, _i, out, path=path: captured[path].append(out.detach().double().cpu().numpy()))

@@ -25,10 +25,18 @@ saturate with 8-bit weights (measured: they then depart from the graph's meaning
 7-bit weights they match it exactly); calibrate with ``weight_bits=7`` for such targets
 (ORT's "reduce range"; TensorRT is unaffected).
 
-Storage by bit width: 2- to 4-bit weights are INT4 (two per byte, opset 21), 5- to 8-bit
-weights INT8, so the file shrinks with the bits. 2-bit weights are INT4 holding values in
-[-1, 1]: ONNX has no 2-bit type before opset 25 and ONNX Runtime runs INT4 per-channel
-DequantizeLinear; 5-7 bits have no ONNX type between 4 and 8. Activations of at most 4
+Storage by bit width (``weight_storage="packed"``, the default): 4-bit weights are INT4
+(two per byte, opset 21), 8-bit weights INT8, and the widths ONNX has no type for (2, 3,
+5, 6, 7 bits) bit planes (:mod:`edgekit.export.bitpack`: b/8 byte per weight, unpacked
+to INT8 by a chain of standard bitwise ops in front of the usual per-channel
+DequantizeLinear), so the file shrinks with every bit. ONNX Runtime folds the chain into
+an INT8 initializer at session creation and then fuses the layer into QLinearConv /
+MatMulIntegerToFloat as with INT8 storage (tested for 2, 3, 5, 6, 7 bits); INT4 weights
+get no integer kernel in ORT 1.32 (DequantizeLinear + float Conv/MatMul). The chain
+costs about 0.5 KB a layer, more than bit planes save on layers of a few thousand
+weights. ``weight_storage="native"`` keeps the old layout: 2-4 bits INT4, 5-8 bits INT8
+(for runtimes without BitShift, such as TensorRT: onnx-tensorrt lists it unsupported). The metadata records each
+layer's storage ("int4", "int8", "bitplane<b>"). Activations of at most 4
 bits use INT4/UINT4 QuantizeLinear, 5-7 bits an 8-bit one followed by a Clip to the
 narrower grid; both reproduce ``fake_quantize`` exactly.
 """
@@ -38,13 +46,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.export import bitpack
 from edgekit.fileio import atomic_target
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "DeformConv")
 PASS_THROUGH_OPS = ("Transpose", "Identity", "Cast", "Reshape")
 
 
-def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, model=None) -> Path:
+def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, model=None,
+                  weight_storage: str = "packed") -> Path:
     """Write the QDQ model of ``fp32_onnx_path`` under ``spec`` to ``out_path``; return the path.
 
     ``model`` (the float torch model, optional) lets weights that the exporter renamed or
@@ -65,8 +75,11 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
         raise EdgekitError(f"{src} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
     proto = _with_opset(proto, opset, src)
     fold_conv_biases(proto)
-    _QDQRewriter(proto, src).apply(spec["layers"], model)
-    set_metadata(proto, quantization_metadata(spec, opset))
+    if weight_storage not in WEIGHT_STORAGES:
+        raise EdgekitError(f"weight_storage={weight_storage!r} is not one of {', '.join(WEIGHT_STORAGES)}")
+    rewriter = _QDQRewriter(proto, src, weight_storage)
+    rewriter.apply(spec["layers"], model)
+    set_metadata(proto, quantization_metadata(spec, opset, rewriter.storages))
     onnx.checker.check_model(proto)
     out = Path(out_path)
     with atomic_target(out) as tmp:
@@ -79,6 +92,18 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
 INT8_WEIGHT_BITS = (7, 8)
 
 
+WEIGHT_STORAGES = ("packed", "native")
+# Widths with no ONNX type of their own, stored as bit planes under weight_storage="packed".
+BITPLANE_BITS = (2, 3, 5, 6, 7)
+
+
+def weight_storage(bits: int, mode: str = "packed") -> str:
+    """How a ``bits``-wide weight is stored: "int4", "int8" or "bitplane<bits>"."""
+    if mode == "packed" and bits in BITPLANE_BITS:
+        return f"bitplane{bits}"
+    return "int4" if bits <= 4 else "int8"
+
+
 def spec_precision(spec: dict) -> str:
     """"int8" when every quantized weight is int8-stored (7 or 8 bits) and every activation
     8-bit, else "mixed" (some layer below that)."""
@@ -88,14 +113,16 @@ def spec_precision(spec: dict) -> str:
     return "int8" if weights_int8 and acts_int8 else "mixed"
 
 
-def quantization_metadata(spec: dict, opset: int) -> dict:
+def quantization_metadata(spec: dict, opset: int, storages: dict | None = None) -> dict:
     """What a runtime or a reader of the file needs to know: the precision as the export
-    names it, the opset, and per-layer bits."""
+    names it, the opset, per-layer bits and per-layer weight storage (:func:`weight_storage`;
+    default: the packed layout)."""
     layers = spec["layers"]
     weight_bits = {path: layer["weight"]["bits"] for path, layer in layers.items()}
     act_bits = {path: layer["input"]["bits"] for path, layer in layers.items() if layer.get("input")}
+    storages = storages or {path: weight_storage(bits) for path, bits in weight_bits.items()}
     return {"precision": spec_precision(spec), "opset": str(opset), "quant_source": spec.get("source"),
-            "weight_bits": weight_bits, "act_bits": act_bits}
+            "weight_bits": weight_bits, "act_bits": act_bits, "weight_storage": storages}
 
 
 def fold_conv_biases(proto) -> int:
@@ -143,6 +170,69 @@ def fold_conv_biases(proto) -> int:
     return folded
 
 
+def find_layer_weights(graph, weights: dict) -> dict:
+    """{module path: (ONNX name of its weight, output-channel axis)} for the paths of
+    ``weights`` ({path: float numpy weight of the torch layer, or None}); paths found
+    nowhere are left out. How the QDQ writer and the parity checks find a layer:
+
+    - by name: '<path>.weight', an initializer (torch's exporters keep parameter names) or
+      a node output (in a QDQ graph the weight's DequantizeLinear keeps the name), axis 0;
+    - else by value: an initializer holding the weight (axis 0) or, for a 2-D weight, its
+      transpose (axis 1): the dynamo exporter folds a channels-last Linear's weight into a
+      renamed, transposed MatMul initializer.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    names = {t.name for t in graph.initializer} | {o for node in graph.node for o in node.output}
+    found = {p: (f"{p}.weight", 0) for p in weights if f"{p}.weight" in names}
+    by_shape: dict[tuple, list] = {}
+    for path, w in weights.items():
+        if path in found or w is None:
+            continue
+        if not by_shape:
+            for init in graph.initializer:
+                by_shape.setdefault(tuple(init.dims), []).append(init)
+        for target, axis in [(w, 0)] + ([(w.T, 1)] if w.ndim == 2 else []):
+            match = next((i.name for i in by_shape.get(target.shape, [])
+                          if np.array_equal(numpy_helper.to_array(i), target)), None)
+            if match is not None:
+                found[path] = (match, axis)
+                break
+    return found
+
+
+def consumer_map(graph) -> dict:
+    """{tensor name: [nodes reading it]}."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def layer_nodes(weight_name: str, consumers: dict) -> list:
+    """[(node, data input index)] of every Conv/Gemm/MatMul/DeformConv reading the weight
+    ``weight_name`` (through pass-through ops such as Transpose), in the order found; a
+    module shared across pyramid levels is one node per call. ``consumers``: :func:`consumer_map`."""
+    found, frontier, seen = [], [weight_name], set()
+    while frontier:
+        name = frontier.pop()
+        for node in consumers.get(name, []):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in COMPUTE_OPS:
+                index = list(node.input).index(name)
+                if node.op_type == "MatMul":
+                    found.append((node, 1 - index))
+                elif index == 1:
+                    found.append((node, 0))
+            elif node.op_type in PASS_THROUGH_OPS:
+                frontier.extend(node.output)
+    return found
+
+
 def _with_opset(model, opset: int, src: Path):
     """INT4 DequantizeLinear needs opset 21; older graphs are converted up to it."""
     import onnx
@@ -163,13 +253,13 @@ def _with_opset(model, opset: int, src: Path):
 class _QDQRewriter:
     """One pass over the graph: weight DQ for each spec layer, QDQ on its data input."""
 
-    def __init__(self, model, src: Path):
-        self.model, self.graph, self.src = model, model.graph, src
+    def __init__(self, model, src: Path, storage: str = "packed"):
+        self.model, self.graph, self.src, self.storage = model, model.graph, src, storage
+        self.storages: dict[str, str] = {}  # path -> how its weight is stored (weight_storage)
+        self.chains = 0  # bit-plane unpacking chains written so far
         self.inits = {t.name: t for t in self.graph.initializer}
-        self.consumers: dict[str, list] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.names = set(self.inits) | {n for node in self.graph.node for n in (*node.input, *node.output)}
+        self.consumers = consumer_map(self.graph)
         self.new_nodes: list = []  # (anchor node, node to insert before it)
         self.after: dict[int, list] = {}  # id(node) -> nodes to insert right after it
 
@@ -188,31 +278,19 @@ class _QDQRewriter:
         self._insert_nodes()
 
     def _weight_initializers(self, layers: dict, model) -> dict:
-        """{path: (initializer name, output-channel axis)}: by name, else (with the torch
-        model) by value, which finds Linear weights that the exporter folded into a
-        transposed MatMul initializer (axis 1 there)."""
-        import numpy as np
-        from onnx import numpy_helper
-
-        found = {p: (f"{p}.weight", layers[p]["weight"]["axis"]) for p in layers if f"{p}.weight" in self.inits}
+        """{path: (initializer name, output-channel axis)} (see :func:`find_layer_weights`),
+        with the spec's axis for weights found by name."""
+        modules = dict(model.named_modules()) if model is not None else {}
+        weights = {p: modules[p].weight.detach().cpu().float().numpy() if hasattr(modules.get(p), "weight") else None
+                   for p in layers}
+        found = find_layer_weights(self.graph, weights)
+        found = {p: (name, layers[p]["weight"]["axis"] if name == f"{p}.weight" else axis)
+                 for p, (name, axis) in found.items()}
+        computed = [f"{name} ({p})" for p, (name, _) in found.items() if name not in self.inits]
+        if computed:
+            raise EdgekitError(f"{self.src}: the weight {computed[0]} of a spec layer is computed by a node, not "
+                               f"stored (is the graph quantized already?); quantize the float export")
         missing = [p for p in layers if p not in found]
-        if missing and model is not None:
-            modules = dict(model.named_modules())
-            by_shape: dict[tuple, list] = {}
-            for init in self.inits.values():
-                by_shape.setdefault(tuple(init.dims), []).append(init)
-            for path in missing:
-                if path not in modules or not hasattr(modules[path], "weight"):
-                    continue
-                w = modules[path].weight.detach().cpu().float().numpy()
-                candidates = [(w, 0)] + ([(w.T, 1)] if w.ndim == 2 else [])
-                for target, axis in candidates:
-                    match = next((i.name for i in by_shape.get(target.shape, [])
-                                  if np.array_equal(numpy_helper.to_array(i), target)), None)
-                    if match is not None:
-                        found[path] = (match, axis)
-                        break
-            missing = [p for p in layers if p not in found]
         names = [name for name, _ in found.values()]
         shared = {n for n in names if names.count(n) > 1}
         if shared:
@@ -228,23 +306,7 @@ class _QDQRewriter:
         return found
 
     def _compute_nodes(self, wname: str, path: str) -> list:
-        """[(node, data input index)] of every Conv/Gemm/MatMul/DeformConv reading the weight
-        (through transposes): a module shared across pyramid levels is one node per call."""
-        found, frontier, seen = [], [wname], set()
-        while frontier:
-            name = frontier.pop()
-            for node in self.consumers.get(name, []):
-                if id(node) in seen:
-                    continue
-                seen.add(id(node))
-                if node.op_type in COMPUTE_OPS:
-                    index = list(node.input).index(name)
-                    if node.op_type == "MatMul":
-                        found.append((node, 1 - index))
-                    elif index == 1:
-                        found.append((node, 0))
-                elif node.op_type in PASS_THROUGH_OPS:
-                    frontier.extend(node.output)
+        found = layer_nodes(wname, self.consumers)
         if not found:
             raise EdgekitError(f"{self.src}: weight {wname} of spec layer {path!r} feeds no Conv/Gemm/MatMul/"
                                f"DeformConv node; the spec's layer types do not match this graph")
@@ -267,15 +329,32 @@ class _QDQRewriter:
         zp = np.asarray(wspec["zero_point"], np.float32)
         qmin, qmax = qrange(bits, True, narrow=True)
         q = np.clip(np.round(w / scale.reshape(shape)) + zp.reshape(shape), qmin, qmax).astype(np.int8)
-        elem = _int_type(bits, signed=True)
+        storage = weight_storage(bits, self.storage)
+        elem = _int_type(8 if storage.startswith("bitplane") else bits, signed=True)
         qname = f"{wname}_quantized"
         init = self.inits[wname]
-        init.CopyFrom(_int_tensor(qname, q, elem))
+        if storage.startswith("bitplane"):
+            nodes, inits = bitpack.packed_tensor(qname, q, bits, f"{wname}_bitplanes", self._short_prefix())
+            init.CopyFrom(inits[0])
+            self.graph.initializer.extend(i for i in inits[1:] if i.name not in self.inits)
+            self.inits.update((i.name, i) for i in inits)
+            self.new_nodes += [(None, n) for n in nodes]
+        else:
+            init.CopyFrom(_int_tensor(qname, q, elem))
+        self.storages[path] = storage
         self.graph.initializer.extend([numpy_helper.from_array(scale, f"{wname}_scale"),
                                        _int_tensor(f"{wname}_zero_point", zp.astype(np.int8), elem)])
         dq = helper.make_node("DequantizeLinear", [qname, f"{wname}_scale", f"{wname}_zero_point"], [wname],
                               name=f"{wname}_DequantizeLinear", axis=axis)
         self.new_nodes.append((None, dq))
+
+    def _short_prefix(self) -> str:
+        """A fresh short name prefix for an unpacking chain's intermediate tensors."""
+        while True:
+            prefix = f"bp{self.chains}."
+            self.chains += 1
+            if not any(name.startswith(prefix) for name in self.names):
+                return prefix
 
     def _qdq(self, x: str, aspec: dict, base: str, out: str | None = None) -> list:
         """QuantizeLinear -> DequantizeLinear (-> Clip to a 5-7 bit grid) from tensor ``x``;

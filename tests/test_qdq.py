@@ -180,25 +180,117 @@ def test_exporters_expanded_zero_bias_becomes_an_initializer(tmp_path):
     assert fold_conv_biases(model) == 0  # already an initializer
 
 
+def layer_bytes(path, wname):
+    """Stored bytes of one weight's integer initializer (INT4/INT8 or bit planes)."""
+    inits = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+    init = inits.get(f"{wname}_quantized", inits.get(f"{wname}_bitplanes"))
+    return len(init.raw_data)
+
+
 def test_weight_storage_shrinks_with_the_bits(fresh_torch_seed, tmp_path):
     model = ConvNet(width=64).eval()
     fp32 = export_legacy(model, tmp_path / "fp32.onnx")
-    n_weights = sum(m.weight.numel() for m in (model.conv1, model.conv2, model.conv3, model.fc))
+    counts = {p: m.weight.numel() for p, m in model.named_modules() if hasattr(m, "weight")}
+    n_weights = sum(counts.values())
     batches = [torch.randn(1, 3, 16, 16)]
-    sizes = {}
-    for bits in (8, 4, 2):
+    sizes, conv2 = {}, {}
+    for bits, storage in ((8, "native"), (4, "native"), (2, "native"), (2, "packed"), (5, "packed")):
         spec = calibrate(model, batches, weight_bits=bits, progress=False)
-        sizes[bits] = quantize_onnx(fp32, spec, tmp_path / f"w{bits}.onnx").stat().st_size
-        types = {t.name: t.data_type for t in onnx.load(str(tmp_path / f"w{bits}.onnx")).graph.initializer}
-        assert types["conv2.weight_quantized"] == (onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4)
-        meta = read_metadata(tmp_path / f"w{bits}.onnx")  # the file says what it holds
+        path = quantize_onnx(fp32, spec, tmp_path / f"w{bits}{storage}.onnx", weight_storage=storage)
+        sizes[bits, storage], conv2[bits, storage] = path.stat().st_size, layer_bytes(path, "conv2.weight")
+        meta = read_metadata(path)  # the file says what it holds
         assert meta["precision"] == ("int8" if bits == 8 else "mixed") and meta["opset"] == "21"
         assert meta["weight_bits"] == {path: bits for path in spec["layers"]}
+        want = f"bitplane{bits}" if storage == "packed" else "int8" if bits > 4 else "int4"
+        assert meta["weight_storage"] == {path: want for path in spec["layers"]}
     fp32_size = fp32.stat().st_size
-    # float32 -> int8 saves 3 bytes per weight, int8 -> int4 half a byte; 2 bits are stored as INT4.
-    assert fp32_size - sizes[8] == pytest.approx(3 * n_weights, rel=0.05)
-    assert sizes[8] - sizes[4] == pytest.approx(n_weights / 2, rel=0.05)
-    assert sizes[2] == sizes[4]
+    # float32 -> int8 saves 3 bytes per weight, int8 -> int4 half a byte; natively 2 bits are INT4.
+    assert fp32_size - sizes[8, "native"] == pytest.approx(3 * n_weights, rel=0.05)
+    assert sizes[8, "native"] - sizes[4, "native"] == pytest.approx(n_weights / 2, rel=0.05)
+    assert sizes[2, "native"] == sizes[4, "native"]
+    # Bit planes: the big layer's bytes follow the bits (plus < 1 byte of padding per plane) ...
+    n = counts["conv2"]
+    assert conv2[4, "native"] == -(-n // 2) and conv2[2, "packed"] == 2 * -(-n // 8)
+    assert conv2[2, "packed"] / conv2[4, "native"] == pytest.approx(2 / 4, rel=0.01)
+    assert conv2[5, "packed"] / conv2[8, "native"] == pytest.approx(5 / 8, rel=0.01)
+    # ... and so does the file, less the unpacking chains (a few hundred bytes per layer).
+    saved = sum(-(-c // 2) - 2 * -(-c // 8) for c in counts.values())
+    assert 0.6 * saved < sizes[4, "native"] - sizes[2, "packed"] < saved
+
+
+def test_bitplane_storage_computes_what_native_storage_computes(convnet, tmp_path):
+    """2-, 3- and 5-bit layers: the same codes and scales, so the same outputs, bit for bit
+    (the graph's meaning: ORT unoptimized, and the ONNX reference evaluator)."""
+    from onnx.reference import ReferenceEvaluator
+
+    model, fp32 = convnet
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    spec = calibrate(model, batches, weight_bits=2, act_bits=8, progress=False)
+    for path, bits in (("conv2", 3), ("conv3", 5), ("fc", 3)):
+        spec["layers"][path] = calibrate(model, batches, weight_bits=bits, act_bits=8, progress=False,
+                                         layers=[path])["layers"][path]
+    packed = quantize_onnx(fp32, spec, tmp_path / "packed.onnx")
+    native = quantize_onnx(fp32, spec, tmp_path / "native.onnx", weight_storage="native")
+    assert read_metadata(packed)["weight_storage"] == {"conv1": "bitplane2", "conv2": "bitplane3",
+                                                       "conv3": "bitplane5", "fc": "bitplane3"}
+    ops = Counter(n.op_type for n in onnx.load(str(packed)).graph.node)
+    native_ops = Counter(n.op_type for n in onnx.load(str(native)).graph.node)
+    assert ops["BitShift"] == ops["ReduceSum"] == 4 and native_ops["BitShift"] == 0
+    assert ops["DequantizeLinear"] == native_ops["DequantizeLinear"] and ops["Conv"] == native_ops["Conv"] == 3
+    x = torch.randn(3, 3, 16, 16)
+    got = run_ort(packed, x, optimize=False)
+    np.testing.assert_array_equal(got, run_ort(native, x, optimize=False))
+    reference = ReferenceEvaluator(str(packed)).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_array_equal(reference, ReferenceEvaluator(str(native)).run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        expected = apply_fake_quant(model, spec)(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reference, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(EdgekitError, match="weight_storage='int2'.*packed, native"):
+        quantize_onnx(fp32, spec, tmp_path / "bad.onnx", weight_storage="int2")
+
+
+class ConvThenLinear(nn.Module):
+    """Convs, then a channels-last Linear (a MatMul on a folded, transposed weight), as in ConvNeXt blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.pw = nn.Linear(16, 24)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.pw(x.permute(0, 2, 3, 1)).mean((1, 2))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
+def test_orts_optimizer_folds_the_unpacking_and_keeps_integer_kernels(fresh_torch_seed, tmp_path, bits):
+    """ORT folds the constant unpacking chain at session creation and fuses each layer into
+    QLinearConv / MatMulIntegerToFloat, as with INT8 storage (INT4, the native storage of 2-
+    and 3-bit weights, leaves ORT 1.32's convs in float: DequantizeLinear + Conv)."""
+    model = ConvThenLinear().eval()
+    fp32 = export_legacy(model, tmp_path / "fp32.onnx")
+    spec = calibrate(model, [torch.randn(4, 3, 16, 16)], weight_bits=bits, progress=False, conv_outputs=True)
+    x = torch.randn(2, 3, 16, 16)
+    ops, outputs = {}, {}
+    for storage in ("packed", "native"):
+        out = quantize_onnx(fp32, spec, tmp_path / f"{storage}.onnx", model=model, weight_storage=storage)
+        outputs[storage] = run_ort(out, x, optimize=True, optimized_path=tmp_path / f"opt_{storage}.onnx")
+        ops[storage] = Counter(n.op_type for n in onnx.load(str(tmp_path / f"opt_{storage}.onnx")).graph.node)
+    print(bits, ops)
+    packed = ops["packed"]
+    assert packed["QLinearConv"] == 2 and packed["MatMulIntegerToFloat"] == 1, packed
+    assert not set(packed) & {"BitShift", "BitwiseAnd", "ReduceSum", "Conv", "FusedConv", "MatMul"}, packed
+    if bits > 4:  # INT8 storage: the same kernels, hence the same outputs
+        assert ops["native"] == packed
+        np.testing.assert_array_equal(outputs["packed"], outputs["native"])
+    else:
+        assert ops["native"]["QLinearConv"] < packed["QLinearConv"]
+    with torch.no_grad():
+        expected = apply_fake_quant(model, spec)(x).numpy()
+    step = spec["layers"]["pw"]["input"]["scale"] * model.pw.weight.detach().abs().sum(1).max().item()
+    assert np.abs(outputs["packed"] - expected).max() <= 2 * step
 
 
 def test_only_the_quantized_layers_data_edge_gets_qdq(convnet, tmp_path):
