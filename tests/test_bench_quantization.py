@@ -38,7 +38,8 @@ def test_numbers_finite_and_in_range(quick_run):
             assert math.isfinite(r[key]) and r[key] >= 0, (r["key"], key, r[key])
         assert r["top1"] <= 100
         assert (r["qat_seconds"] > 0) == r["key"].endswith("_qat")
-        assert (r["search_seconds"] > 0) == (r["key"] in ("ghost_qat", "budget_qat", "sensitivity_qat"))
+        searched = {row.key for row in Q.ROWS if row.method in ("ghost", "budget", "sensitivity")}
+        assert (r["search_seconds"] > 0) == (r["key"] in searched)
 
 
 def test_bops_and_size_ordering(quick_run):
@@ -49,15 +50,19 @@ def test_bops_and_size_ordering(quick_run):
     # PTQ and QAT of one recipe are the same bits; QAT changes scales only.
     assert by["w8a8_ptq"]["bops"] == by["w8a8_qat"]["bops"]
     assert by["w4a8_ptq"]["bops"] == by["w4a8_qat"]["bops"]
-    for key in ("budget_qat", "sensitivity_qat"):  # the budget is the W4A8 BOPs, and the search keeps it
-        assert by[key]["bops"] <= by["w4a8_ptq"]["bops"]
-        assert by[key]["budget_bops"] == by["w4a8_ptq"]["bops"]
-        assert set(by[key]["weight_bits"].values()) <= set(Q.BITS)
+    assert by["w4a8_all_ptq"]["bops"] < by["w4a8_ptq"]["bops"]  # its first/last layers are 4-bit too
+    assert by["w3a8_ptq"]["bops"] < by["w4a8_all_ptq"]["bops"]
+    for row in Q.ROWS:  # each hybrid's budget is its uniform row's BOPs, and the search keeps it
+        if row.method in ("budget", "sensitivity"):
+            assert by[row.key]["bops"] <= by[row.budget_of]["bops"]
+            assert by[row.key]["budget_bops"] == by[row.budget_of]["bops"]
+            assert set(by[row.key]["weight_bits"].values()) <= set(Q.BITS)
 
 
 def _rows(**metric):
     bops = {"fp32": 100.0, "w8a8_ptq": 8.0, "w4a8_ptq": 4.0, "w4a8_qat": 4.0, "ghost_qat": 5.0,
-            "budget_qat": 4.0, "sensitivity_qat": 3.0}
+            "budget_qat": 4.0, "sensitivity_qat": 3.0, "fisher_qat": 4.0, "w3a8_ptq": 3.0, "w3a8_qat": 3.0,
+            "budget3_qat": 3.0, "fisher3_qat": 2.9}
     return [{"key": k, "method": k, "bops": b, "m": metric[k], "search_seconds": 1.0, "sensitivity_seconds": 0.5}
             for k, b in bops.items()]
 
@@ -67,7 +72,8 @@ def test_floors_margins_and_misses():
 
     fp32 = random.uniform(50, 90)
     rows = _rows(fp32=fp32, w8a8_ptq=fp32 - 1.25, w4a8_ptq=fp32 - 9, w4a8_qat=fp32 - 6,
-                 ghost_qat=fp32 - 1, budget_qat=fp32 - 1, sensitivity_qat=fp32 - 4.5)
+                 ghost_qat=fp32 - 1, budget_qat=fp32 - 1, sensitivity_qat=fp32 - 4.5, fisher_qat=fp32 - 2,
+                 w3a8_ptq=fp32 - 12, w3a8_qat=fp32 - 8, budget3_qat=fp32 - 5, fisher3_qat=fp32 - 7)
     floors = {f["floor"]: f for f in Q.check_floors(rows, "m", search_floor=True)}
     assert floors["W8A8 PTQ loses <= 1 point"]["margin"] == pytest.approx(-0.25)
     assert not floors["W8A8 PTQ loses <= 1 point"]["met"]
@@ -76,6 +82,10 @@ def test_floors_margins_and_misses():
     assert floors["sensitivity_qat: >= FP32 - 1.5 points"]["margin"] == pytest.approx(-3.0)
     assert floors["sensitivity_qat: beats W4A8 QAT by >= 2.0 points"]["margin"] == pytest.approx(-0.5)
     assert not floors["sensitivity_qat: beats W4A8 QAT by >= 2.0 points"]["met"]
+    assert floors["fisher_qat: beats W4A8 QAT by >= 2.0 points"]["margin"] == pytest.approx(2.0)
+    beyond = "(beyond the issue) {}: beats W3A8 QAT by >= 2.0 points"
+    assert floors[beyond.format("budget3_qat")]["margin"] == pytest.approx(1.0)
+    assert floors[beyond.format("fisher3_qat")]["margin"] == pytest.approx(-1.0)
     assert floors["ghost_qat: bit search <= 60 s"]["met"]
     assert floors["budget_qat: bit search <= 60 s"]["margin"] == pytest.approx(58.5)
     # GHOST landed above the W4A8 BOPs: not a hybrid at that budget, so not judged as one.
