@@ -33,8 +33,8 @@ DequantizeLinear), so the file shrinks with every bit. ONNX Runtime folds the ch
 an INT8 initializer at session creation and then fuses the layer into QLinearConv /
 MatMulIntegerToFloat as with INT8 storage (tested for 2, 3, 5, 6, 7 bits); INT4 weights
 get no integer kernel in ORT 1.32 (DequantizeLinear + float Conv/MatMul). The chain
-costs about 0.5 KB a layer, more than bit planes save on layers of a few thousand
-weights. ``weight_storage="native"`` keeps the old layout: 2-4 bits INT4, 5-8 bits INT8
+costs about 0.53 KB a layer, more than bit planes save on layers of fewer than about
+4300 / (c - b) weights (c = 4 or 8, the native container; export/README.md). ``weight_storage="native"`` keeps the old layout: 2-4 bits INT4, 5-8 bits INT8
 (for runtimes without BitShift, such as TensorRT: onnx-tensorrt lists it unsupported). The metadata records each
 layer's storage ("int4", "int8", "bitplane<b>"). Activations of at most 4
 bits use INT4/UINT4 QuantizeLinear, 5-7 bits an 8-bit one followed by a Clip to the
