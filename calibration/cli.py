@@ -49,9 +49,10 @@ def add_subcommands(sub) -> None:
     q.add_argument("--image-size", dest="image_size", type=int, help="input side (default: the checkpoint's or 256)")
     q.add_argument("--data", help="DOTA split folder for calibration/sensitivity (default: built-in synthetic)")
     q.add_argument("--calib-batches", dest="calib_batches", type=int, default=4)
-    q.add_argument("--sens-batches", dest="sens_batches", type=int, default=2)
+    q.add_argument("--sens-batches", dest="sens_batches", type=int, default=4,
+                   help="batches for the sensitivity estimate (fewer: noisy traces that starve layers of bits)")
     q.add_argument("--sens-method", dest="sens_method", choices=("hutchinson", "fisher"), default="hutchinson")
-    q.add_argument("--sens-probes", dest="sens_probes", type=int, default=2,
+    q.add_argument("--sens-probes", dest="sens_probes", type=int, default=4,
                    help="Hutchinson probes per batch (2 gradient passes each)")
     q.add_argument("--qat-epochs", dest="qat_epochs", type=int, default=0,
                    help="then train with guided self-distillation (calibration.qat) for this many epochs")
