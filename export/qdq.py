@@ -34,10 +34,11 @@ an INT8 initializer at session creation and then fuses the layer into QLinearCon
 MatMulIntegerToFloat as with INT8 storage (tested for 2, 3, 5, 6, 7 bits); INT4 weights
 get no integer kernel in ORT 1.32 (DequantizeLinear + float Conv/MatMul). The chain
 costs about 0.53 KB a layer, more than bit planes save on layers of fewer than about
-4300 / (c - b) weights (c = 4 or 8, the native container; export/README.md). ``weight_storage="native"`` keeps the old layout: 2-4 bits INT4, 5-8 bits INT8
-(for runtimes without BitShift, such as TensorRT: onnx-tensorrt lists it unsupported). The metadata records each
-layer's storage ("int4", "int8", "bitplane<b>"). Activations of at most 4
-bits use INT4/UINT4 QuantizeLinear, 5-7 bits an 8-bit one followed by a Clip to the
+4300 / (c - b) weights (c = 4 or 8, the native container; export/README.md).
+``weight_storage="native"`` keeps the old layout, 2-4 bits INT4 and 5-8 bits INT8, for
+runtimes without BitShift (TensorRT: onnx-tensorrt lists it as unsupported). The
+metadata records each layer's storage ("int4", "int8", "bitplane<b>"). Activations of
+at most 4 bits use INT4/UINT4 QuantizeLinear, 5-7 bits an 8-bit one followed by a Clip to the
 narrower grid; both reproduce ``fake_quantize`` exactly.
 """
 
@@ -59,6 +60,8 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
 
     ``model`` (the float torch model, optional) lets weights that the exporter renamed or
     transposed be found by value when '<path>.weight' is not in the graph.
+    ``weight_storage``: "packed" stores 2-, 3- and 5-7-bit weights as bit planes, "native"
+    as INT4/INT8 only (see the module docstring).
     """
     import onnx
 
@@ -97,7 +100,7 @@ WEIGHT_STORAGES = ("packed", "native")
 BITPLANE_BITS = (2, 3, 5, 6, 7)
 
 
-def weight_storage(bits: int, mode: str = "packed") -> str:
+def storage_for(bits: int, mode: str = "packed") -> str:
     """How a ``bits``-wide weight is stored: "int4", "int8" or "bitplane<bits>"."""
     if mode == "packed" and bits in BITPLANE_BITS:
         return f"bitplane{bits}"
@@ -115,12 +118,12 @@ def spec_precision(spec: dict) -> str:
 
 def quantization_metadata(spec: dict, opset: int, storages: dict | None = None) -> dict:
     """What a runtime or a reader of the file needs to know: the precision as the export
-    names it, the opset, per-layer bits and per-layer weight storage (:func:`weight_storage`;
+    names it, the opset, per-layer bits and per-layer weight storage (:func:`storage_for`;
     default: the packed layout)."""
     layers = spec["layers"]
     weight_bits = {path: layer["weight"]["bits"] for path, layer in layers.items()}
     act_bits = {path: layer["input"]["bits"] for path, layer in layers.items() if layer.get("input")}
-    storages = storages or {path: weight_storage(bits) for path, bits in weight_bits.items()}
+    storages = storages or {path: storage_for(bits) for path, bits in weight_bits.items()}
     return {"precision": spec_precision(spec), "opset": str(opset), "quant_source": spec.get("source"),
             "weight_bits": weight_bits, "act_bits": act_bits, "weight_storage": storages}
 
@@ -255,7 +258,7 @@ class _QDQRewriter:
 
     def __init__(self, model, src: Path, storage: str = "packed"):
         self.model, self.graph, self.src, self.storage = model, model.graph, src, storage
-        self.storages: dict[str, str] = {}  # path -> how its weight is stored (weight_storage)
+        self.storages: dict[str, str] = {}  # path -> how its weight is stored (storage_for)
         self.chains = 0  # bit-plane unpacking chains written so far
         self.inits = {t.name: t for t in self.graph.initializer}
         self.names = set(self.inits) | {n for node in self.graph.node for n in (*node.input, *node.output)}
@@ -329,7 +332,7 @@ class _QDQRewriter:
         zp = np.asarray(wspec["zero_point"], np.float32)
         qmin, qmax = qrange(bits, True, narrow=True)
         q = np.clip(np.round(w / scale.reshape(shape)) + zp.reshape(shape), qmin, qmax).astype(np.int8)
-        storage = weight_storage(bits, self.storage)
+        storage = storage_for(bits, self.storage)
         elem = _int_type(8 if storage.startswith("bitplane") else bits, signed=True)
         qname = f"{wname}_quantized"
         init = self.inits[wname]
