@@ -18,6 +18,7 @@ later processes load the cache in well under a second.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -28,8 +29,6 @@ from edgekit.models.deform import deform_geometry
 DEVICES = frozenset({"cpu"})
 SUPPORTS_BACKWARD = frozenset({"grn", "deform_conv2d"})
 COLUMNS_BUDGET = 1 << 24  # elements of the im2col buffer per chunk (64 MiB in float32)
-_GRN_CHUNK_BYTES = 64 << 10  # bytes of one GRN row chunk: a task's unit of work
-_SERIAL_BYTES = 256 << 10  # GRN tensors below this run on one thread
 
 
 def unavailable_reason() -> str | None:
@@ -47,134 +46,113 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------- GRN
 
+_GRN_CHUNK_BYTES = 64 << 10  # bytes of one channels_last row chunk: a task's unit of work
+_SERIAL_BYTES = 256 << 10  # GRN tensors below this run on one thread
+_grn_kernels = None  # edgekit.kernels.numba_grn, imported on first use (it imports numba)
+
+
+def _last_level_cache_bytes() -> int:
+    try:
+        size = os.sysconf("SC_LEVEL3_CACHE_SIZE") or os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (ValueError, OSError):
+        size = 0
+    return size if size > 0 else 8 << 20
+
+
+# Samples whose input and output, one per thread, fit in 3/4 of the last-level cache are
+# reduced and applied one at a time, so the apply re-reads x from cache.
+_FUSE_BYTES = _last_level_cache_bytes() * 3 // 4
+
 
 def grn(x, gamma, beta, eps=1e-6, data_format="channels_last"):
     """GRN with the reference's semantics (``edgekit.models.grn.grn_reference``)."""
-    if data_format not in ("channels_last", "channels_first"):
+    channels_last = data_format == "channels_last"
+    if not channels_last and data_format != "channels_first":
         raise ValueError(f"grn: data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
     if x.ndim != 4:
         raise ValueError(f"grn: expected a 4-D tensor, got shape {tuple(x.shape)}")
-    channels = x.shape[3] if data_format == "channels_last" else x.shape[1]
+    channels = x.shape[3] if channels_last else x.shape[1]
     if gamma.numel() != channels or beta.numel() != channels:
         raise ValueError(f"grn: gamma and beta need {channels} elements ({data_format} input of shape "
                          f"{tuple(x.shape)}), got {gamma.numel()} and {beta.numel()}")
     if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or beta.requires_grad):
-        return _GRNFunction.apply(x, gamma, beta, float(eps), data_format == "channels_last")
-    return _grn_forward(x, gamma, beta, float(eps), data_format == "channels_last")[0]
+        return _GRNFunction.apply(x, gamma, beta, float(eps), channels_last)
+    # No autograd node (most of the cost on the 7x7 late-stage tensors).
+    return _grn_forward(x, gamma, beta, float(eps), channels_last)[0]
+
+
+def _kernels():
+    global _grn_kernels
+    if _grn_kernels is None:
+        from edgekit.kernels import numba_grn
+        _grn_kernels = numba_grn
+    return _grn_kernels
+
+
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` detached, in ``dtype`` and contiguous (no copy when it already is)."""
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _vector(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A C-element parameter (any shape) as a contiguous 1-D array: one kernel signature."""
+    return _contiguous(t, dtype).numpy().reshape(-1)
+
+
+def _run(channels_last, u, v, gamma, beta, gx, eps, out, backward, apply):
+    """One kernel call: serial for small tensors, else parallel, one sample per task when
+    the batch splits evenly over the threads and a sample fits the cache."""
+    k = _kernels()
+    n = u.shape[0]
+    nbytes = u.numel() * u.element_size() * (2 if backward else 1)
+    if nbytes < _SERIAL_BYTES:
+        kernel, fused = (k.grn_last_serial if channels_last else k.grn_first_serial), True
+    else:
+        threads = k.MAX_THREADS
+        fused = (n >= threads and (n % threads == 0 or n >= 4 * threads)
+                 and 2 * threads * (nbytes // n) <= _FUSE_BYTES)
+        kernel = k.grn_last if channels_last else k.grn_first
+    return kernel(u.numpy(), v.numpy(), _vector(gamma, u.dtype), beta, gx, eps, out.numpy(), backward, apply,
+                  _GRN_CHUNK_BYTES, fused)
 
 
 def _grn_forward(x, gamma, beta, eps, channels_last):
-    """(out, saved x in the compute dtype, (G, mean+eps, Nx)); no autograd bookkeeping,
-    which is most of the cost on the small late-stage tensors (7x7)."""
+    """(out, x in the compute dtype, G = ||x||_HW as [N, C] float64): one kernel call."""
     dtype = _compute_dtype(x.dtype)
-    xc = x.detach().to(dtype).contiguous()
-    x3 = _grn_view(xc, channels_last)
-    with _serial_if_small(x3):
-        sums = _grn_reduce(x3, x3, channels_last, False)
-        gx = np.sqrt(sums[:, 0])  # [N, C] float64
-        denom = gx.mean(axis=1, keepdims=True) + eps
-        nx = gx / denom
-        g = gamma.detach().reshape(-1).to(torch.float64).numpy()
-        b = beta.detach().reshape(-1).to(dtype).contiguous().numpy()
-        scale = (g * nx + 1.0).astype(x3.dtype)
-        out = _grn_apply(x3, scale, None, None, b, channels_last)
-    return torch.from_numpy(out).view(xc.shape).to(x.dtype), xc, (gx, denom, nx)
-
-
-class _serial_if_small:
-    """Run Numba's parallel loops on one thread for tensors under ``_SERIAL_BYTES``: there
-    a parallel launch costs more than it saves, and on a shared machine its barrier can
-    wait a whole scheduler time slice for a descheduled worker."""
-
-    def __init__(self, arr: np.ndarray):
-        self.small = arr.nbytes < _SERIAL_BYTES
-
-    def __enter__(self):
-        if self.small:
-            import numba
-            self.saved = numba.get_num_threads()
-            numba.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.small:
-            import numba
-            numba.set_num_threads(self.saved)
-
-
-def _grn_view(x: torch.Tensor, channels_last: bool) -> np.ndarray:
-    """[N, HW, C] (channels_last) or [N, C, HW] numpy view of a contiguous tensor."""
-    n, a, b, c = x.shape
-    return x.reshape(n, a * b, c).numpy() if channels_last else x.reshape(n, a, b * c).numpy()
-
-
-def _chunk_rows(x3: np.ndarray) -> int:
-    return max(1, _GRN_CHUNK_BYTES // max(1, x3.shape[2] * x3.itemsize))
-
-
-def _grn_reduce(u3, v3, channels_last: bool, want_sum: bool) -> np.ndarray:
-    """[N, 2, C] float64: per-(n, c) sum of u*v and sum of u."""
-    from edgekit.kernels import numba_grn as k
-    if channels_last:
-        return k.reduce_last(u3, v3, _chunk_rows(u3), want_sum).sum(axis=1)
-    return k.reduce_first(u3, v3, want_sum)
-
-
-def _grn_apply(u3, a, v3, b, beta, channels_last: bool) -> np.ndarray:
-    from edgekit.kernels import numba_grn as k
-    out = np.empty_like(u3)
-    use_v = v3 is not None
-    v3 = u3 if v3 is None else v3
-    b = a if b is None else b
-    if channels_last:
-        k.apply_last(u3, a, v3, b, beta, out, _chunk_rows(u3), use_v)
-    else:
-        k.apply_first(u3, a, v3, b, beta, out, use_v)
-    return out
+    xc = _contiguous(x, dtype)
+    out = torch.empty_like(xc)
+    gx = np.empty((xc.shape[0], xc.shape[3] if channels_last else xc.shape[1]))
+    _run(channels_last, xc, xc, gamma, _vector(beta, dtype), gx, eps, out, False, True)
+    return (out if x.dtype == dtype else out.to(x.dtype)), xc, gx
 
 
 class _GRNFunction(torch.autograd.Function):
-    """out = x*(gamma*Nx + 1) + beta with Nx = G/(mean_C G + eps), G = ||x||_HW.
-
-    Backward, with S = sum_HW grad*x per (n, c) and M = mean_C G:
-    dbeta = sum grad; dgamma = sum_n Nx*S; dL/dNx = gamma*S =: a;
-    dL/dG_c = a_c/(M+eps) - sum_k a_k G_k / (C (M+eps)^2);
-    dx = grad*(gamma*Nx + 1) + x * dL/dG / G (0 where G = 0, as torch.norm's gradient).
-    """
+    """out = x*(gamma*Nx + 1) + beta with Nx = G/(mean_C G + eps), G = ||x||_HW; the
+    backward formulas are in :func:`edgekit.kernels.numba_grn._backward_stats`."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps, channels_last):
-        out, xc, stats = _grn_forward(x, gamma, beta, eps, channels_last)
-        ctx.save_for_backward(xc, gamma, beta)
-        ctx.stats = stats
-        ctx.channels_last = channels_last
-        ctx.x_dtype = x.dtype
+        out, xc, gx = _grn_forward(x, gamma, beta, eps, channels_last)
+        ctx.save_for_backward(xc, gamma)
+        ctx.gx, ctx.eps, ctx.channels_last, ctx.x_dtype = gx, eps, channels_last, x.dtype
+        ctx.beta_shape, ctx.beta_dtype = beta.shape, beta.dtype
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        xc, gamma, beta = ctx.saved_tensors
-        gx, denom, nx = ctx.stats
-        cl = ctx.channels_last
-        gc = grad.to(xc.dtype).contiguous()
-        x3, g3 = _grn_view(xc, cl), _grn_view(gc, cl)
-        sums = _grn_reduce(g3, x3, cl, True)  # [N, 2, C]: sum grad*x, sum grad
-        s, gsum = sums[:, 0], sums[:, 1]
-        g = gamma.detach().reshape(-1).to(torch.float64).numpy()
-        grad_x = grad_gamma = grad_beta = None
-        if ctx.needs_input_grad[0]:
-            a = g * s
-            d_g = a / denom - (a * gx).sum(axis=1, keepdims=True) / (gx.shape[1] * denom ** 2)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                coef = np.where(gx > 0, d_g / np.where(gx > 0, gx, 1.0), 0.0)
-            scale = (g * nx + 1.0).astype(x3.dtype)
-            zeros = np.zeros(x3.shape[2] if cl else x3.shape[1], dtype=x3.dtype)
-            dx = _grn_apply(g3, scale, x3, coef.astype(x3.dtype), zeros, cl)
-            grad_x = torch.from_numpy(dx).view(xc.shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_gamma = torch.from_numpy((nx * s).sum(axis=0)).to(gamma.dtype).view(gamma.shape)
-        if ctx.needs_input_grad[2]:
-            grad_beta = torch.from_numpy(gsum.sum(axis=0)).to(beta.dtype).view(beta.shape)
+        xc, gamma = ctx.saved_tensors
+        need_dx, need_gamma, need_beta = ctx.needs_input_grad[:3]
+        dx = torch.empty_like(xc)  # also when unused: the kernel takes one signature
+        zeros = np.zeros(ctx.gx.shape[1], dtype=dx.numpy().dtype)
+        grads = _run(ctx.channels_last, _contiguous(grad, xc.dtype), xc, gamma, zeros, ctx.gx, ctx.eps, dx,
+                     True, need_dx)
+        grad_x = dx.to(ctx.x_dtype) if need_dx else None
+        grad_gamma = torch.from_numpy(grads[0]).to(gamma.dtype).view(gamma.shape) if need_gamma else None
+        grad_beta = torch.from_numpy(grads[1]).to(ctx.beta_dtype).view(ctx.beta_shape) if need_beta else None
         return grad_x, grad_gamma, grad_beta, None, None
 
 

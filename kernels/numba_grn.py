@@ -1,121 +1,304 @@
-"""Numba CPU kernels for GRN: a reduction pass and an apply pass, for both layouts.
+"""Numba CPU kernels for GRN: one compiled call per forward and one per backward.
 
-GRN is memory-bound, so the kernels make the minimum number of passes over the tensor:
-one that reduces per-(n, c) sums (``sum u*v``, optionally ``sum u``) and one that applies
-a per-(n, c) affine map. The same two kernels serve the forward (``u = v = x``, then
-``out = x*A + beta``) and the backward (``u = grad``, ``v = x``, then
-``dx = grad*A + x*B``). Partial sums are accumulated in float64 per chunk of rows (the
-float32 sum of squares over 128x128 pixels would lose digits) and combined in float64 by
-the caller, so the result does not depend on the thread count.
+GRN is memory-bound and, on the late ConvNeXt stages (7x7 to 16x16), overhead-bound, so:
 
-``channels_last`` tensors are viewed as [N, HW, C] (rows of channels: the inner loop over
-C is contiguous and vectorises); ``channels_first`` as [N, C, HW] (one contiguous row per
-(n, c)). Work is split over batch x chunks of rows so that batch 1 still fills every core.
+- **One dispatch per call.** ``forward_last``/``forward_first`` do the reduction, the
+  per-(n, c) statistics (norm, mean over channels, ``scale = 1 + gamma*Nx``) and the apply
+  (``out = x*scale + beta``) inside one ``njit`` call writing into a caller-allocated
+  output; ``backward_*`` likewise (``dx = grad*scale + x*coef``, ``dgamma``, ``dbeta``).
+  The earlier two-kernels-plus-numpy version spent 0.1-0.2 ms per call outside the kernels.
+- **Accumulation in the input precision, in short blocks.** A float32 tensor is summed in
+  float32 (8 AVX2 lanes, where a float64 accumulator gets 4 plus conversions) over blocks
+  of ``_BLOCK_ROWS`` rows (channels_last) or ``_ROW_BLOCK`` elements (channels_first);
+  each block's sum is added to a float64 total, so the error is that of a 64/1024-term
+  float32 sum, not of a 16384-term one (well within 1e-5 of float64 at 128x128 pixels).
+  The channels_first blocks are reassociated by LLVM (``fastmath`` reassoc: 2x8 lanes);
+  the result depends on the code, never on the thread count.
+- **Fixed work split.** channels_last tensors are cut into chunks of ``chunk_bytes`` of
+  rows per sample, channels_first into one task per (n, c) row; chunk totals are combined
+  in order, so every mode below gives bit-identical results.
+- **Three modes** (``_plan``): tensors under ``serial_bytes`` run on one thread (a parallel
+  launch costs more than the work, and on a shared machine its barrier can wait a whole
+  scheduler slice for a descheduled worker); batches whose samples fit the last-level
+  cache run one sample per task, reduce then apply, so the apply re-reads the sample from
+  cache and the tensor crosses the memory bus once each way instead of twice in + once
+  out; anything else runs the reduction and the apply as two parallel passes over chunks.
 """
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
-from numba import njit, prange
+from numba import config, njit, prange
 
-_LANES = 8
-_OPTS = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+MAX_THREADS = config.NUMBA_NUM_THREADS  # what the caller plans with (a plan never changes results)
+_BLOCK_ROWS = 64  # channels_last rows summed in the input precision per float64 add
+_ROW_BLOCK = 1024  # channels_first elements likewise
+_KERNEL = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
+_SERIAL = dict(_KERNEL, parallel=False)
+_PLAIN = dict(nogil=True, error_model="numpy")
+# Only the innermost loops: reassociation lets LLVM vectorise the block sums; no nnan/ninf,
+# so infinities and NaNs propagate as in the reference.
+_VECTOR = dict(nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
 
-@njit(**_OPTS)
-def reduce_last(u, v, chunk_rows, want_sum):
-    """u, v: [N, R, C] (R = H*W). Returns partial [N, S, 2, C] float64 over S row chunks:
-    [:, :, 0] = sum u*v, [:, :, 1] = sum u (only when ``want_sum``)."""
-    n_batch, rows, chans = u.shape
-    splits = (rows + chunk_rows - 1) // chunk_rows
-    part = np.zeros((n_batch, splits, 2, chans), dtype=np.float64)
-    for task in prange(n_batch * splits):
-        n = task // splits
-        s = task - n * splits
-        r0 = s * chunk_rows
-        r1 = min(rows, r0 + chunk_rows)
-        acc = part[n, s, 0]
-        tot = part[n, s, 1]
+# ------------------------------------------------------------------ inner loops
+
+
+@njit(**_VECTOR)
+def _dot(u, v):
+    """sum(u*v) of a non-empty 1-D block, in its own precision."""
+    s = u[0] * v[0]
+    for i in range(1, u.shape[0]):
+        s += u[i] * v[i]
+    return s
+
+
+@njit(**_VECTOR)
+def _total(u):
+    s = u[0]
+    for i in range(1, u.shape[0]):
+        s += u[i]
+    return s
+
+
+@njit(**_VECTOR)
+def _sum_rows(u, v, r0, r1, acc):
+    """acc += sum over rows r0:r1 of u*v (u, v: [rows, C]; the loop over C vectorises).
+    Rows are indexed, not sliced: a view per row costs more than a 40-channel row."""
+    for r in range(r0, r1):
+        for k in range(acc.shape[0]):
+            acc[k] += u[r, k] * v[r, k]
+
+
+@njit(**_VECTOR)
+def _sum_rows1(u, r0, r1, acc):
+    for r in range(r0, r1):
+        for k in range(acc.shape[0]):
+            acc[k] += u[r, k]
+
+
+@njit(**_VECTOR)
+def _affine_rows(out, u, a, v, b, beta, r0, r1, use_v):
+    """out = u*a + (v*b if ``use_v``) + beta over rows r0:r1, with a, b, beta per channel.
+    The flag is tested once, outside the loops, or neither loop vectorises."""
+    c = out.shape[1]
+    if use_v:
         for r in range(r0, r1):
-            ur = u[n, r]
-            vr = v[n, r]
-            for c in range(chans):
-                acc[c] += np.float64(ur[c]) * np.float64(vr[c])
-            if want_sum:
-                for c in range(chans):
-                    tot[c] += ur[c]
-    return part
-
-
-@njit(**_OPTS)
-def reduce_first(u, v, want_sum):
-    """u, v: [N, C, R]. Returns [N, 2, C] float64: sum u*v and (if ``want_sum``) sum u."""
-    n_batch, chans, rows = u.shape
-    out = np.zeros((n_batch, 2, chans), dtype=np.float64)
-    for task in prange(n_batch * chans):
-        n = task // chans
-        c = task - n * chans
-        ur = u[n, c]
-        vr = v[n, c]
-        # 8 independent accumulators: without fastmath a single scalar sum is one long
-        # dependency chain that neither vectorises nor pipelines.
-        acc = np.zeros(_LANES, dtype=np.float64)
-        tot = np.zeros(_LANES, dtype=np.float64)
-        full = rows - rows % _LANES
-        for r0 in range(0, full, _LANES):
-            for j in range(_LANES):
-                acc[j] += np.float64(ur[r0 + j]) * np.float64(vr[r0 + j])
-            if want_sum:
-                for j in range(_LANES):
-                    tot[j] += ur[r0 + j]
-        for r in range(full, rows):
-            acc[0] += np.float64(ur[r]) * np.float64(vr[r])
-            tot[0] += ur[r]
-        out[n, 0, c] = acc.sum()
-        out[n, 1, c] = tot.sum() if want_sum else 0.0
-    return out
-
-
-@njit(**_OPTS)
-def apply_last(u, a, v, b, beta, out, chunk_rows, use_v):
-    """out[n, r, c] = u*a[n, c] + (v*b[n, c] if use_v) + beta[c]; u, v, out: [N, R, C]."""
-    n_batch, rows, chans = u.shape
-    splits = (rows + chunk_rows - 1) // chunk_rows
-    for task in prange(n_batch * splits):
-        n = task // splits
-        s = task - n * splits
-        r0 = s * chunk_rows
-        r1 = min(rows, r0 + chunk_rows)
-        an = a[n]
-        bn = b[n]
+            for k in range(c):
+                out[r, k] = u[r, k] * a[k] + v[r, k] * b[k] + beta[k]
+    else:
         for r in range(r0, r1):
-            ur = u[n, r]
-            orow = out[n, r]
-            if use_v:
-                vr = v[n, r]
-                for c in range(chans):
-                    orow[c] = ur[c] * an[c] + vr[c] * bn[c] + beta[c]
-            else:
-                for c in range(chans):
-                    orow[c] = ur[c] * an[c] + beta[c]
+            for k in range(c):
+                out[r, k] = u[r, k] * a[k] + beta[k]
 
 
-@njit(**_OPTS)
-def apply_first(u, a, v, b, beta, out, use_v):
-    """out[n, c, r] = u*a[n, c] + (v*b[n, c] if use_v) + beta[c]; u, v, out: [N, C, R]."""
-    n_batch, chans, rows = u.shape
-    for task in prange(n_batch * chans):
-        n = task // chans
-        c = task - n * chans
-        ur = u[n, c]
-        orow = out[n, c]
-        ac = a[n, c]
-        bc = b[n, c]
-        be = beta[c]
-        if use_v:
-            vr = v[n, c]
-            for r in range(rows):
-                orow[r] = ur[r] * ac + vr[r] * bc + be
-        else:
-            for r in range(rows):
-                orow[r] = ur[r] * ac + be
+@njit(**_VECTOR)
+def _plane_affine(out, u, a, v, b, beta, use_v):
+    """out = u*a + (v*b if ``use_v``) + beta, with scalar a, b, beta (a channels_first
+    plane)."""
+    if use_v:
+        for i in range(out.shape[0]):
+            out[i] = u[i] * a + v[i] * b + beta
+    else:
+        for i in range(out.shape[0]):
+            out[i] = u[i] * a + beta
+
+
+# ------------------------------------------------------------- per-task pieces
+
+
+@njit(**_PLAIN)
+def _reduce_rows(u, v, r0, r1, want_sum, dst):
+    """dst[0] = sum of u*v over rows r0:r1, dst[1] = sum of u (if ``want_sum``), float64,
+    for u, v: [rows, C] (one channels_last sample)."""
+    c = u.shape[1]
+    acc = np.empty(c, u.dtype)
+    dst[:] = 0.0
+    for b0 in range(r0, r1, _BLOCK_ROWS):
+        b1 = min(r1, b0 + _BLOCK_ROWS)
+        acc[:] = 0
+        _sum_rows(u, v, b0, b1, acc)
+        for k in range(c):
+            dst[0, k] += acc[k]
+        if want_sum:
+            acc[:] = 0
+            _sum_rows1(u, b0, b1, acc)
+            for k in range(c):
+                dst[1, k] += acc[k]
+
+
+@njit(**_PLAIN)
+def _reduce_plane(u, v, want_sum, dst):
+    """dst[0] = sum(u*v), dst[1] = sum(u) (if ``want_sum``) of one channels_first plane."""
+    n = u.shape[0]
+    s = 0.0
+    t = 0.0
+    for i0 in range(0, n, _ROW_BLOCK):
+        i1 = min(n, i0 + _ROW_BLOCK)
+        s += _dot(u[i0:i1], v[i0:i1])
+        if want_sum:
+            t += _total(u[i0:i1])
+    dst[0] = s
+    dst[1] = t
+
+
+@njit(**_PLAIN)
+def _combine(part, sums):
+    """sums[j, k] = sum over chunks s (in order) of part[s, j, k]."""
+    sums[:] = 0.0
+    for s in range(part.shape[0]):
+        for j in range(part.shape[1]):
+            for k in range(part.shape[2]):
+                sums[j, k] += part[s, j, k]
+
+
+@njit(**_PLAIN)
+def _forward_stats(sumsq, gamma, eps, gx, scale):
+    """One sample: gx = sqrt(sum x^2); scale = 1 + gamma * gx / (mean_C gx + eps)."""
+    c = sumsq.shape[0]
+    mean = 0.0
+    for k in range(c):
+        gx[k] = np.sqrt(sumsq[k])
+        mean += gx[k]
+    denom = mean / c + eps
+    for k in range(c):
+        scale[k] = 1.0 + gamma[k] * (gx[k] / denom)
+
+
+@njit(**_PLAIN)
+def _backward_stats(s, gx, gamma, eps, scale, coef):
+    """One sample, with s = sum_HW grad*x: scale = 1 + gamma*Nx and coef = dL/dG / G
+    (0 where G = 0, as torch.norm's gradient), where dL/dNx = gamma*s =: a and
+    dL/dG_c = a_c/(M+eps) - sum_k a_k G_k / (C (M+eps)^2), M = mean_C G."""
+    c = gx.shape[0]
+    mean = 0.0
+    for k in range(c):
+        mean += gx[k]
+    denom = mean / c + eps
+    t = 0.0
+    for k in range(c):
+        t += gamma[k] * s[k] * gx[k]
+    t /= c * denom * denom
+    for k in range(c):
+        d_g = gamma[k] * s[k] / denom - t
+        coef[k] = d_g / gx[k] if gx[k] > 0 else 0.0
+        scale[k] = 1.0 + gamma[k] * (gx[k] / denom)
+
+
+@njit(**_PLAIN)
+def _stats(sums, gamma, eps, gx, a, b, backward):
+    """One sample's per-channel coefficients of the apply: forward a = scale (and gx is
+    written); backward a = scale, b = coef (gx is read)."""
+    if backward:
+        _backward_stats(sums[0], gx, gamma, eps, a, b)
+    else:
+        _forward_stats(sums[0], gamma, eps, gx, a)
+
+
+@njit(**_PLAIN)
+def _result(sums, gx, eps, backward):
+    """forward: gx [N, C]; backward: [2, C] (dgamma = sum_n Nx*s, dbeta = sum_n sum_HW grad,
+    in order of n), from sums [N, 2, C] of grad*x and grad."""
+    if not backward:
+        return gx
+    n, c = gx.shape
+    grads = np.zeros((2, c))
+    for i in range(n):
+        mean = 0.0
+        for k in range(c):
+            mean += gx[i, k]
+        denom = mean / c + eps
+        for k in range(c):
+            grads[0, k] += gx[i, k] / denom * sums[i, 0, k]
+            grads[1, k] += sums[i, 1, k]
+    return grads
+
+
+# -------------------------------------------------------------------- kernels
+#
+# One kernel per layout serves the forward (u = v = x, out = x*scale + beta; fills gx and
+# returns it) and the backward (u = grad, v = x, beta = 0, out = dx = grad*scale + x*coef,
+# skipped unless ``apply``; reads gx, returns [dgamma, dbeta]). ``fused``: one sample per
+# task (reduce, stats, apply); else a parallel reduction over chunks, the statistics, and a
+# parallel apply. Both give bit-identical results.
+
+
+def grn_last(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, fused):
+    """NHWC; a task reduces or applies ``chunk_bytes`` of rows of one sample."""
+    n, h, w, c = u4.shape
+    rows = h * w
+    u = u4.reshape((n, rows, c))
+    v = v4.reshape((n, rows, c))
+    out = out4.reshape((n, rows, c))
+    step = max(1, chunk_bytes // max(1, c * u.itemsize))
+    splits = (rows + step - 1) // step
+    part = np.empty((n, splits, 2, c))
+    sums = np.empty((n, 2, c))
+    a = np.empty((n, c), u.dtype)
+    b = np.zeros((n, c), u.dtype)
+    if fused:
+        for i in prange(n):
+            for s in range(splits):
+                _reduce_rows(u[i], v[i], s * step, min(rows, s * step + step), backward, part[i, s])
+            _combine(part[i], sums[i])
+            _stats(sums[i], gamma, eps, gx[i], a[i], b[i], backward)
+            if apply:
+                _affine_rows(out[i], u[i], a[i], v[i], b[i], beta, 0, rows, backward)
+    else:
+        for t in prange(n * splits):
+            i, s = t // splits, t % splits
+            _reduce_rows(u[i], v[i], s * step, min(rows, s * step + step), backward, part[i, s])
+        for i in range(n):
+            _combine(part[i], sums[i])
+            _stats(sums[i], gamma, eps, gx[i], a[i], b[i], backward)
+        for t in prange(n * splits if apply else 0):
+            i, s = t // splits, t % splits
+            _affine_rows(out[i], u[i], a[i], v[i], b[i], beta, s * step, min(rows, s * step + step), backward)
+    return _result(sums, gx, eps, backward)
+
+
+def grn_first(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, fused):
+    """NCHW; a task is one (n, c) plane (``chunk_bytes`` is unused)."""
+    n, c, h, w = u4.shape
+    u = u4.reshape((n, c, h * w))
+    v = v4.reshape((n, c, h * w))
+    out = out4.reshape((n, c, h * w))
+    sums = np.empty((n, 2, c))
+    a = np.empty((n, c), u.dtype)
+    b = np.zeros((n, c), u.dtype)
+    if fused:
+        for i in prange(n):
+            for k in range(c):
+                _reduce_plane(u[i, k], v[i, k], backward, sums[i, :, k])
+            _stats(sums[i], gamma, eps, gx[i], a[i], b[i], backward)
+            for k in range(c if apply else 0):
+                _plane_affine(out[i, k], u[i, k], a[i, k], v[i, k], b[i, k], beta[k], backward)
+    else:
+        for t in prange(n * c):
+            i, k = t // c, t % c
+            _reduce_plane(u[i, k], v[i, k], backward, sums[i, :, k])
+        for i in range(n):
+            _stats(sums[i], gamma, eps, gx[i], a[i], b[i], backward)
+        for t in prange(n * c if apply else 0):
+            i, k = t // c, t % c
+            _plane_affine(out[i, k], u[i, k], a[i, k], v[i, k], b[i, k], beta[k], backward)
+    return _result(sums, gx, eps, backward)
+
+
+def _dispatcher(fn, suffix, **opts):
+    """``njit(**opts)`` of a renamed copy of ``fn``: the parallel and the serial build of one
+    kernel need their own on-disk cache entries, which Numba names after the function."""
+    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = fn.__qualname__ + suffix
+    clone.__doc__ = fn.__doc__
+    return njit(**opts)(clone)
+
+
+# The serial builds run small tensors: a parallel launch costs more than their work, and on
+# a shared machine its barrier can wait a whole scheduler slice for a descheduled worker.
+grn_last_serial = _dispatcher(grn_last, "_serial", **_SERIAL)
+grn_first_serial = _dispatcher(grn_first, "_serial", **_SERIAL)
+grn_last = njit(**_KERNEL)(grn_last)
+grn_first = njit(**_KERNEL)(grn_first)
