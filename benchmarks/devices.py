@@ -176,6 +176,22 @@ def copy_bandwidth_gbs(megabytes: int = 64, repeats: int = 5) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def gemm_tflops(n: int = 1024, repeats: int = 5) -> float:
+    """FP32 rate of the best of ``repeats`` n x n x n torch matmuls (all torch threads): the
+    compute ceiling that real kernels reach here, as the copy is the bandwidth one. The
+    theoretical peak (clock x FMA width) is rarely approached on a small, shared CPU."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up: thread pool, packing buffers
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e12
+
+
 def eager_launch_us(repeats: int = 2000) -> float:
     """Median time of an eager call of a 1-element 1x1 conv: PyTorch's per-layer fixed cost."""
     import statistics

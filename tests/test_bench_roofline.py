@@ -171,6 +171,19 @@ def test_validation_report_groups_by_layer_type():
     assert v["measured_over_predicted"] == pytest.approx(1.0 / v["predicted"]["total_ms"])
     md = validation_markdown(v, {"cpu": "x", "cores": 2})
     assert "| Conv2d | 2 |" in md and "Predicted" in md
+    # The attained ceiling (here made up: half the peak) slows compute-bound layers only.
+    half = validate_on_cpu(net, torch.randn(1, 3, 16, 16), measured_ms=1.0, device=dev, repeats=2,
+                           gemm_tflops=0.5e-3)
+    att = half["predicted_attained"]
+    assert att["gemm_tflops"] == 0.5e-3 and "attained compute ceiling" in validation_markdown(half, {})
+    slower = sum(t["predicted_attained_ms"] for t in half["by_layer_type"].values())
+    assert slower == pytest.approx(att["total_ms"]) and v["predicted"]["total_ms"] < att["total_ms"]
+    assert att["total_ms"] <= 2 * v["predicted"]["total_ms"] + 1e-9
+
+
+def test_gemm_rate_is_measured_and_plausible():
+    rate = D.gemm_tflops(n=256, repeats=2)
+    assert 1e-4 < rate < 100  # TFLOP/s: any CPU or GPU host runs a 256^3 matmul in between
 
 
 def test_cuda_names_match_table_entries():
