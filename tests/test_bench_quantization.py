@@ -51,7 +51,7 @@ def test_bops_and_size_ordering(quick_run):
     assert by["w8a8_ptq"]["bops"] == by["w8a8_qat"]["bops"]
     assert by["w4a8_ptq"]["bops"] == by["w4a8_qat"]["bops"]
     assert by["w4a8_all_ptq"]["bops"] < by["w4a8_ptq"]["bops"]  # its first/last layers are 4-bit too
-    assert by["w3a8_ptq"]["bops"] < by["w4a8_all_ptq"]["bops"]
+    assert by["w3a8_all_ptq"]["bops"] < by["w3a8_ptq"]["bops"] < by["w4a8_ptq"]["bops"]
     for row in Q.ROWS:  # each hybrid's budget is its uniform row's BOPs, and the search keeps it
         if row.method in ("budget", "sensitivity"):
             assert by[row.key]["bops"] <= by[row.budget_of]["bops"]
@@ -61,8 +61,8 @@ def test_bops_and_size_ordering(quick_run):
 
 def _rows(**metric):
     bops = {"fp32": 100.0, "w8a8_ptq": 8.0, "w4a8_ptq": 4.0, "w4a8_qat": 4.0, "ghost_qat": 5.0,
-            "budget_qat": 4.0, "sensitivity_qat": 3.0, "fisher_qat": 4.0, "w3a8_ptq": 3.0, "w3a8_qat": 3.0,
-            "budget3_qat": 3.0, "fisher3_qat": 2.9}
+            "budget_qat": 4.0, "sensitivity_qat": 3.0, "fisher_qat": 4.0, "w3a8_ptq": 3.1, "w3a8_all_ptq": 3.0,
+            "w3a8_all_qat": 3.0, "budget3_qat": 3.0, "fisher3_qat": 2.9}
     return [{"key": k, "method": k, "bops": b, "m": metric[k], "search_seconds": 1.0, "sensitivity_seconds": 0.5}
             for k, b in bops.items()]
 
@@ -73,7 +73,7 @@ def test_floors_margins_and_misses():
     fp32 = random.uniform(50, 90)
     rows = _rows(fp32=fp32, w8a8_ptq=fp32 - 1.25, w4a8_ptq=fp32 - 9, w4a8_qat=fp32 - 6,
                  ghost_qat=fp32 - 1, budget_qat=fp32 - 1, sensitivity_qat=fp32 - 4.5, fisher_qat=fp32 - 2,
-                 w3a8_ptq=fp32 - 12, w3a8_qat=fp32 - 8, budget3_qat=fp32 - 5, fisher3_qat=fp32 - 7)
+                 w3a8_ptq=fp32 - 3, w3a8_all_ptq=fp32 - 12, w3a8_all_qat=fp32 - 8, budget3_qat=fp32 - 5, fisher3_qat=fp32 - 7)
     floors = {f["floor"]: f for f in Q.check_floors(rows, "m", search_floor=True)}
     assert floors["W8A8 PTQ loses <= 1 point"]["margin"] == pytest.approx(-0.25)
     assert not floors["W8A8 PTQ loses <= 1 point"]["met"]
@@ -83,7 +83,7 @@ def test_floors_margins_and_misses():
     assert floors["sensitivity_qat: beats W4A8 QAT by >= 2.0 points"]["margin"] == pytest.approx(-0.5)
     assert not floors["sensitivity_qat: beats W4A8 QAT by >= 2.0 points"]["met"]
     assert floors["fisher_qat: beats W4A8 QAT by >= 2.0 points"]["margin"] == pytest.approx(2.0)
-    beyond = "(beyond the issue) {}: beats W3A8 QAT by >= 2.0 points"
+    beyond = "(beyond the issue) {}: beats every-layer W3A8 QAT by >= 2.0 points"
     assert floors[beyond.format("budget3_qat")]["margin"] == pytest.approx(1.0)
     assert floors[beyond.format("fisher3_qat")]["margin"] == pytest.approx(-1.0)
     assert floors["ghost_qat: bit search <= 60 s"]["met"]
