@@ -1,8 +1,9 @@
 """CPU kernel benchmark suite: GRN and deformable convolution, Numba vs the baselines.
 
 Run ``python -m edgekit.benchmarks.kernels`` (``--quick`` for a short run, which writes
-``kernels_cpu_quick.*`` so it never replaces the full result). One run measures, side by
-side on this machine:
+``kernels_cpu_quick.*``, and ``--only grn|dcn`` for one op, which writes
+``kernels_cpu_grn.*``/``kernels_cpu_dcn.*``, so neither replaces the full result). One run
+measures, side by side on this machine:
 
 - GRN at the input of every ConvNeXt V2 atto and nano stage (224 and 512 px, batch 1
   and 8, channels_last float32): Numba, the eager reference, ``torch.compile`` of the
@@ -324,22 +325,34 @@ def markdown(record: dict) -> str:
                          f"({short:.2f}x short); {why}")
     if record["grn"]["compile_error"]:
         lines += ["", f"torch.compile failed here: `{record['grn']['compile_error']}`"]
-    lines += ["", "## GRN (channels_last float32)", "",
-              "| model | px | batch | stage | shape | MiB | numba | eager | compile | limit | x eager | x compile "
-              "| of limit | > LLC |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in record["grn"]["rows"]:
+    if record["grn"]["rows"]:
+        lines += _grn_table(record["grn"]["rows"])
+    if record["dcn"]:
+        lines += _dcn_table(record["dcn"])
+    return "\n".join(lines) + "\n"
+
+
+def _grn_table(rows: list[dict]) -> list[str]:
+    lines = ["", "## GRN (channels_last float32)", "",
+             "| model | px | batch | stage | shape | MiB | numba | eager | compile | limit | x eager | x compile "
+             "| of limit | > LLC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         sc = r.get("speedup_vs_compile")
         lines.append(
             f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['stage']} | {'x'.join(map(str, r['shape']))} "
             f"| {r['bytes'] / 2**20:.2f} | {_ms(r['numba'])} | {_ms(r['eager'])} | {_ms(r.get('compile'))} "
             f"| {r['limit_ms']:.3f} | {r['speedup_vs_eager']:.1f} | {'—' if sc is None else f'{sc:.2f}'} "
             f"| {r['bandwidth_fraction']:.0%} | {'yes' if r['larger_than_llc'] else 'no'} |")
-    lines += ["", "## Deformable convolution (DCNv2 with mask and bias, 3x3, stride 1, pad 1, float32)", "",
-              "| C->C | map | batch | numba fwd | numba bwd | reference fwd | reference bwd | ORT DeformConv "
-              "| dense conv | x reference | x ORT | / dense | bwd / fwd |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in record["dcn"]:
+    return lines
+
+
+def _dcn_table(rows: list[dict]) -> list[str]:
+    lines = ["", "## Deformable convolution (DCNv2 with mask and bias, 3x3, stride 1, pad 1, float32)", "",
+             "| C->C | map | batch | numba fwd | numba bwd | reference fwd | reference bwd | ORT DeformConv "
+             "| dense conv | x reference | x ORT | / dense | bwd / fwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         so = r.get("speedup_vs_ort")
         lines.append(
             f"| {r['channels']}->{r['channels']} | {r['size']}x{r['size']} | {r['batch']} | {_ms(r['numba_forward'])} "
@@ -347,16 +360,17 @@ def markdown(record: dict) -> str:
             f"| {_ms(r.get('torch_reference_backward'))} | {_ms(r.get('ort_deformconv'))} | {_ms(r['dense_conv'])} "
             f"| {r['numba_vs_reference']:.2f} | {'—' if so is None else f'{so:.2f}'} | {r['ratio_to_dense']:.2f} "
             f"| {r['backward_over_forward']:.2f} |")
-    errors = [f"- {r['channels']}ch {r['size']}px b{r['batch']}: {r['ort_error']}" for r in record["dcn"]
+    errors = [f"- {r['channels']}ch {r['size']}px b{r['batch']}: {r['ort_error']}" for r in rows
               if "ort_error" in r]
     if errors:
         lines += ["", "ONNX Runtime errors:", *errors]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgekit.benchmarks.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few configurations, short budgets")
+    parser.add_argument("--only", choices=("grn", "dcn"), help="benchmark one op (a quicker run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for kernels_cpu.json/.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -367,30 +381,34 @@ def main(argv=None) -> int:
     if reason:
         log(f"error: the numba backend is unavailable: {reason}")
         return 2
-    record = {"machine": machine_info(), "quick": args.quick}
+    record = {"machine": machine_info(), "quick": args.quick, "only": args.only}
     log("warming up (first use compiles the Numba kernels)...")
     t0 = time.perf_counter()
-    x = torch.randn(1, 8, 8, 8)
-    numba_cpu.grn(x, torch.ones(8), torch.zeros(8))
-    xd = torch.randn(1, 4, 8, 8, requires_grad=True)
-    numba_cpu.deform_conv2d(xd, torch.zeros(1, 18, 8, 8), torch.randn(4, 4, 3, 3), torch.zeros(4), (1, 1), (1, 1),
-                            (1, 1), torch.ones(1, 9, 8, 8)).sum().backward()
+    if args.only != "dcn":
+        numba_cpu.grn(torch.randn(1, 8, 8, 8), torch.ones(8), torch.zeros(8))  # the serial build
+        numba_cpu.grn(torch.randn(8, 64, 64, 8), torch.ones(8), torch.zeros(8))  # the parallel build
+    if args.only != "grn":
+        xd = torch.randn(1, 4, 8, 8, requires_grad=True)
+        numba_cpu.deform_conv2d(xd, torch.zeros(1, 18, 8, 8), torch.randn(4, 4, 3, 3), torch.zeros(4), (1, 1),
+                                (1, 1), (1, 1), torch.ones(1, 9, 8, 8)).sum().backward()
     record["numba_warmup_s"] = time.perf_counter() - t0
     record["numba_threads"] = numba.get_num_threads()
     record["numba_threading_layer"] = numba.threading_layer()
     log("copy bandwidth...")
     record["copy"] = copy_bandwidth(args.quick)
-    record["grn"] = bench_grn(args.quick, record["copy"]["gb_per_s"] * 1e9, last_level_cache_bytes())
-    record["dcn"] = bench_dcn(args.quick)
+    record["grn"] = ({"rows": [], "compile_error": None} if args.only == "dcn" else
+                     bench_grn(args.quick, record["copy"]["gb_per_s"] * 1e9, last_level_cache_bytes()))
+    record["dcn"] = [] if args.only == "grn" else bench_dcn(args.quick)
     record["floors"] = evaluate_floors(record["grn"], record["dcn"])
     record["load_average_at_end"] = os.getloadavg()
-    stem = "kernels_cpu_quick" if args.quick else "kernels_cpu"
+    stem = "kernels_cpu" + ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "")
     write_json(args.out / f"{stem}.json", record)
     write_atomic(args.out / f"{stem}.md", markdown(record))
     log(f"wrote {args.out / stem}.json and .md")
     for f in record["floors"]:
-        log(f"  {f['description']}: {'met' if f['met'] else 'NOT met' if f['met'] is False else 'not measured'}"
-            f" (worst {f['worst']})")
+        if f["configs"]:
+            log(f"  {f['description']}: {'met' if f['met'] else 'NOT met'} (worst {f['worst']:.2f}, geomean "
+                f"{f['geomean']:.2f}, {f['configs_met']}/{f['configs']} configs)")
     return 0
 
 

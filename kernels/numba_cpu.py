@@ -66,18 +66,22 @@ _FUSE_BYTES = _last_level_cache_bytes() * 3 // 4
 
 def grn(x, gamma, beta, eps=1e-6, data_format="channels_last"):
     """GRN with the reference's semantics (``edgekit.models.grn.grn_reference``)."""
-    channels_last = data_format == "channels_last"
-    if not channels_last and data_format != "channels_first":
+    if data_format == "channels_last":
+        channels_last = True
+    elif data_format == "channels_first":
+        channels_last = False
+    else:
         raise ValueError(f"grn: data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
-    if x.ndim != 4:
-        raise ValueError(f"grn: expected a 4-D tensor, got shape {tuple(x.shape)}")
-    channels = x.shape[3] if channels_last else x.shape[1]
+    shape = x.shape
+    if len(shape) != 4:
+        raise ValueError(f"grn: expected a 4-D tensor, got shape {tuple(shape)}")
+    channels = shape[3] if channels_last else shape[1]
     if gamma.numel() != channels or beta.numel() != channels:
         raise ValueError(f"grn: gamma and beta need {channels} elements ({data_format} input of shape "
-                         f"{tuple(x.shape)}), got {gamma.numel()} and {beta.numel()}")
-    if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or beta.requires_grad):
+                         f"{tuple(shape)}), got {gamma.numel()} and {beta.numel()}")
+    if (x.requires_grad or gamma.requires_grad or beta.requires_grad) and torch.is_grad_enabled():
         return _GRNFunction.apply(x, gamma, beta, float(eps), channels_last)
-    # No autograd node (most of the cost on the 7x7 late-stage tensors).
+    # No autograd node: on the 7x7 late-stage tensors the wrapper is most of the time.
     return _grn_forward(x, gamma, beta, float(eps), channels_last)[0]
 
 
@@ -89,25 +93,25 @@ def _kernels():
     return _grn_kernels
 
 
-def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` detached, in ``dtype`` and contiguous (no copy when it already is)."""
-    t = t.detach()
-    if t.dtype != dtype:
+def _array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """``t`` as a C-contiguous numpy array of ``dtype``: a view when it already is one
+    (the common case costs two attribute checks and ``.numpy()``), else one copy."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype is not dtype:
         t = t.to(dtype)
-    return t.contiguous()
-
-
-def _vector(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A C-element parameter (any shape) as a contiguous 1-D array: one kernel signature."""
-    return _contiguous(t, dtype).numpy().reshape(-1)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
 
 
 def _run(channels_last, u, v, gamma, beta, gx, eps, out, backward, apply):
-    """One kernel call: serial for small tensors, else parallel, one sample per task when
-    the batch splits evenly over the threads and a sample fits the cache."""
+    """One kernel call on numpy arrays: serial for small tensors, else parallel, one
+    sample per task when the batch splits evenly over the threads and a sample fits the
+    cache. Returns the kernel's result (gx forward, [dgamma, dbeta] backward)."""
     k = _kernels()
     n = u.shape[0]
-    nbytes = u.numel() * u.element_size() * (2 if backward else 1)
+    nbytes = u.nbytes * (2 if backward else 1)
     if nbytes < _SERIAL_BYTES:
         kernel, fused = (k.grn_last_serial if channels_last else k.grn_first_serial), True
     else:
@@ -115,18 +119,23 @@ def _run(channels_last, u, v, gamma, beta, gx, eps, out, backward, apply):
         fused = (n >= threads and (n % threads == 0 or n >= 4 * threads)
                  and 2 * threads * (nbytes // n) <= _FUSE_BYTES)
         kernel = k.grn_last if channels_last else k.grn_first
-    return kernel(u.numpy(), v.numpy(), _vector(gamma, u.dtype), beta, gx, eps, out.numpy(), backward, apply,
-                  _GRN_CHUNK_BYTES, fused)
+    if gamma.ndim != 1:
+        gamma = gamma.reshape(-1)
+    if beta.ndim != 1:
+        beta = beta.reshape(-1)
+    return kernel(u, v, gamma, beta, gx, eps, out, backward, apply, _GRN_CHUNK_BYTES, fused)
 
 
 def _grn_forward(x, gamma, beta, eps, channels_last):
-    """(out, x in the compute dtype, G = ||x||_HW as [N, C] float64): one kernel call."""
-    dtype = _compute_dtype(x.dtype)
-    xc = _contiguous(x, dtype)
-    out = torch.empty_like(xc)
-    gx = np.empty((xc.shape[0], xc.shape[3] if channels_last else xc.shape[1]))
-    _run(channels_last, xc, xc, gamma, _vector(beta, dtype), gx, eps, out, False, True)
-    return (out if x.dtype == dtype else out.to(x.dtype)), xc, gx
+    """(out, G = ||x||_HW as [N, C] float64): one kernel call, writing into a fresh array
+    that becomes the output tensor."""
+    dtype = torch.float64 if x.dtype is torch.float64 else torch.float32
+    xn = _array(x, dtype)
+    out = np.empty_like(xn)
+    gx = np.empty((xn.shape[0], xn.shape[3] if channels_last else xn.shape[1]))
+    _run(channels_last, xn, xn, _array(gamma, dtype), _array(beta, dtype), gx, eps, out, False, True)
+    y = torch.from_numpy(out)
+    return (y if x.dtype is dtype else y.to(x.dtype)), gx
 
 
 class _GRNFunction(torch.autograd.Function):
@@ -135,24 +144,25 @@ class _GRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps, channels_last):
-        out, xc, gx = _grn_forward(x, gamma, beta, eps, channels_last)
-        ctx.save_for_backward(xc, gamma)
-        ctx.gx, ctx.eps, ctx.channels_last, ctx.x_dtype = gx, eps, channels_last, x.dtype
-        ctx.beta_shape, ctx.beta_dtype = beta.shape, beta.dtype
+        out, gx = _grn_forward(x, gamma, beta, eps, channels_last)
+        ctx.save_for_backward(x, gamma, beta)
+        ctx.gx, ctx.eps, ctx.channels_last = gx, eps, channels_last
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        xc, gamma = ctx.saved_tensors
+        x, gamma, beta = ctx.saved_tensors
         need_dx, need_gamma, need_beta = ctx.needs_input_grad[:3]
-        dx = torch.empty_like(xc)  # also when unused: the kernel takes one signature
-        zeros = np.zeros(ctx.gx.shape[1], dtype=dx.numpy().dtype)
-        grads = _run(ctx.channels_last, _contiguous(grad, xc.dtype), xc, gamma, zeros, ctx.gx, ctx.eps, dx,
-                     True, need_dx)
-        grad_x = dx.to(ctx.x_dtype) if need_dx else None
+        dtype = torch.float64 if x.dtype is torch.float64 else torch.float32
+        xn = _array(x, dtype)
+        dx = np.empty_like(xn)  # also when unused: the kernel takes one signature
+        zeros = np.zeros(ctx.gx.shape[1], dtype=xn.dtype)
+        grads = _run(ctx.channels_last, _array(grad, dtype), xn, _array(gamma, dtype), zeros, ctx.gx, ctx.eps,
+                     dx, True, need_dx)
+        grad_x = torch.from_numpy(dx).to(x.dtype) if need_dx else None
         grad_gamma = torch.from_numpy(grads[0]).to(gamma.dtype).view(gamma.shape) if need_gamma else None
-        grad_beta = torch.from_numpy(grads[1]).to(ctx.beta_dtype).view(ctx.beta_shape) if need_beta else None
+        grad_beta = torch.from_numpy(grads[1]).to(beta.dtype).view(beta.shape) if need_beta else None
         return grad_x, grad_gamma, grad_beta, None, None
 
 
