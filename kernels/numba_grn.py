@@ -33,6 +33,7 @@ import numpy as np
 from numba import config, njit, prange
 
 MAX_THREADS = config.NUMBA_NUM_THREADS  # what the caller plans with (a plan never changes results)
+_LANES = 32  # elements per iteration of a vectorised loop (8 AVX2 lanes x 4 interleaved)
 _BLOCK_ROWS = 64  # channels_last rows summed in the input precision per float64 add
 _ROW_BLOCK = 1024  # channels_first elements likewise
 _KERNEL = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
@@ -56,6 +57,15 @@ def _dot(u, v):
 
 
 @njit(**_VECTOR)
+def _sumsq(u):
+    """sum(u*u) of a non-empty 1-D block (``_dot(u, u)`` without loading u twice)."""
+    s = u[0] * u[0]
+    for i in range(1, u.shape[0]):
+        s += u[i] * u[i]
+    return s
+
+
+@njit(**_VECTOR)
 def _total(u):
     s = u[0]
     for i in range(1, u.shape[0]):
@@ -64,12 +74,33 @@ def _total(u):
 
 
 @njit(**_VECTOR)
-def _sum_rows(u, v, r0, r1, acc):
-    """acc += sum over rows r0:r1 of u*v (u, v: [rows, C]; the loop over C vectorises).
-    Rows are indexed, not sliced: a view per row costs more than a 40-channel row."""
-    for r in range(r0, r1):
+def _sumsq_rows(u, r0, r1, acc):
+    """acc += sum over rows r0:r1 of u*u (u: [rows, C]; the loop over C vectorises).
+    Rows are indexed, not sliced (a view per row costs more than a 40-channel row), and
+    taken four at a time so that acc is loaded and stored once per four rows."""
+    r = r0
+    while r + 4 <= r1:
         for k in range(acc.shape[0]):
-            acc[k] += u[r, k] * v[r, k]
+            a, b, c, d = u[r, k], u[r + 1, k], u[r + 2, k], u[r + 3, k]
+            acc[k] += (a * a + b * b) + (c * c + d * d)
+        r += 4
+    for q in range(r, r1):
+        for k in range(acc.shape[0]):
+            acc[k] += u[q, k] * u[q, k]
+
+
+@njit(**_VECTOR)
+def _dot_rows(u, v, r0, r1, acc):
+    """acc += sum over rows r0:r1 of u*v, as ``_sumsq_rows``."""
+    r = r0
+    while r + 4 <= r1:
+        for k in range(acc.shape[0]):
+            acc[k] += (u[r, k] * v[r, k] + u[r + 1, k] * v[r + 1, k]) + (u[r + 2, k] * v[r + 2, k]
+                                                                        + u[r + 3, k] * v[r + 3, k])
+        r += 4
+    for q in range(r, r1):
+        for k in range(acc.shape[0]):
+            acc[k] += u[q, k] * v[q, k]
 
 
 @njit(**_VECTOR)
@@ -80,18 +111,15 @@ def _sum_rows1(u, r0, r1, acc):
 
 
 @njit(**_VECTOR)
-def _affine_rows(out, u, a, v, b, beta, r0, r1, use_v):
-    """out = u*a + (v*b if ``use_v``) + beta over rows r0:r1, with a, b, beta per channel.
-    The flag is tested once, outside the loops, or neither loop vectorises."""
-    c = out.shape[1]
+def _affine(out, u, a, v, b, beta, use_v):
+    """out = u*a + (v*b if ``use_v``) + beta elementwise over 1-D blocks. The flag is
+    tested once, outside the loops, or neither loop vectorises."""
     if use_v:
-        for r in range(r0, r1):
-            for k in range(c):
-                out[r, k] = u[r, k] * a[k] + v[r, k] * b[k] + beta[k]
+        for i in range(out.shape[0]):
+            out[i] = u[i] * a[i] + v[i] * b[i] + beta[i]
     else:
-        for r in range(r0, r1):
-            for k in range(c):
-                out[r, k] = u[r, k] * a[k] + beta[k]
+        for i in range(out.shape[0]):
+            out[i] = u[i] * a[i] + beta[i]
 
 
 @njit(**_VECTOR)
@@ -112,14 +140,18 @@ def _plane_affine(out, u, a, v, b, beta, use_v):
 @njit(**_PLAIN)
 def _reduce_rows(u, v, r0, r1, want_sum, dst):
     """dst[0] = sum of u*v over rows r0:r1, dst[1] = sum of u (if ``want_sum``), float64,
-    for u, v: [rows, C] (one channels_last sample)."""
+    for u, v: [rows, C] (one channels_last sample). Without ``want_sum`` (the forward)
+    v is u."""
     c = u.shape[1]
     acc = np.empty(c, u.dtype)
     dst[:] = 0.0
     for b0 in range(r0, r1, _BLOCK_ROWS):
         b1 = min(r1, b0 + _BLOCK_ROWS)
         acc[:] = 0
-        _sum_rows(u, v, b0, b1, acc)
+        if want_sum:
+            _dot_rows(u, v, b0, b1, acc)
+        else:
+            _sumsq_rows(u, b0, b1, acc)
         for k in range(c):
             dst[0, k] += acc[k]
         if want_sum:
@@ -130,16 +162,75 @@ def _reduce_rows(u, v, r0, r1, want_sum, dst):
 
 
 @njit(**_PLAIN)
+def _affine_rows(out, u, a, v, b, beta, r0, r1, use_v):
+    """out = u*a + (v*b if ``use_v``) + beta over rows r0:r1 of [rows, C] arrays, with a,
+    b, beta per channel. A loop over one row of C = 40 channels vectorises 32 and leaves 8
+    to scalar code; so rows are taken in groups of m whose C*m elements are a multiple of
+    ``_LANES``, against m-fold tiles of the coefficients (C = 40: 5 full iterations)."""
+    c = out.shape[1]
+    m = _LANES // _gcd(c, _LANES)
+    at, bt, betat = a, b, beta
+    if m > 1:
+        at = np.empty(c * m, out.dtype)
+        bt = np.empty(c * m, out.dtype)
+        betat = np.empty(c * m, out.dtype)
+        for j in range(c * m):
+            at[j] = a[j % c]
+            bt[j] = b[j % c]
+            betat[j] = beta[j % c]
+    of, uf, vf = out.reshape(-1), u.reshape(-1), v.reshape(-1)
+    groups = (r1 - r0) // m
+    if use_v:
+        _tiles2(of, uf, at, vf, bt, r0 * c, (r0 + groups * m) * c)
+    else:
+        _tiles1(of, uf, at, betat, r0 * c, (r0 + groups * m) * c)
+    for r in range(r0 + groups * m, r1):
+        _affine(out[r], u[r], a, v[r], b, beta, use_v)
+
+
+@njit(**_VECTOR)
+def _tiles1(of, uf, at, betat, e0, e1):
+    """of = uf*at + betat over flat elements e0:e1, in groups of len(at) elements (tiles of
+    the per-channel coefficients). Unsigned indices: Numba then emits no negative-index
+    wraparound, which would turn the loads into gathers."""
+    length = at.shape[0]
+    for g0 in range(e0, e1, length):
+        for j in range(length):
+            i = np.uintp(g0 + j)
+            of[i] = uf[i] * at[j] + betat[j]
+
+
+@njit(**_VECTOR)
+def _tiles2(of, uf, at, vf, bt, e0, e1):
+    """of = uf*at + vf*bt, as ``_tiles1`` (the backward: beta is 0)."""
+    length = at.shape[0]
+    for g0 in range(e0, e1, length):
+        for j in range(length):
+            i = np.uintp(g0 + j)
+            of[i] = uf[i] * at[j] + vf[i] * bt[j]
+
+
+@njit(**_PLAIN)
+def _gcd(p, q):
+    while q:
+        p, q = q, p % q
+    return p
+
+
+@njit(**_PLAIN)
 def _reduce_plane(u, v, want_sum, dst):
-    """dst[0] = sum(u*v), dst[1] = sum(u) (if ``want_sum``) of one channels_first plane."""
+    """dst[0] = sum(u*v), dst[1] = sum(u) (if ``want_sum``) of one channels_first plane;
+    without ``want_sum`` (the forward) v is u."""
     n = u.shape[0]
     s = 0.0
     t = 0.0
     for i0 in range(0, n, _ROW_BLOCK):
         i1 = min(n, i0 + _ROW_BLOCK)
-        s += _dot(u[i0:i1], v[i0:i1])
         if want_sum:
+            s += _dot(u[i0:i1], v[i0:i1])
             t += _total(u[i0:i1])
+        else:
+            s += _sumsq(u[i0:i1])
     dst[0] = s
     dst[1] = t
 
