@@ -109,6 +109,11 @@ def _run(channels_last, u, v, gamma, beta, gx, eps, out, backward, apply):
     """One kernel call on numpy arrays: serial for small tensors, else parallel, one
     sample per task when the batch splits evenly over the threads and a sample fits the
     cache. Returns the kernel's result (gx forward, [dgamma, dbeta] backward)."""
+    if u.size == 0:  # nothing to reduce or apply (the kernels' tiles assume C > 0)
+        if backward:
+            return np.zeros((2, gx.shape[1]))
+        gx[...] = 0.0
+        return gx
     k = _kernels()
     n = u.shape[0]
     nbytes = u.nbytes * (2 if backward else 1)

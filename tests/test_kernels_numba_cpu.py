@@ -119,6 +119,106 @@ def test_grn_non_contiguous_input():
                                grn_reference(nhwc, gamma, beta), rtol=1e-5, atol=1e-5)
 
 
+GRN_MODES = {  # (serial threshold, fuse threshold): which kernel build and work split runs
+    "serial": (1 << 62, 0),
+    "fused": (0, 1 << 62),
+    "split": (0, 0),
+}
+
+
+def run_mode(monkeypatch, mode, fn):
+    serial, fuse = GRN_MODES[mode]
+    monkeypatch.setattr(numba_cpu, "_SERIAL_BYTES", serial)
+    monkeypatch.setattr(numba_cpu, "_FUSE_BYTES", fuse)
+    return fn()
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_grn_modes_and_thread_counts_are_bit_identical(monkeypatch, data_format):
+    """Serial, one-sample-per-task and two-pass chunked runs, on 1 or all threads, combine
+    the same partial sums in the same order: forward and gradients are bit-identical, and
+    match the float64 reference. 13 channels: the apply's tiles (13*32 elements) and
+    remainder rows both run."""
+    import numba
+    seed = fresh_seed()
+    monkeypatch.setattr(numba_cpu, "_GRN_CHUNK_BYTES", 13 * 4 * 37)  # 37-row chunks: several per sample
+    x, gamma, beta = grn_inputs(seed, 4, 29, 31, 13, data_format)
+    fn = lambda impl: lambda x, g, b: impl(x, g, b, 1e-6, data_format)  # noqa: E731
+    runs = {}
+    threads = numba.get_num_threads()
+    try:
+        for mode in GRN_MODES:
+            for t in sorted({1, threads}):
+                numba.set_num_threads(t)
+                runs[mode, t] = run_mode(monkeypatch, mode, lambda: grads(
+                    fn(numba_cpu.grn), detached((x, gamma, beta), torch.float32), seed))
+    finally:
+        numba.set_num_threads(threads)
+    (out0, grads0), *rest = runs.values()
+    for key, (out, got) in runs.items():
+        assert torch.equal(out, out0), (key, seed)
+        assert all(torch.equal(a, b) for a, b in zip(got, grads0)), (key, seed)
+    ref_out, ref = grads(fn(grn_reference), detached((x, gamma, beta), torch.float64), seed)
+    for name, a, b in zip(("out", "x", "gamma", "beta"), (out0, *grads0), (ref_out, *ref)):
+        assert rel_err(a, b) <= TOL32, f"{name}: rel err {rel_err(a, b):.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_grn_float32_accumulation_over_128x128_pixels(monkeypatch, data_format, offset):
+    """The float32 block sums stay within 1e-5 of float64 over 16384 pixels in one chunk,
+    also for large magnitudes; the norms within 2e-7 (one float32 sum over all 16384
+    pixels is ~1e-6 off)."""
+    seed = fresh_seed()
+    monkeypatch.setattr(numba_cpu, "_GRN_CHUNK_BYTES", 1 << 30)  # one chunk per sample
+    x, gamma, beta = grn_inputs(seed, 2, 128, 128, 16, data_format)
+    x = x * 100 + offset
+    fn = lambda impl: lambda x, g, b: impl(x, g, b, 1e-6, data_format)  # noqa: E731
+    out, got = grads(fn(numba_cpu.grn), detached((x, gamma, beta), torch.float32), seed)
+    ref_out, ref = grads(fn(grn_reference), detached((x, gamma, beta), torch.float64), seed)
+    for name, a, b in zip(("out", "x", "gamma", "beta"), (out, *got), (ref_out, *ref)):
+        assert rel_err(a, b) <= TOL32, f"{name}: rel err {rel_err(a, b):.2e} (seed {seed}, {data_format})"
+    gx = x.double().norm(dim=(1, 2) if data_format == "channels_last" else (2, 3))
+    _, gx_numba = numba_cpu._grn_forward(x, gamma, beta, 1e-6, data_format == "channels_last")
+    np.testing.assert_allclose(gx_numba, gx.numpy(), rtol=2e-7, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 4, 8), (2, 0, 5, 8), (2, 3, 3, 0)])
+def test_grn_empty_tensors_match_reference(shape):
+    x, gamma, beta = (torch.randn(shape, requires_grad=True), torch.randn(shape[-1], requires_grad=True),
+                      torch.randn(shape[-1], requires_grad=True))
+    out = numba_cpu.grn(x, gamma, beta)
+    assert out.shape == shape
+    out.sum().backward()
+    assert x.grad.shape == shape and not gamma.grad.any() and not beta.grad.any()
+
+
+def test_grn_kernels_load_from_the_disk_cache():
+    """A second process loads every GRN kernel it uses from Numba's on-disk cache (one
+    float32 signature per kernel) instead of compiling it again."""
+    import subprocess
+    import sys
+    script = """
+import torch
+from edgekit.kernels import numba_cpu, numba_grn as k
+numba_cpu._SERIAL_BYTES = 1 << 16
+for fmt, shape in (("channels_last", (2, 96, 96, 8)), ("channels_first", (2, 8, 96, 96)),
+                   ("channels_last", (1, 4, 4, 8)), ("channels_first", (1, 8, 4, 4))):
+    x = torch.randn(shape, requires_grad=True)
+    numba_cpu.grn(x, torch.ones(8), torch.zeros(8), 1e-6, fmt).sum().backward()
+for d in (k.grn_last, k.grn_first, k.grn_last_serial, k.grn_first_serial):
+    print(d.__name__, len(d.signatures), sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values()))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)  # fills the cache if cold
+    lines = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                           text=True).stdout.split("\n")
+    stats = {name: (int(sigs), int(hits), int(misses)) for name, sigs, hits, misses
+             in (line.split() for line in lines if line)}
+    assert len(stats) == 4
+    for name, (sigs, hits, misses) in stats.items():
+        assert (sigs, misses) == (1, 0) and hits >= 1, (name, sigs, hits, misses)
+
+
 def test_grn_rejects_bad_parameters():
     x = torch.randn(1, 2, 2, 3)
     with pytest.raises(ValueError, match="gamma and beta need 3"):
