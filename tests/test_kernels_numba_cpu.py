@@ -77,6 +77,7 @@ def test_grn_parallel_chunks_match_reference(monkeypatch, data_format):
     """The multi-threaded, multi-chunk path (small tensors run on one thread, in one chunk)."""
     seed = fresh_seed()
     monkeypatch.setattr(numba_cpu, "_SERIAL_BYTES", 0)
+    monkeypatch.setattr(numba_cpu, "_SPLIT_BYTES", 0)
     monkeypatch.setattr(numba_cpu, "_GRN_CHUNK_BYTES", 256)
     x, gamma, beta = grn_inputs(seed, 3, 23, 17, 24, data_format)
     fn = lambda impl: lambda x, g, b: impl(x, g, b, 1e-6, data_format)  # noqa: E731
@@ -119,17 +120,16 @@ def test_grn_non_contiguous_input():
                                grn_reference(nhwc, gamma, beta), rtol=1e-5, atol=1e-5)
 
 
-GRN_MODES = {  # (serial threshold, fuse threshold): which kernel build and work split runs
-    "serial": (1 << 62, 0),
-    "fused": (0, 1 << 62),
-    "split": (0, 0),
+GRN_MODES = {  # (serial, fuse, split thresholds): which kernel build and work split runs
+    "serial": (1 << 62, 0, 1 << 62),
+    "fused": (0, 1 << 62, 1 << 62),
+    "split": (0, 0, 0),
 }
 
 
 def run_mode(monkeypatch, mode, fn):
-    serial, fuse = GRN_MODES[mode]
-    monkeypatch.setattr(numba_cpu, "_SERIAL_BYTES", serial)
-    monkeypatch.setattr(numba_cpu, "_FUSE_BYTES", fuse)
+    for name, value in zip(("_SERIAL_BYTES", "_FUSE_BYTES", "_SPLIT_BYTES"), GRN_MODES[mode]):
+        monkeypatch.setattr(numba_cpu, name, value)
     return fn()
 
 
