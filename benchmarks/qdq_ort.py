@@ -9,6 +9,10 @@ on random batches (input and Conv output ranges), and writes:
 - ``W8A8`` / ``W7A8``: ``quantize_onnx`` with conv outputs quantized, so ORT fuses every
   quantized conv into QLinearConv (7-bit weights: ORT's "reduce range" for AVX2 CPUs
   without VNNI, whose u8 x s8 kernels can saturate with 8-bit weights);
+- ``W4A8 bit planes`` / ``W4A8 INT4``: 4-bit weights in the default packed storage
+  (bit planes, which ORT folds into INT8 and runs as QLinearConv) and in ONNX's INT4
+  (``weight_storage="native"``: the same file size, but ORT 1.32 has no integer kernel
+  for it and runs DequantizeLinear + float convs);
 - ``W7A8 in-only``: the same spec without output entries (edgekit's export before conv
   outputs were quantized: convs then run DequantizeLinear + float Conv);
 - ``FP32 folded``: the FP32 graph with the exporter's computed zero conv biases made
@@ -123,13 +127,16 @@ def run(image_size: int, out_dir: Path, rounds: int = 20, threads: int = 2, cali
         spec = calibrate(model, batches, progress=False, conv_outputs=True)  # activations once
         modules = dict(model.named_modules())
         files = {"FP32": fp32}
-        for name, wb, outputs in (("W8A8", 8, True), ("W7A8", 7, True), ("W7A8 in-only", 7, False)):
+        for name, wb, outputs, storage in (("W8A8", 8, True, "packed"), ("W7A8", 7, True, "packed"),
+                                           ("W7A8 in-only", 7, False, "packed"), ("W4A8 bit planes", 4, True, "packed"),
+                                           ("W4A8 INT4", 4, True, "native")):
             variant = json.loads(json.dumps(spec))
             for path, layer in variant["layers"].items():
                 layer["weight"] = weight_qparams(modules[path].weight.detach(), wb)
                 if not outputs:
                     layer.pop("output", None)
-            files[name] = quantize_onnx(fp32, variant, tmp / f"{name.replace(' ', '_')}.onnx", model=model)
+            files[name] = quantize_onnx(fp32, variant, tmp / f"{name.replace(' ', '_')}.onnx", model=model,
+                                        weight_storage=storage)
         folded = onnx.load(str(fp32))
         fold_conv_biases(folded)
         onnx.save(folded, str(tmp / "fp32_folded.onnx"))

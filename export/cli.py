@@ -40,6 +40,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--max-detections", dest="max_detections", default="100")
     p.add_argument("--deform", default="native", help="native (ONNX DeformConv) | decompose (standard ops)")
     p.add_argument("--calibration", help="quant spec JSON (edgekit calibrate / quantize) for int8, mixed, tensorrt")
+    p.add_argument("--weight-storage", dest="weight_storage", default=None,
+                   help="packed (bit planes below 8 bits: the file follows the bits; default) | native (ONNX "
+                        "INT4/INT8 only; the default for tensorrt, whose parser has no BitShift)")
     p.add_argument("--data", help="DOTA split folder: also compare torch vs exported mAP on it")
     p.add_argument("--bundle", help="also write a deploy bundle folder here")
     p.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity check")
@@ -83,6 +86,13 @@ def check_options(args, quantized_checkpoint: bool = False) -> dict:
         raise EdgekitError("--sqnr debugs quantized exports; give --calibration SPEC.json (onnx-int8, onnx-mixed)")
     if args.calibration and args.format in ("onnx", "onnx-fp16"):
         raise EdgekitError(f"--calibration applies to onnx-int8, onnx-mixed and tensorrt, not --format {args.format}")
+    storage = getattr(args, "weight_storage", None)
+    if storage not in (None, "packed", "native"):
+        raise EdgekitError(f"unknown --weight-storage {storage!r}; choose packed or native")
+    if storage == "packed" and args.format == "tensorrt":
+        raise EdgekitError("--weight-storage packed needs BitShift, which TensorRT's ONNX parser lacks; "
+                           "use --weight-storage native (the default for tensorrt)")
+    opts["weight_storage"] = storage or ("native" if args.format == "tensorrt" else "packed")
     if args.data and not Path(args.data).is_dir():
         raise EdgekitError(f"--data {args.data} is not a folder; give a DOTA split folder (images/ + labelTxt/)")
     out = Path(args.out)
@@ -151,7 +161,7 @@ def _export_graphs(model, info, args, opts, stage: Path, image_size: int) -> dic
     if opts["spec"] is not None:
         from edgekit.export.qdq import quantize_onnx
 
-        quantize_onnx(float_graph, opts["spec"], raw, model=model)
+        quantize_onnx(float_graph, opts["spec"], raw, model=model, weight_storage=opts["weight_storage"])
     final = stage / f"{stem}.onnx"
     if args.nms:
         from edgekit.export.end2end import make_end2end

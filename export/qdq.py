@@ -25,17 +25,17 @@ saturate with 8-bit weights (measured: they then depart from the graph's meaning
 7-bit weights they match it exactly); calibrate with ``weight_bits=7`` for such targets
 (ORT's "reduce range"; TensorRT is unaffected).
 
-Storage by bit width (``weight_storage="packed"``, the default): 4-bit weights are INT4
-(two per byte, opset 21), 8-bit weights INT8, and the widths ONNX has no type for (2, 3,
-5, 6, 7 bits) bit planes (:mod:`edgekit.export.bitpack`: b/8 byte per weight, unpacked
-to INT8 by a chain of standard bitwise ops in front of the usual per-channel
-DequantizeLinear), so the file shrinks with every bit. ONNX Runtime folds the chain into
-an INT8 initializer at session creation and then fuses the layer into QLinearConv /
-MatMulIntegerToFloat as with INT8 storage (tested for 2, 3, 5, 6, 7 bits); INT4 weights
-get no integer kernel in ORT 1.32 (DequantizeLinear + float Conv/MatMul). The chain
-costs about 0.53 KB a layer, more than bit planes save on layers of fewer than about
-4300 / (c - b) weights (c = 4 or 8, the native container; export/README.md).
-``weight_storage="native"`` keeps the old layout, 2-4 bits INT4 and 5-8 bits INT8, for
+Storage by bit width (``weight_storage="packed"``, the default): 8-bit weights are INT8
+and every narrower width (2-7 bits) bit planes (:mod:`edgekit.export.bitpack`: b/8 byte
+per weight, unpacked to INT8 by a chain of standard bitwise ops in front of the usual
+per-channel DequantizeLinear), so the file shrinks with every bit. ONNX Runtime folds the
+chain into an INT8 initializer at session creation and then fuses the layer into
+QLinearConv / MatMulIntegerToFloat as with INT8 storage (tested for 2-7 bits). That is
+also why 4-bit weights are bit planes rather than ONNX's INT4, which is the same size:
+INT4 weights get no integer kernel in ORT 1.32 (DequantizeLinear + float Conv/MatMul).
+The chain costs about 0.53 KB a layer, more than bit planes save on layers of fewer than
+about 4300 / (c - b) weights (c = 4 or 8, the native container; export/README.md).
+``weight_storage="native"`` keeps the ONNX types only, 2-4 bits INT4 and 5-8 bits INT8, for
 runtimes without BitShift (TensorRT: onnx-tensorrt lists it as unsupported). The
 metadata records each layer's storage ("int4", "int8", "bitplane<b>"). Activations of
 at most 4 bits use INT4/UINT4 QuantizeLinear, 5-7 bits an 8-bit one followed by a Clip to the
@@ -97,7 +97,7 @@ INT8_WEIGHT_BITS = (7, 8)
 
 WEIGHT_STORAGES = ("packed", "native")
 # Widths with no ONNX type of their own, stored as bit planes under weight_storage="packed".
-BITPLANE_BITS = (2, 3, 5, 6, 7)
+BITPLANE_BITS = (2, 3, 4, 5, 6, 7)
 
 
 def storage_for(bits: int, mode: str = "packed") -> str:

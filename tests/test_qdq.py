@@ -274,11 +274,11 @@ class ConvThenLinear(nn.Module):
         return self.pw(x.permute(0, 2, 3, 1)).mean((1, 2))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
 def test_orts_optimizer_folds_the_unpacking_and_keeps_integer_kernels(fresh_torch_seed, tmp_path, bits):
     """ORT folds the constant unpacking chain at session creation and fuses each layer into
     QLinearConv / MatMulIntegerToFloat, as with INT8 storage (INT4, the native storage of 2-
-    and 3-bit weights, leaves ORT 1.32's convs in float: DequantizeLinear + Conv)."""
+    to 4-bit weights, leaves ORT 1.32's convs in float: DequantizeLinear + Conv)."""
     model = ConvThenLinear().eval()
     fp32 = export_legacy(model, tmp_path / "fp32.onnx")
     spec = calibrate(model, [torch.randn(4, 3, 16, 16)], weight_bits=bits, progress=False, conv_outputs=True)
