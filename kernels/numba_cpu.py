@@ -10,9 +10,10 @@ each way) and the result is cast back to the input's dtype; this is also what th
 reference does (it reduces GRN and samples DCN in float32).
 
 Compilation: every kernel is compiled on first use for each dtype and cached on disk
-next to the module (``cache=True``). On a 2-core machine the first GRN call costs about
-5 s of compile per dtype and the first DCN forward+backward about 15-20 s per dtype;
-later processes load the cache in well under a second.
+next to the module (``cache=True``). On a 2-core machine the first GRN forward+backward
+costs about 8 s of compile per layout, build (serial, parallel) and dtype (22 s for all
+four float32 ones) and the first DCN forward+backward about 15-20 s per dtype; later
+processes load the cache in well under a second.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def _run(channels_last, u, v, gamma, beta, gx, eps, out, backward, apply):
     threads = k.MAX_THREADS
     fused = (n >= threads and (n % threads == 0 or n >= 4 * threads)
              and 2 * threads * (nbytes // n) <= _FUSE_BYTES)
-    if nbytes < _SERIAL_BYTES or not (fused or nbytes >= _SPLIT_BYTES):
+    if threads == 1 or nbytes < _SERIAL_BYTES or not (fused or nbytes >= _SPLIT_BYTES):
         kernel, fused = (k.grn_last_serial if channels_last else k.grn_first_serial), True
     else:
         kernel = k.grn_last if channels_last else k.grn_first
