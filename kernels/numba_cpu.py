@@ -19,7 +19,7 @@ processes load the cache in well under a second.
 from __future__ import annotations
 
 import math
-import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,11 +53,18 @@ _grn_kernels = None  # edgekit.kernels.numba_grn, imported on first use (it impo
 
 
 def _last_level_cache_bytes() -> int:
-    try:
-        size = os.sysconf("SC_LEVEL3_CACHE_SIZE") or os.sysconf("SC_LEVEL2_CACHE_SIZE")
-    except (ValueError, OSError):
-        size = 0
-    return size if size > 0 else 8 << 20
+    """Size of the highest-level CPU cache from sysfs (8 MiB where it cannot be read: Python's
+    os.sysconf has no cache names, and getconf reports the host's cache inside some VMs)."""
+    best = (0, 8 << 20)
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+            size = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
+        except (OSError, ValueError):
+            continue
+        best = max(best, (level, size))
+    return best[1]
 
 
 # Samples whose input and output, one per thread, fit in 3/4 of the last-level cache are
