@@ -172,22 +172,13 @@ def _reduce_rows(u, v, r0, r1, want_sum, dst):
 
 
 @njit(**_PLAIN)
-def _affine_rows(out, u, a, v, b, beta, r0, r1, use_v):
+def _affine_rows(out, u, at, v, bt, betat, r0, r1, use_v):
     """out = u*a + (v*b if ``use_v``) + beta over rows r0:r1 of [rows, C] arrays, with a,
-    b, beta per channel. A loop over one row of C = 40 channels vectorises 32 and leaves 8
-    to scalar code; so rows are taken in groups of m whose C*m elements are a multiple of
-    ``_LANES``, against m-fold tiles of the coefficients (C = 40: 5 full iterations)."""
+    b, beta per channel given as m-fold tiles (``_tile``). A loop over one row of C = 40
+    channels vectorises 32 and leaves 8 to scalar code; so rows are taken in groups of m
+    whose C*m elements are a multiple of ``_LANES`` (C = 40: m = 4, 5 full iterations)."""
     c = out.shape[1]
-    m = _LANES // _gcd(c, _LANES)
-    at, bt, betat = a, b, beta
-    if m > 1:
-        at = np.empty(c * m, out.dtype)
-        bt = np.empty(c * m, out.dtype)
-        betat = np.empty(c * m, out.dtype)
-        for j in range(c * m):
-            at[j] = a[j % c]
-            bt[j] = b[j % c]
-            betat[j] = beta[j % c]
+    m = at.shape[0] // c
     of, uf, vf = out.reshape(-1), u.reshape(-1), v.reshape(-1)
     groups = (r1 - r0) // m
     if use_v:
@@ -195,7 +186,23 @@ def _affine_rows(out, u, a, v, b, beta, r0, r1, use_v):
     else:
         _tiles1(of, uf, at, betat, r0 * c, (r0 + groups * m) * c)
     for r in range(r0 + groups * m, r1):
-        _affine(out[r], u[r], a, v[r], b, beta, use_v)
+        _affine(out[r], u[r], at[:c], v[r], bt[:c], betat[:c], use_v)
+
+
+@njit(**_PLAIN)
+def _tile_length(c):
+    """C*m, the shortest multiple of C that is a multiple of ``_LANES``."""
+    p, q = c, _LANES
+    while q:
+        p, q = q, p % q
+    return c * (_LANES // p)
+
+
+@njit(**_PLAIN)
+def _tile(t, c):
+    """Repeat t[:c] over the rest of t (whose length is a multiple of c)."""
+    for j in range(c, t.shape[0]):
+        t[j] = t[j - c]
 
 
 @njit(**_VECTOR)
@@ -218,13 +225,6 @@ def _tiles2(of, uf, at, vf, bt, e0, e1):
         for j in range(length):
             i = np.uintp(g0 + j)
             of[i] = uf[i] * at[j] + vf[i] * bt[j]
-
-
-@njit(**_PLAIN)
-def _gcd(p, q):
-    while q:
-        p, q = q, p % q
-    return p
 
 
 @njit(**_PLAIN)
@@ -337,26 +337,34 @@ def grn_last(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, f
     splits = (rows + step - 1) // step
     part = np.empty((n, splits, 2, c))
     sums = np.empty((n, 2, c))
-    a = np.empty((n, c), u.dtype)
-    b = np.zeros((n, c), u.dtype)
+    length = _tile_length(c)  # the apply's coefficients, tiled once per sample
+    a = np.empty((n, length), u.dtype)
+    b = np.zeros((n, length), u.dtype)
+    betat = np.empty(length, u.dtype)
+    betat[:c] = beta
+    _tile(betat, c)
     if fused:
         for i in prange(n):
             for s in range(splits):
                 _reduce_rows(u[i], v[i], s * step, min(rows, s * step + step), backward, part[i, s])
             _combine(part[i], sums[i])
-            _stats(sums[i], gamma, eps, gx[i], a[i], b[i], backward)
+            _stats(sums[i], gamma, eps, gx[i], a[i, :c], b[i, :c], backward)
+            _tile(a[i], c)
+            _tile(b[i], c)
             if apply:
-                _affine_rows(out[i], u[i], a[i], v[i], b[i], beta, 0, rows, backward)
+                _affine_rows(out[i], u[i], a[i], v[i], b[i], betat, 0, rows, backward)
     else:
         for t in prange(n * splits):
             i, s = t // splits, t % splits
             _reduce_rows(u[i], v[i], s * step, min(rows, s * step + step), backward, part[i, s])
         for i in range(n):
             _combine(part[i], sums[i])
-            _stats(sums[i], gamma, eps, gx[i], a[i], b[i], backward)
+            _stats(sums[i], gamma, eps, gx[i], a[i, :c], b[i, :c], backward)
+            _tile(a[i], c)
+            _tile(b[i], c)
         for t in prange(n * splits if apply else 0):
             i, s = t // splits, t % splits
-            _affine_rows(out[i], u[i], a[i], v[i], b[i], beta, s * step, min(rows, s * step + step), backward)
+            _affine_rows(out[i], u[i], a[i], v[i], b[i], betat, s * step, min(rows, s * step + step), backward)
     return _result(sums, gx, eps, backward)
 
 
