@@ -71,9 +71,9 @@ def _last_level_cache_bytes() -> int:
 # reduced and applied one at a time, so the apply re-reads x from cache.
 _FUSE_BYTES = _last_level_cache_bytes() * 3 // 4
 # A batch that does not split over the threads runs serially up to this size: the two-pass
-# parallel split measured slower than one thread on 1 MiB - 20 MiB single samples on the
-# 2-core machine (the passes go through the L3 either way, and every parallel launch can
-# wait on a descheduled worker).
+# parallel split measured no faster than one thread on 0.25-5 MiB single samples on the
+# 2-core machine (both bound by the L3), and every parallel launch can wait on a
+# descheduled worker.
 _SPLIT_BYTES = _FUSE_BYTES
 
 
