@@ -10,12 +10,14 @@ GRN is memory-bound and, on the late ConvNeXt stages (7x7 to 16x16), overhead-bo
   dozen numpy ops on [N, C] statistics) spent 0.1-0.2 ms per call outside its kernels;
   a 1x7x7x320 forward is now ~16 us, of which the Numba dispatch is ~3 us, the work ~3 us
   and the wrapper's tensor-to-array conversions most of the rest.
-- **Accumulation in the input precision, in short blocks.** A float32 tensor is summed in
-  float32 (8 AVX2 lanes, where float64 gets 4 plus conversions) over blocks of
-  ``_BLOCK_ROWS`` rows (channels_last, four rows per accumulator update) or ``_ROW_BLOCK``
-  elements (channels_first, reassociated by LLVM into 2x8 lanes); each block's sum is
-  added to a float64 total. The error is that of a 64- or 1024-term float32 sum: ~1e-8 on
-  the norms at 128x128 pixels, where one float32 sum over all pixels is ~1e-6 off.
+- **The forward's sum of squares in the input precision, in short blocks.** A float32
+  tensor is summed in float32 (8 AVX2 lanes, where float64 gets 4 plus conversions) over
+  blocks of ``_BLOCK_ROWS`` rows (channels_last, four rows per accumulator update) or
+  ``_ROW_BLOCK`` elements (channels_first, reassociated by LLVM into 2x8 lanes); each
+  block's sum is added to a float64 total. Squares do not cancel, so the error is that of
+  a 64- or 1024-term float32 sum: ~1e-8 on the norms at 128x128 pixels, where one float32
+  sum over all pixels is ~1e-6 off. The backward's sums (grad*x, grad) do cancel and are
+  summed in float64, as before.
 - **Loops that vectorise.** Rows are indexed, never sliced (a view per 40-channel row
   costs more than the row), flags are tested outside loops, and the apply walks flat
   groups of rows whose length is a multiple of 32 elements against tiled coefficients,
@@ -58,17 +60,17 @@ _VECTOR = dict(nogil=True, error_model="numpy", fastmath={"reassoc", "contract",
 
 
 @njit(**_VECTOR)
-def _dot(u, v):
-    """sum(u*v) of a non-empty 1-D block, in its own precision."""
-    s = u[0] * v[0]
-    for i in range(1, u.shape[0]):
-        s += u[i] * v[i]
+def _dot64(u, v):
+    """sum(u*v) of a 1-D block in float64."""
+    s = 0.0
+    for i in range(u.shape[0]):
+        s += np.float64(u[i]) * np.float64(v[i])
     return s
 
 
 @njit(**_VECTOR)
 def _sumsq(u):
-    """sum(u*u) of a non-empty 1-D block (``_dot(u, u)`` without loading u twice)."""
+    """sum(u*u) of a non-empty 1-D block, in its own precision."""
     s = u[0] * u[0]
     for i in range(1, u.shape[0]):
         s += u[i] * u[i]
@@ -76,9 +78,9 @@ def _sumsq(u):
 
 
 @njit(**_VECTOR)
-def _total(u):
-    s = u[0]
-    for i in range(1, u.shape[0]):
+def _total64(u):
+    s = 0.0
+    for i in range(u.shape[0]):
         s += u[i]
     return s
 
@@ -100,17 +102,11 @@ def _sumsq_rows(u, r0, r1, acc):
 
 
 @njit(**_VECTOR)
-def _dot_rows(u, v, r0, r1, acc):
-    """acc += sum over rows r0:r1 of u*v, as ``_sumsq_rows``."""
-    r = r0
-    while r + 4 <= r1:
+def _dot_rows64(u, v, r0, r1, acc):
+    """acc += sum over rows r0:r1 of u*v, in float64 (acc is float64)."""
+    for r in range(r0, r1):
         for k in range(acc.shape[0]):
-            acc[k] += (u[r, k] * v[r, k] + u[r + 1, k] * v[r + 1, k]) + (u[r + 2, k] * v[r + 2, k]
-                                                                        + u[r + 3, k] * v[r + 3, k])
-        r += 4
-    for q in range(r, r1):
-        for k in range(acc.shape[0]):
-            acc[k] += u[q, k] * v[q, k]
+            acc[k] += np.float64(u[r, k]) * np.float64(v[r, k])
 
 
 @njit(**_VECTOR)
@@ -150,25 +146,20 @@ def _plane_affine(out, u, a, v, b, beta, use_v):
 @njit(**_PLAIN)
 def _reduce_rows(u, v, r0, r1, want_sum, dst):
     """dst[0] = sum of u*v over rows r0:r1, dst[1] = sum of u (if ``want_sum``), float64,
-    for u, v: [rows, C] (one channels_last sample). Without ``want_sum`` (the forward)
-    v is u."""
-    c = u.shape[1]
-    acc = np.empty(c, u.dtype)
+    for u, v: [rows, C] (one channels_last sample). Without ``want_sum`` (the forward) v is
+    u: a sum of squares, summed in the input precision over blocks of ``_BLOCK_ROWS`` rows.
+    The backward's sums (grad*x, grad) cancel, so they are summed in float64 throughout."""
     dst[:] = 0.0
+    if want_sum:
+        _dot_rows64(u, v, r0, r1, dst[0])
+        _sum_rows1(u, r0, r1, dst[1])
+        return
+    acc = np.empty(u.shape[1], u.dtype)
     for b0 in range(r0, r1, _BLOCK_ROWS):
-        b1 = min(r1, b0 + _BLOCK_ROWS)
         acc[:] = 0
-        if want_sum:
-            _dot_rows(u, v, b0, b1, acc)
-        else:
-            _sumsq_rows(u, b0, b1, acc)
-        for k in range(c):
+        _sumsq_rows(u, b0, min(r1, b0 + _BLOCK_ROWS), acc)
+        for k in range(acc.shape[0]):
             dst[0, k] += acc[k]
-        if want_sum:
-            acc[:] = 0
-            _sum_rows1(u, b0, b1, acc)
-            for k in range(c):
-                dst[1, k] += acc[k]
 
 
 @njit(**_PLAIN)
@@ -229,16 +220,17 @@ def _tiles2(of, uf, at, vf, bt, e0, e1):
 
 @njit(**_PLAIN)
 def _reduce_plane(u, v, want_sum, dst):
-    """dst[0] = sum(u*v), dst[1] = sum(u) (if ``want_sum``) of one channels_first plane;
-    without ``want_sum`` (the forward) v is u."""
+    """dst[0] = sum(u*v), dst[1] = sum(u) (if ``want_sum``) of one channels_first plane, as
+    ``_reduce_rows``: the forward's sum of squares in blocks of ``_ROW_BLOCK`` elements in
+    the input precision, the backward's cancelling sums in float64."""
     n = u.shape[0]
     s = 0.0
     t = 0.0
     for i0 in range(0, n, _ROW_BLOCK):
         i1 = min(n, i0 + _ROW_BLOCK)
         if want_sum:
-            s += _dot(u[i0:i1], v[i0:i1])
-            t += _total(u[i0:i1])
+            s += _dot64(u[i0:i1], v[i0:i1])
+            t += _total64(u[i0:i1])
         else:
             s += _sumsq(u[i0:i1])
     dst[0] = s
