@@ -148,7 +148,7 @@ def _run(channels_last, u, v, gamma, beta, gx, eps, out, backward, apply):
 def _grn_forward(x, gamma, beta, eps, channels_last):
     """(out, G = ||x||_HW as [N, C] float64): one kernel call, writing into a fresh array
     that becomes the output tensor."""
-    dtype = torch.float64 if x.dtype is torch.float64 else torch.float32
+    dtype = _compute_dtype(x.dtype)
     xn = _array(x, dtype)
     out = np.empty_like(xn)
     gx = np.empty((xn.shape[0], xn.shape[3] if channels_last else xn.shape[1]))
@@ -173,7 +173,7 @@ class _GRNFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, gamma, beta = ctx.saved_tensors
         need_dx, need_gamma, need_beta = ctx.needs_input_grad[:3]
-        dtype = torch.float64 if x.dtype is torch.float64 else torch.float32
+        dtype = _compute_dtype(x.dtype)
         xn = _array(x, dtype)
         dx = np.empty_like(xn)  # also when unused: the kernel takes one signature
         zeros = np.zeros(ctx.gx.shape[1], dtype=xn.dtype)
