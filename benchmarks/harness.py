@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from edgekit.sysinfo import cpu_model
+from edgekit.sysinfo import cpu_model, last_level_cache_bytes
 
 
 def measure(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 20, min_repeats: int = 3,
@@ -44,19 +44,6 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 20, min
     median = statistics.median(times)
     return {"median_ms": median, "p90_ms": p90, "min_ms": times[0], "max_ms": times[-1],
             "repeats": len(times), "spread": p90 / median if median > 0 else float("nan")}
-
-
-def last_level_cache_bytes() -> int | None:
-    """Size of the largest CPU cache (Linux sysfs), or None where it cannot be read."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip().upper()
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            sizes.append(int(text.rstrip("KMG")) * mult)
-        except ValueError:
-            continue
-    return max(sizes) if sizes else None
 
 
 def _version(dist: str) -> str | None:

@@ -19,13 +19,13 @@ processes load the cache in well under a second.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from edgekit.models.deform import deform_geometry
+from edgekit.sysinfo import last_level_cache_bytes
 
 DEVICES = frozenset({"cpu"})
 SUPPORTS_BACKWARD = frozenset({"grn", "deform_conv2d"})
@@ -52,24 +52,9 @@ _SERIAL_BYTES = 256 << 10  # GRN tensors below this run on one thread
 _grn_kernels = None  # edgekit.kernels.numba_grn, imported on first use (it imports numba)
 
 
-def _last_level_cache_bytes() -> int:
-    """Size of the highest-level CPU cache from sysfs (8 MiB where it cannot be read: Python's
-    os.sysconf has no cache names, and getconf reports the host's cache inside some VMs)."""
-    best = (0, 8 << 20)
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            level = int((index / "level").read_text())
-            text = (index / "size").read_text().strip().upper()
-            size = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
-        except (OSError, ValueError):
-            continue
-        best = max(best, (level, size))
-    return best[1]
-
-
 # Samples whose input and output, one per thread, fit in 3/4 of the last-level cache are
 # reduced and applied one at a time, so the apply re-reads x from cache.
-_FUSE_BYTES = _last_level_cache_bytes() * 3 // 4
+_FUSE_BYTES = (last_level_cache_bytes() or 8 << 20) * 3 // 4  # 8 MiB where sysfs has no answer
 # A batch that does not split over the threads runs serially up to this size: the two-pass
 # parallel split measured no faster than one thread on 0.25-5 MiB single samples on the
 # 2-core machine (both bound by the L3), and every parallel launch can wait on a
