@@ -334,11 +334,15 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table_head(title: str, columns: str) -> list[str]:
+    """A markdown section heading and table header; ``columns`` separated by commas."""
+    names = [c.strip() for c in columns.split(",")]
+    return ["", f"## {title}", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+
 def _grn_table(rows: list[dict]) -> list[str]:
-    lines = ["", "## GRN (channels_last float32)", "",
-             "| model | px | batch | stage | shape | MiB | numba | eager | compile | limit | x eager | x compile "
-             "| of limit | > LLC |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _table_head("GRN (channels_last float32)", "model, px, batch, stage, shape, MiB, numba, eager, compile, "
+                        "limit, x eager, x compile, of limit, > LLC")
     for r in rows:
         sc = r.get("speedup_vs_compile")
         lines.append(
@@ -350,10 +354,9 @@ def _grn_table(rows: list[dict]) -> list[str]:
 
 
 def _dcn_table(rows: list[dict]) -> list[str]:
-    lines = ["", "## Deformable convolution (DCNv2 with mask and bias, 3x3, stride 1, pad 1, float32)", "",
-             "| C->C | map | batch | numba fwd | numba bwd | reference fwd | reference bwd | ORT DeformConv "
-             "| dense conv | x reference | x ORT | / dense | bwd / fwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _table_head("Deformable convolution (DCNv2 with mask and bias, 3x3, stride 1, pad 1, float32)",
+                        "C->C, map, batch, numba fwd, numba bwd, reference fwd, reference bwd, ORT DeformConv, "
+                        "dense conv, x reference, x ORT, / dense, bwd / fwd")
     for r in rows:
         so = r.get("speedup_vs_ort")
         lines.append(
