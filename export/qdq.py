@@ -10,7 +10,7 @@ pyramid levels is one node per call) gets ``QuantizeLinear -> DequantizeLinear``
 data-input edge only (other readers of the same tensor stay float) and, where the layer
 has an ``output`` entry, after its output. Biases stay float: ONNX Runtime's QDQ fusion
 quantizes them itself when it fuses (which needs them as initializers: see
-:func:`fold_conv_biases`). Activation grids are written as UINT8/UINT4 (a signed grid is
+:func:`fold_conv_biases`). Activation grids are written as UINT8 (a signed grid is
 the same values with the zero point shifted by 2^(bits-1)).
 
 Which runtime kernels result (ONNX Runtime 1.32, CPU): ORT fuses a node unit "DQ on
@@ -37,9 +37,10 @@ The chain costs about 0.53 KB a layer, more than bit planes save on layers of fe
 about 4300 / (c - b) weights (c = 4 or 8, the native container; export/README.md).
 ``weight_storage="native"`` keeps the ONNX types only, 2-4 bits INT4 and 5-8 bits INT8, for
 runtimes without BitShift (TensorRT: onnx-tensorrt lists it as unsupported). The
-metadata records each layer's storage ("int4", "int8", "bitplane<b>"). Activations of
-at most 4 bits use INT4/UINT4 QuantizeLinear, 5-7 bits an 8-bit one followed by a Clip to the
-narrower grid; both reproduce ``fake_quantize`` exactly.
+metadata records each layer's storage ("int4", "int8", "bitplane<b>"). Activations
+of every width are UINT8 QuantizeLinear -> DequantizeLinear, with a Clip of the integers to
+[0, 2^b - 1] in between for b < 8 (the narrower grid, exactly ``fake_quantize``'s), which
+keeps ORT's integer kernels for 2-7-bit activations too.
 """
 
 from __future__ import annotations
@@ -360,36 +361,35 @@ class _QDQRewriter:
                 return prefix
 
     def _qdq(self, x: str, aspec: dict, base: str, out: str | None = None) -> list:
-        """QuantizeLinear -> DequantizeLinear (-> Clip to a 5-7 bit grid) from tensor ``x``;
-        the last node writes ``out`` (default ``<base>_dequantized``/``_clipped``)."""
+        """QuantizeLinear (UINT8) (-> Clip to a 2-7 bit grid, on the integers) ->
+        DequantizeLinear from tensor ``x``; the DequantizeLinear writes ``out`` (default
+        ``<base>_dequantized``). Narrow grids live in an 8-bit container, clipped between Q
+        and DQ, so that every conv still reads DequantizeLinear directly and ONNX Runtime
+        fuses it into QLinearConv (with UINT4 activations, or a float Clip after the DQ,
+        it runs DequantizeLinear + float Conv instead)."""
         import numpy as np
         from onnx import helper, numpy_helper
 
-        from edgekit.calibration.spec import qrange
-
         bits, signed = aspec["bits"], aspec["signed"]
-        container = bits if bits <= 4 else 8  # 5-7 bits live in an 8-bit container plus a Clip
-        # A signed grid is the unsigned one shifted by 2^(bits-1) (the same float values).
-        # Activations are written unsigned: ORT's x86 integer kernels are u8 x s8, and its
-        # transpose optimizer fails on graphs that mix INT8 and UINT8 activations.
+        # A signed grid is the unsigned one shifted by 2^(bits-1) (the same float values),
+        # so every grid is [0, 2^bits - 1] here. Activations are written unsigned: ORT's x86
+        # integer kernels are u8 x s8, and its transpose optimizer fails on graphs that mix
+        # INT8 and UINT8 activations.
         zero_point = aspec["zero_point"] + (2 ** (bits - 1) if signed else 0)
-        qmin, qmax = qrange(bits, signed)
         self.graph.initializer.extend([
             numpy_helper.from_array(np.array(aspec["scale"], np.float32), f"{base}_scale"),
-            _int_tensor(f"{base}_zero_point", np.array(zero_point), _int_type(container, signed=False))])
-        clipped = container != bits
-        dq_out = out if out is not None and not clipped else f"{base}_dequantized"
+            _int_tensor(f"{base}_zero_point", np.array(zero_point), _int_type(8, signed=False))])
         nodes = [helper.make_node("QuantizeLinear", [x, f"{base}_scale", f"{base}_zero_point"],
-                                  [f"{base}_quantized"], name=f"{base}_QuantizeLinear"),
-                 helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                                  [dq_out], name=f"{base}_DequantizeLinear")]
-        if clipped:
-            lo = (qmin - aspec["zero_point"]) * np.float32(aspec["scale"])
-            hi = (qmax - aspec["zero_point"]) * np.float32(aspec["scale"])
-            self.graph.initializer.extend([numpy_helper.from_array(np.array(lo, np.float32), f"{base}_clip_min"),
-                                           numpy_helper.from_array(np.array(hi, np.float32), f"{base}_clip_max")])
-            nodes.append(helper.make_node("Clip", [dq_out, f"{base}_clip_min", f"{base}_clip_max"],
-                                          [out or f"{base}_clipped"], name=f"{base}_Clip"))
+                                  [f"{base}_quantized"], name=f"{base}_QuantizeLinear")]
+        codes = f"{base}_quantized"
+        if bits < 8:
+            self.graph.initializer.append(numpy_helper.from_array(np.array(2 ** bits - 1, np.uint8),
+                                                                  f"{base}_clip_max"))
+            nodes.append(helper.make_node("Clip", [codes, "", f"{base}_clip_max"], [f"{base}_clipped"],
+                                          name=f"{base}_Clip"))
+            codes = f"{base}_clipped"
+        nodes.append(helper.make_node("DequantizeLinear", [codes, f"{base}_scale", f"{base}_zero_point"],
+                                      [out or f"{base}_dequantized"], name=f"{base}_DequantizeLinear"))
         return nodes
 
     def _quantize_input(self, node, data_index: int, aspec: dict, base: str) -> None:

@@ -303,6 +303,27 @@ def test_orts_optimizer_folds_the_unpacking_and_keeps_integer_kernels(fresh_torc
     assert np.abs(outputs["packed"] - expected).max() <= 2 * step
 
 
+@pytest.mark.parametrize("act_bits", [3, 4, 6])
+def test_narrow_activation_grids_keep_integer_kernels(fresh_torch_seed, tmp_path, act_bits):
+    """2-7-bit activations are an 8-bit Q, a Clip of the integers and a DQ: ORT still fuses
+    every conv into QLinearConv (a UINT4 Q, or a float Clip after the DQ, left it in float)."""
+    model = ConvThenLinear().eval()
+    fp32 = export_legacy(model, tmp_path / "fp32.onnx")
+    spec = calibrate(model, [torch.randn(4, 3, 16, 16)], weight_bits=4, act_bits=act_bits, progress=False,
+                     conv_outputs=True)
+    out = quantize_onnx(fp32, spec, tmp_path / "q.onnx", model=model)
+    clips = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Clip"]
+    assert clips and all(n.output[0].endswith("_clipped") for n in clips)
+    x = torch.randn(2, 3, 16, 16)
+    got = run_ort(out, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["MatMulIntegerToFloat"] == 1 and not ops["Conv"] + ops["FusedConv"], ops
+    with torch.no_grad():
+        expected = apply_fake_quant(model, spec)(x).numpy()
+    step = spec["layers"]["pw"]["input"]["scale"] * model.pw.weight.detach().abs().sum(1).max().item()
+    assert np.abs(got - expected).max() <= 2 * step
+
+
 def test_only_the_quantized_layers_data_edge_gets_qdq(convnet, tmp_path):
     model, fp32 = convnet
     spec = calibrate(model, [torch.randn(2, 3, 16, 16)], layers=["conv2"], progress=False, conv_outputs=False)
