@@ -49,6 +49,9 @@ def add_subcommands(sub) -> None:
     q.add_argument("--image-size", dest="image_size", type=int, help="input side (default: the checkpoint's or 256)")
     q.add_argument("--data", help="DOTA split folder for calibration/sensitivity (default: built-in synthetic)")
     q.add_argument("--calib-batches", dest="calib_batches", type=int, default=4)
+    q.add_argument("--no-conv-outputs", dest="conv_outputs", action="store_false",
+                   help="leave conv outputs float in quant_spec.json (by default they get 8-bit grids, observed "
+                        "through the fake-quantized model, so that ONNX Runtime runs the convs as integer kernels)")
     q.add_argument("--sens-batches", dest="sens_batches", type=int, default=4,
                    help="batches for the sensitivity estimate (fewer: noisy traces that starve layers of bits)")
     q.add_argument("--sens-method", dest="sens_method", choices=("hutchinson", "fisher"), default="hutchinson")
@@ -187,7 +190,7 @@ def _cmd_quantize(args) -> int:
                                               save_quantized)
 
     start = time.perf_counter()
-    float_model = copy.deepcopy(model) if args.qat_epochs else None
+    float_model = copy.deepcopy(model) if args.qat_epochs or args.conv_outputs else None
     qmodel = quantize(model, config, example_input=_example(model, size))
     resolved = qmodel.quant_config
     calibrate_activations(qmodel, (x for x, _ in _batches(model, info, args, size, args.calib_batches)),
@@ -203,6 +206,11 @@ def _cmd_quantize(args) -> int:
         qat = {k: v for k, v in qat.items() if k not in ("student", "switch")}
     source, observer = ("qat", "qat") if qat else (args.method, "percentile")
     spec = quant_spec_from_model(qmodel, name, source=source, observer=observer)
+    if args.conv_outputs:
+        from edgekit.calibration.ptq import calibrate_conv_outputs
+
+        batches = [x for x, _ in _batches(float_model, info, args, size, args.calib_batches)]
+        spec = calibrate_conv_outputs(float_model, spec, batches, progress=progress)
     report = profile_model(qmodel, size, model_name=name)
 
     out.mkdir(parents=True, exist_ok=True)

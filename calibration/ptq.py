@@ -97,6 +97,40 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     return spec
 
 
+def calibrate_conv_outputs(model, spec: dict, batches: Iterable, *, observer: str = "percentile",
+                           bits: int = 8, progress: bool = False) -> dict:
+    """``spec`` with an ``output`` grid on every Conv2d layer that has none, observed on
+    ``batches`` through the spec's own fake quantization (so each grid sees the values the
+    QDQ graph produces). Why: ONNX Runtime runs a conv as an integer kernel only when its
+    output is quantized too; a spec from QAT or a bit search (``edgekit quantize``) has
+    input grids only, and its convs would run in float. Returns a new spec."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from edgekit.calibration.observers import make_observer
+    from edgekit.calibration.spec import check_bits
+
+    check_bits(bits, "bits")
+    spec = copy.deepcopy(spec)
+    wanted = [p for p, layer in spec["layers"].items() if layer["type"] == "Conv2d" and layer.get("output") is None]
+    qmodel = apply_fake_quant(model, spec)
+    modules = dict(qmodel.named_modules())
+    observers = {p: make_observer(observer) for p in wanted}
+    hooks = [modules[p].register_forward_hook(_output_recorder(observers[p])) for p in wanted]
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=f"conv outputs ({observer})", disable=not progress):
+                qmodel(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    for path in wanted:
+        if observers[path].min is not None:  # a layer the batches never reach keeps a float output
+            spec["layers"][path]["output"] = _act_qparams(observers[path], bits, observer)
+    return spec
+
+
 def _act_qparams(obs, bits: int, observer: str) -> dict:
     """An activation grid: unsigned when everything observed was >= 0, signed otherwise."""
     signed = bool(obs.min.min() < 0)

@@ -260,3 +260,33 @@ def test_atomic_target_removes_its_temporary_when_the_write_fails(tmp_path):
     data = np.random.default_rng().bytes(64)
     assert write_bytes_atomic(tmp_path / "a.bin", data).read_bytes() == data
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_conv_output_grids_are_observed_through_the_fake_quantized_model(net):
+    """calibrate_conv_outputs adds a grid to each Conv2d without one, from the outputs the
+    spec's own QDQ model produces (recorded here by plain hooks on apply_fake_quant)."""
+    from edgekit.calibration.ptq import calibrate_conv_outputs
+
+    batches = [torch.randn(2, 3, 12, 12) * 3 for _ in range(2)]
+    spec = calibrate(net, batches, weight_bits=4, act_bits=4, progress=False, conv_outputs=False)
+    assert not any("output" in layer for layer in spec["layers"].values())
+    out = calibrate_conv_outputs(net, spec, batches, observer="minmax", bits=8)
+    assert not any("output" in layer for layer in spec["layers"].values())  # the input spec is untouched
+    assert {p for p, layer in out["layers"].items() if "output" in layer} == {"conv1", "conv2"}
+    qmodel = apply_fake_quant(net, spec)
+    seen = {}
+    modules = dict(qmodel.named_modules())
+    hooks = [modules[p].register_forward_hook(lambda m, a, o, p=p: seen.setdefault(p, []).append(o.detach().clone()))
+             for p in ("conv1", "conv2")]
+    with torch.no_grad():
+        for b in batches:
+            qmodel(b)
+    for h in hooks:
+        h.remove()
+    for path in ("conv1", "conv2"):
+        y, a = torch.cat([t.flatten() for t in seen[path]]).double(), out["layers"][path]["output"]
+        qmin, qmax = qrange(8, a["signed"])
+        lo, hi = min(y.min().item(), 0.0), max(y.max().item(), 0.0)
+        assert a["bits"] == 8 and a["signed"] == bool(y.min() < 0)
+        assert a["scale"] == pytest.approx((hi - lo) / (qmax - qmin), rel=1e-6)
+    assert validate_spec(out) is out
