@@ -29,7 +29,7 @@ from edgekit.sysinfo import last_level_cache_bytes
 
 DEVICES = frozenset({"cpu"})
 SUPPORTS_BACKWARD = frozenset({"grn", "deform_conv2d"})
-COLUMNS_BUDGET = 1 << 24  # elements of the im2col buffer per chunk (64 MiB in float32)
+COLUMNS_BUDGET = 1 << 20  # elements of the im2col buffer per chunk (4 MiB in float32: see _chunks)
 
 
 def unavailable_reason() -> str | None:
@@ -181,9 +181,12 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
 
 def _chunks(g):
     """(b0, b1, l0, l1) blocks of samples and output pixels whose columns buffer stays
-    within COLUMNS_BUDGET elements, so memory stays bounded on large maps. (Smaller,
-    cache-sized blocks were measured slower here: smaller GEMMs and a strided copy of
-    each block's output outweigh the cache misses they avoid.)"""
+    within COLUMNS_BUDGET elements, so memory stays bounded and the GEMM reads columns
+    the im2col has just written while they are still in cache. Measured on the 2-core
+    EPYC (32 MiB L3), forward at the benchmark's eight DCN shapes, budgets of 2, 4, 8 and
+    64 MiB: 4-8 MiB fastest, 1.4-1.7x faster than 64 MiB on maps or batches whose
+    columns exceed the L3 (e.g. 128->128, 128x128, batch 4: ~300 ms vs ~480 ms), equal
+    on the rest."""
     length = g.out_h * g.out_w
     row = g.in_channels * g.kernel_h * g.kernel_w
     if row * length <= COLUMNS_BUDGET:
