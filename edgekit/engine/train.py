@@ -130,6 +130,7 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     t_start = time.perf_counter()
+    first_step_seconds = None  # the run's first step compiles kernels (Numba JIT, lazy inits)
     epoch = start_epoch
     while epoch < total_epochs:
         if sampler is not None:
@@ -152,6 +153,8 @@ def train(cfg: TrainConfig) -> dict:
             if ema is not None:
                 ema.update(model)
             seen += images.shape[0]
+            if first_step_seconds is None:
+                first_step_seconds = time.perf_counter() - t_epoch
             for k in sums:
                 sums[k] += float(losses[k].detach())
             bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}",
@@ -161,10 +164,15 @@ def train(cfg: TrainConfig) -> dict:
         record = {"epoch": epoch, **{k: dist.all_reduce_mean(v / max(1, len(loader))) for k, v in sums.items()},
                   "lr": scheduler.get_last_lr()[0], "seconds": epoch_time, "images_per_s": seen * world / epoch_time}
         if cfg.time_limit:
-            # Re-fit after every epoch from the mean epoch time so far: a machine that slows
-            # down mid-run shortens the plan instead of overrunning the budget.
+            # Re-fit after every epoch from the mean step time so far: a machine that slows
+            # down mid-run shortens the plan instead of overrunning the budget. The first
+            # step is left out of the rate (it counts against the budget): on a fresh
+            # install it compiles the Numba kernels (~20 s) and would cost a whole epoch.
             elapsed = dist.all_reduce_mean(time.perf_counter() - t_start)
-            fit = epoch + int((cfg.time_limit - elapsed) / (elapsed / (epoch - start_epoch)))
+            first = dist.all_reduce_mean(first_step_seconds or 0.0)  # every rank must fit the same plan
+            steps = (epoch - start_epoch) * len(loader)
+            per_step = (elapsed - first) / (steps - 1) if steps > 1 else elapsed
+            fit = epoch + int((cfg.time_limit - elapsed) / max(per_step * len(loader), 1e-9))
             total_epochs = max(epoch, min(cfg.epochs, fit))
             schedule.total_steps = total_epochs * len(loader)
             if ema is not None:
