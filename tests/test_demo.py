@@ -13,7 +13,7 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
                                             "export fp32", "export int8", "export ghost", "bench"}
     deploy = report["deploy"]
     assert all(e["parity"]["passed"] for e in deploy["exports"].values())
-    # the file sizes follow the bits: FP32 > INT8 > GHOST mixed (2..8-bit weights, INT4 storage)
+    # the file sizes follow the bits: FP32 > INT8 > GHOST mixed (2..8-bit weights, bit-plane storage)
     sizes = [deploy["exports"][k]["size_mb"] for k in ("fp32", "int8", "ghost")]
     assert sizes[0] > 3 * sizes[1] and sizes[1] > sizes[2]
     assert (out / "deploy" / "bundle" / "infer.py").is_file()
