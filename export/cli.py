@@ -103,6 +103,13 @@ def check_options(args, quantized_checkpoint: bool = False) -> dict:
 
         check_destination(args.bundle)
     opts["spec"] = _load_spec(args) if args.calibration else None
+    if args.format == "tensorrt" and opts["spec"]:
+        narrow = sorted({grid["bits"] for layer in opts["spec"]["layers"].values()
+                         for grid in (layer.get("input"), layer.get("output")) if grid and grid["bits"] < 8})
+        if narrow:
+            raise EdgekitError(f"{args.calibration} has {'/'.join(map(str, narrow))}-bit activations; TensorRT "
+                               f"quantizes activations to 8 bits only: use --format onnx-mixed (ONNX Runtime), or "
+                               f"re-quantize with 8-bit activations (edgekit quantize --act-bits-mode fixed)")
     if args.format == "tensorrt":
         from edgekit.export.tensorrt import require_tensorrt
 

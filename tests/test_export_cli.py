@@ -308,3 +308,19 @@ def test_a_quantized_checkpoint_exports_its_own_weights_and_scales(files, fast_e
     assert code == 0, err
     report = json.loads((tmp_path / "mixed" / "parity.json").read_text())
     assert report["passed"] and report["precision"] == "mixed"
+
+
+def test_tensorrt_refuses_sub_8_bit_activations(files, tmp_path, capsys):
+    """TensorRT quantizes activations to 8 bits only: a spec with narrower grids is a
+    one-line error before any work (checked ahead of whether tensorrt is installed)."""
+    from edgekit.calibration.spec import new_spec, save_spec
+
+    spec = new_spec("rsdet_atto", "ghost")
+    act = {"bits": 4, "signed": False, "scale": 0.05, "zero_point": 0, "observer": "minmax"}
+    spec["layers"]["backbone.downsample_layers.0.0"] = {"type": "Conv2d", "input": act, "weight": {
+        "bits": 8, "signed": True, "axis": 0, "scale": [0.01] * 40, "zero_point": [0] * 40}}
+    path = save_spec(spec, tmp_path / "a4.json")
+    out = tmp_path / "trt"
+    code, _, err = run_cli([files["plain"], "--format", "tensorrt", "--calibration", path, "--out", out], capsys)
+    assert code == 2 and "4-bit activations" in err and "8 bits only" in err and err.count("\n") == 1, err
+    assert not out.exists()
