@@ -89,6 +89,8 @@ def check_options(args, quantized_checkpoint: bool = False) -> dict:
     storage = getattr(args, "weight_storage", None)
     if storage not in (None, "packed", "native"):
         raise EdgekitError(f"unknown --weight-storage {storage!r}; choose packed or native")
+    if storage is not None and args.format in ("onnx", "onnx-fp16"):
+        raise EdgekitError(f"--weight-storage applies to onnx-int8, onnx-mixed and tensorrt, not --format {args.format}")
     if storage == "packed" and args.format == "tensorrt":
         raise EdgekitError("--weight-storage packed needs BitShift, which TensorRT's ONNX parser lacks; "
                            "use --weight-storage native (the default for tensorrt)")

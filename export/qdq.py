@@ -25,12 +25,12 @@ saturate with 8-bit weights (measured: they then depart from the graph's meaning
 7-bit weights they match it exactly); calibrate with ``weight_bits=7`` for such targets
 (ORT's "reduce range"; TensorRT is unaffected).
 
-Storage by bit width (``weight_storage="packed"``, the default): 8-bit weights are INT8
-and every narrower width (2-7 bits) bit planes (:mod:`edgekit.export.bitpack`: b/8 byte
+Storage by bit width (``weight_storage="packed"``, the default): 7- and 8-bit weights
+are INT8 (the int8 export's widths) and every narrower width (2-6 bits) bit planes (:mod:`edgekit.export.bitpack`: b/8 byte
 per weight, unpacked to INT8 by a chain of standard bitwise ops in front of the usual
 per-channel DequantizeLinear), so the file shrinks with every bit. ONNX Runtime folds the
 chain into an INT8 initializer at session creation and then fuses the layer into
-QLinearConv / MatMulIntegerToFloat as with INT8 storage (tested for 2-7 bits). That is
+QLinearConv / MatMulIntegerToFloat as with INT8 storage (tested for 2-6 bits). That is
 also why 4-bit weights are bit planes rather than ONNX's INT4, which is the same size:
 INT4 weights get no integer kernel in ORT 1.32 (DequantizeLinear + float Conv/MatMul).
 The chain costs about 0.53 KB a layer, more than bit planes save on layers of fewer than
@@ -61,8 +61,8 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
 
     ``model`` (the float torch model, optional) lets weights that the exporter renamed or
     transposed be found by value when '<path>.weight' is not in the graph.
-    ``weight_storage``: "packed" stores 2-, 3- and 5-7-bit weights as bit planes, "native"
-    as INT4/INT8 only (see the module docstring).
+    ``weight_storage``: "packed" stores 2- to 6-bit weights as bit planes, "native" as
+    INT4/INT8 only (see the module docstring); 7- and 8-bit weights are INT8 either way.
     """
     import onnx
 
@@ -97,8 +97,11 @@ INT8_WEIGHT_BITS = (7, 8)
 
 
 WEIGHT_STORAGES = ("packed", "native")
-# Widths with no ONNX type of their own, stored as bit planes under weight_storage="packed".
-BITPLANE_BITS = (2, 3, 4, 5, 6, 7)
+# Widths stored as bit planes under weight_storage="packed": those with no ONNX type of
+# their own, and 4 (INT4 gets no integer kernel in ONNX Runtime 1.32). 7 bits stay INT8:
+# an int8 export (7-bit "reduce range" weights) keeps plain INT8 initializers that every
+# runtime reads, for a saving of only 1/8 byte a weight.
+BITPLANE_BITS = (2, 3, 4, 5, 6)
 
 
 def storage_for(bits: int, mode: str = "packed") -> str:

@@ -236,7 +236,8 @@ def _bad_cases(files, tmp):
         "bundle not empty": ([ck, "--format", "onnx", "--bundle", full], "exists and is not empty"),
         "bundle is a file": ([ck, "--format", "onnx", "--bundle", bundle_file], "is a file, not a folder"),
         "sqnr without spec": ([ck, "--format", "onnx", "--sqnr"], "--sqnr debugs quantized exports"),
-        "unknown storage": ([ck, "--format", "onnx", "--weight-storage", "int2"], "unknown --weight-storage"),
+        "unknown storage": ([ck, "--format", "tensorrt", "--weight-storage", "int2"], "unknown --weight-storage"),
+        "storage with onnx": ([ck, "--format", "onnx", "--weight-storage", "native"], "--weight-storage applies to"),
         "packed for tensorrt": ([ck, "--format", "tensorrt", "--weight-storage", "packed"],
                                 "TensorRT's ONNX parser lacks"),
     }
@@ -246,7 +247,7 @@ def _bad_cases(files, tmp):
                                   "score range", "score text", "iou zero", "max det", "max det text", "image size",
                                   "int8 no spec", "spec with onnx", "corrupt spec", "data missing",
                                   "bundle not empty", "bundle is a file", "sqnr without spec", "unknown storage",
-                                  "packed for tensorrt"])
+                                  "storage with onnx", "packed for tensorrt"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, capsys, case):
     args, match = _bad_cases(files, tmp_path)[case]
     out = tmp_path / "out"
