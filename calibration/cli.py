@@ -190,7 +190,7 @@ def _cmd_quantize(args) -> int:
                                               save_quantized)
 
     start = time.perf_counter()
-    float_model = copy.deepcopy(model) if args.qat_epochs or args.conv_outputs else None
+    float_model = copy.deepcopy(model) if args.qat_epochs else None
     qmodel = quantize(model, config, example_input=_example(model, size))
     resolved = qmodel.quant_config
     calibrate_activations(qmodel, (x for x, _ in _batches(model, info, args, size, args.calib_batches)),
@@ -206,11 +206,13 @@ def _cmd_quantize(args) -> int:
         qat = {k: v for k, v in qat.items() if k not in ("student", "switch")}
     source, observer = ("qat", "qat") if qat else (args.method, "percentile")
     spec = quant_spec_from_model(qmodel, name, source=source, observer=observer)
-    if args.conv_outputs:
+    if args.conv_outputs:  # observed on the float tensors the quantized model now holds (after QAT)
         from edgekit.calibration.ptq import calibrate_conv_outputs
+        from edgekit.calibration.quantize import float_view
 
-        batches = [x for x, _ in _batches(float_model, info, args, size, args.calib_batches)]
-        spec = calibrate_conv_outputs(float_model, spec, batches, progress=progress)
+        view = float_view(qmodel, name, kwargs)
+        batches = [x for x, _ in _batches(view, info, args, size, args.calib_batches)]
+        spec = calibrate_conv_outputs(view, spec, batches, progress=progress)
     report = profile_model(qmodel, size, model_name=name)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -224,8 +226,10 @@ def _cmd_quantize(args) -> int:
               "search": search.to_dict() if search else None, "quantize_seconds": quant_seconds,
               "qat": qat, "totals": report.totals}
     write_json_atomic(out / "search.json", record)
-    save_quantized(out / "quantized.safetensors", qmodel, name, kwargs,
-                   {**{k: v for k, v in info.items() if k != "quant_config"}, "image_size": size})
+    grids = {path: layer["output"] for path, layer in spec["layers"].items() if layer.get("output")}
+    save_quantized(out / "quantized.safetensors", qmodel, name, kwargs,  # export_view puts the grids back
+                   {**{k: v for k, v in info.items() if k != "quant_config"}, "image_size": size,
+                    "conv_output_grids": grids})
     t = report.totals
     print(f"{name}: {t['bops'] / 1e9:.3f} GBOPs, {t['size_mb']:.4f} MB, "
           f"search {search.seconds if search else 0.0:.2f} s -> {out}")

@@ -118,13 +118,17 @@ def calibrate_conv_outputs(model, spec: dict, batches: Iterable, *, observer: st
     observers = {p: make_observer(observer) for p in wanted}
     hooks = [modules[p].register_forward_hook(_output_recorder(observers[p])) for p in wanted]
     qmodel.eval()
+    seen = 0
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc=f"conv outputs ({observer})", disable=not progress):
                 qmodel(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                seen += 1
     finally:
         for h in hooks:
             h.remove()
+    if seen == 0:
+        raise EdgekitError("conv output calibration got no batches; give it at least one")
     for path in wanted:
         if observers[path].min is not None:  # a layer the batches never reach keeps a float output
             spec["layers"][path]["output"] = _act_qparams(observers[path], bits, observer)

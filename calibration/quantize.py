@@ -540,18 +540,28 @@ def export_view(checkpoint):
     model carries the checkpoint's own (e.g. QAT-trained) weights, and the spec holds the
     scales its learned quantizers define. Export writes the float graph and then Q/DQ from
     the spec, the same route a PTQ spec takes."""
+    qmodel, info = load_quantized(checkpoint)
+    float_model = float_view(qmodel, info["model"], info["kwargs"], where=f"{checkpoint}: ")
+    spec = quant_spec_from_model(qmodel, info["model"], source=info.get("quant_source", "qat"))
+    for path, grid in (info.get("conv_output_grids") or {}).items():  # edgekit quantize's conv outputs
+        if path in spec["layers"]:
+            spec["layers"][path]["output"] = grid
+    return float_model.eval(), info, spec
+
+
+def float_view(qmodel, model_name: str, kwargs: dict, where: str = ""):
+    """A float model carrying ``qmodel``'s own float tensors (e.g. QAT-trained weights,
+    norms and biases): what the quant spec's fake quantization is applied to."""
     from edgekit.models import create_model
 
-    qmodel, info = load_quantized(checkpoint)
-    float_model = create_model(info["model"], **info["kwargs"])
+    float_model = create_model(model_name, **kwargs)
     qstate = qmodel.state_dict()
     missing = [k for k in float_model.state_dict() if k not in qstate]
     if missing:
-        raise EdgekitError(f"{checkpoint}: the quantized model has no float tensor for {missing[:3]}; "
+        raise EdgekitError(f"{where}the quantized model has no float tensor for {missing[:3]}; "
                            f"re-run edgekit quantize")
     float_model.load_state_dict({k: qstate[k] for k in float_model.state_dict()}, strict=True)
-    spec = quant_spec_from_model(qmodel, info["model"], source=info.get("quant_source", "qat"))
-    return float_model.eval(), info, spec
+    return float_model.eval()
 
 
 def load_quantized(checkpoint, qconfig=None):

@@ -290,3 +290,5 @@ def test_conv_output_grids_are_observed_through_the_fake_quantized_model(net):
         assert a["bits"] == 8 and a["signed"] == bool(y.min() < 0)
         assert a["scale"] == pytest.approx((hi - lo) / (qmax - qmin), rel=1e-6)
     assert validate_spec(out) is out
+    with pytest.raises(EdgekitError, match="got no batches"):
+        calibrate_conv_outputs(net, spec, [])

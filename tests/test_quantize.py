@@ -199,6 +199,12 @@ def test_quantize_command_on_the_detector_and_reload(capsys, tmp_path, fresh_tor
     assert {p for p, e in spec["layers"].items() if e.get("output")} == \
         {p for p, e in spec["layers"].items() if e["type"] == "Conv2d"}
     assert {e["output"]["bits"] for e in spec["layers"].values() if e.get("output")} == {8}
+    # ... and the quantized checkpoint carries them to export (edgekit export without --calibration).
+    from edgekit.calibration.quantize import export_view
+
+    _, _, own = export_view(out / "quantized.safetensors")
+    assert {p: e.get("output") for p, e in own["layers"].items()} == \
+        {p: e.get("output") for p, e in spec["layers"].items()}
     assert {e["input"]["bits"] for p, e in spec["layers"].items() if not p.startswith(("head.c", "head.box",
                                                                                         "backbone.down"))} == {6}
     assert json.loads((out / "profile.json").read_text())["totals"] == record["totals"]
