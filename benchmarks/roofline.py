@@ -243,15 +243,16 @@ def validate_on_cpu(model, example, measured_ms: float | None = None, device=Non
     pred = predict(costs, device, "fp32")
     attained_rate = gemm_tflops or measure_gemm()
     attained = predict(costs, dataclasses.replace(device, fp32_tflops=attained_rate), "fp32")
-    attained_by_name = {layer["name"]: layer["time_us"] for layer in attained.pop("layers")}
+    attained["gemm_source"] = "given" if gemm_tflops else "measured 1024^3 matmul"
+    attained_times = [layer["time_us"] for layer in attained.pop("layers")]  # one per call, as pred's
     measured = measure_layers(model, example, repeats)
     by_type: dict[str, dict] = {}
-    for layer in pred["layers"]:
+    for layer, attained_us in zip(pred["layers"], attained_times):
         t = by_type.setdefault(layer["type"], {"layers": 0, "predicted_ms": 0.0, "predicted_attained_ms": 0.0,
                                                "measured_ms": 0.0})
         t["layers"] += 1
         t["predicted_ms"] += layer["time_us"] / 1e3
-        t["predicted_attained_ms"] += attained_by_name[layer["name"]] / 1e3
+        t["predicted_attained_ms"] += attained_us / 1e3
         t["measured_ms"] += measured.get(layer["name"], 0.0) / 1e3
     for t in by_type.values():
         t["measured_over_predicted"] = t["measured_ms"] / t["predicted_ms"] if t["predicted_ms"] else None
@@ -261,7 +262,8 @@ def validate_on_cpu(model, example, measured_ms: float | None = None, device=Non
     pred.pop("layers")
     layers_ms = sum(measured.values()) / 1e3
     attained.update(gemm_tflops=attained_rate,
-                    measured_over_predicted=(measured_ms or layers_ms) / attained["total_ms"])
+                    measured_over_predicted=(measured_ms or layers_ms) / attained["total_ms"]
+                    if attained["total_ms"] else None)
     return {"label": "predicted vs measured", "device": device.to_dict(), "predicted": pred,
             "predicted_attained": attained,
             "measured_eager_ms": measured_ms, "measured_sum_of_layers_ms": layers_ms,
@@ -284,9 +286,10 @@ def validation_markdown(v: dict, machine: dict) -> str:
              f"{v['measured_over_predicted']:.2f}.**", ""]
     att = v.get("predicted_attained")
     if att:
-        lines += [f"**With the attained compute ceiling (measured 1024^3 matmul: {att['gemm_tflops'] * 1e3:.0f} "
-                  f"GFLOP/s) in place of the theoretical peak: predicted {att['total_ms']:.2f} ms; measured / "
-                  f"predicted {att['measured_over_predicted']:.2f}.**", ""]
+        ratio = att["measured_over_predicted"]
+        lines += [f"**With the attained compute ceiling ({att.get('gemm_source', 'measured')}: "
+                  f"{att['gemm_tflops'] * 1e3:.0f} GFLOP/s) in place of the theoretical peak: predicted "
+                  f"{att['total_ms']:.2f} ms; measured / predicted {'-' if ratio is None else f'{ratio:.2f}'}.**", ""]
     lines += ["| layer type | layers | predicted ms (peak) | predicted ms (attained) | measured ms | "
               "measured / predicted (peak) |", "|---|---|---|---|---|---|"]
     for name, t in v["by_layer_type"].items():
