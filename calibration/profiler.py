@@ -163,9 +163,9 @@ def bits_table(model, bits=None) -> dict:
         return _bits_of_quantized(model)
     where = "quant spec"
     if isinstance(bits, (str, Path)):
-        from edgekit.calibration.quantize import _read_json
+        from edgekit.fileio import read_json
         where = f"quant spec {bits}"
-        bits = _read_json(bits)
+        bits = read_json(bits, "bits file", "give a quant spec or qconfig JSON (edgekit calibrate / quantize)")
     from edgekit.calibration.quantize import CONFIG_FORMAT, QuantConfig, resolve_config
 
     if isinstance(bits, dict) and bits.get("format") == CONFIG_FORMAT:

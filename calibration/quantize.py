@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 from collections import deque
 from pathlib import Path
 
@@ -95,17 +94,10 @@ class QuantConfig:
 
     @classmethod
     def load(cls, path) -> "QuantConfig":
-        return cls.from_dict(_read_json(path), str(path))
+        from edgekit.fileio import read_json
 
-
-def _read_json(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise EdgekitError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EdgekitError(f"{path} is not valid JSON ({exc}); fix or regenerate it") from None
+        return cls.from_dict(read_json(path, "quant config", "fix or regenerate it (edgekit quantize writes one)"),
+                             str(path))
 
 
 # --------------------------------------------------------------------------- layers
