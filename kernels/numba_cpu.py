@@ -215,45 +215,40 @@ def _weight_t(w: torch.Tensor, g) -> torch.Tensor:
 
 
 class _DeformFunction(torch.autograd.Function):
-    """Channels-last deformable im2col (Numba) + one batched GEMM per chunk (torch.matmul).
+    """Channels-last deformable im2col (Numba) + one GEMM per chunk (torch).
 
     Columns are laid out [B, L, G, K, C/G] so that the innermost loops of every kernel
     run over contiguous channels of a channels-last copy of the input (four vector loads
-    and four FMAs per 8 channels) and each weight group is a plain GEMM on them. The
-    columns are not kept for the backward (they are K times the input): the backward
-    recomputes them chunk by chunk, which is cheaper than the GEMMs around them.
+    and four FMAs per 8 channels) and each weight group is a plain GEMM on them. The GEMM
+    writes a channels-last result, out[L, Cout] = cols[L, K*C] @ W^T[K*C, Cout], which one
+    copy turns into NCHW: MKL runs that orientation at 150-168 GFLOP/s on the 2-core EPYC
+    against 116-143 for out[Cout, L] = W @ cols^T (the tall operand as the GEMM's M; see
+    ``benchmarks/results/kernels_cpu.md``). The columns are not kept for the backward
+    (they are K times the input): the backward recomputes them chunk by chunk, which is
+    cheaper than the GEMMs around them.
     """
 
     @staticmethod
     def forward(ctx, input, offset, weight, bias, mask, g):
-        from edgekit.kernels import numba_deform as k
         dtype = _compute_dtype(input.dtype)
         x = input.detach().to(dtype).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
         off = offset.detach().to(dtype).contiguous()
         w = weight.detach().to(dtype).contiguous()
         m = None if mask is None else mask.detach().to(dtype).contiguous()
-        length, cout_g = g.out_h * g.out_w, g.out_channels // g.groups
+        b = None if bias is None else bias.detach().to(dtype)
+        out = torch.empty(g.batch, g.out_h * g.out_w, g.out_channels, dtype=dtype)  # channels last
         wt = _weight_t(w, g)
         segs = _segments(g)
-        out = torch.empty(g.batch, g.groups, cout_g, length, dtype=dtype)
+        buffer = _columns_buffer(g, dtype)
         for b0, b1, l0, l1 in _chunks(g):
-            nb = b1 - b0
-            cols = _columns(x[b0:b1], off[b0:b1], None if m is None else m[b0:b1], segs, g, l0, l1)
-            # out[nb, G, Cout/G, L] = W^T @ cols^T: BLAS reads both transposed operands in
-            # place and writes NCHW directly (no transpose of the result).
-            cols_t = cols.view(nb, l1 - l0, g.groups, -1).permute(0, 2, 3, 1)
-            if l1 - l0 == length:
-                torch.matmul(wt.transpose(1, 2), cols_t, out=out[b0:b1])
-            else:
-                out[b0:b1, :, :, l0:l1] = torch.matmul(wt.transpose(1, 2), cols_t)
-        out = out.view(g.batch, g.out_channels, length)
-        if bias is not None:
-            out += bias.detach().to(dtype).view(1, -1, 1)
+            cols = _columns(x[b0:b1], off[b0:b1], None if m is None else m[b0:b1], segs, g, l0, l1, buffer)
+            _project(cols.view(-1, cols.shape[2]), wt, b, out[b0:b1, l0:l1].view(-1, g.out_channels))
         ctx.save_for_backward(x, off, w, m)
         ctx.geometry, ctx.has_bias, ctx.dtypes = g, bias is not None, (input.dtype, offset.dtype, weight.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mask_dtype = None if mask is None else mask.dtype
-        return out.view(g.batch, g.out_channels, g.out_h, g.out_w).to(input.dtype)
+        nchw = out.view(g.batch, g.out_h, g.out_w, g.out_channels).permute(0, 3, 1, 2)
+        return nchw.contiguous() if input.dtype is dtype else nchw.to(input.dtype, memory_format=torch.contiguous_format)
 
     @staticmethod
     @once_differentiable
@@ -275,12 +270,13 @@ class _DeformFunction(torch.autograd.Function):
         grad_wt = torch.zeros_like(wt) if need_w else None
         segs = _segments(g)
         private = None
+        buffer = _columns_buffer(g, dtype) if need_w else None
         for b0, b1, l0, l1 in _chunks(g):
             nb = b1 - b0
             go_t = gout[b0:b1, :, :, l0:l1].transpose(2, 3)  # [nb, G, Lc, Cout/G]
             m_chunk = None if m is None else m[b0:b1]
             if need_w:
-                cols = _columns(x[b0:b1], off[b0:b1], m_chunk, segs, g, l0, l1)
+                cols = _columns(x[b0:b1], off[b0:b1], m_chunk, segs, g, l0, l1, buffer)
                 grad_wt += torch.matmul(cols.view(nb, l1 - l0, g.groups, -1).permute(0, 2, 3, 1), go_t).sum(dim=0)
                 del cols
             if not (need_x or need_coord):
@@ -325,13 +321,37 @@ def _dummy_mask(dtype) -> np.ndarray:
     return np.ones((1, 1, 1), dtype=np.float64 if dtype == torch.float64 else np.float32)
 
 
-def _columns(x, off, m, segs, g, l0: int, l1: int) -> torch.Tensor:
+def _columns_buffer(g, dtype) -> torch.Tensor:
+    """One flat buffer for the columns of every chunk: a fresh multi-MiB tensor per chunk
+    would come from mmap each time and pay a page fault per 4 KiB."""
+    row = g.in_channels * g.kernel_h * g.kernel_w
+    return torch.empty(max((b1 - b0) * (l1 - l0) * row for b0, b1, l0, l1 in _chunks(g)), dtype=dtype)
+
+
+def _project(cols: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out[n, Cout] = cols[n, G*K*C/G] @ W per weight group (+ bias), written into ``out``."""
+    groups, rows, cout_g = wt.shape
+    if groups == 1:
+        if bias is None:
+            torch.mm(cols, wt[0], out=out)
+        else:
+            torch.addmm(bias, cols, wt[0], out=out)
+        return
+    per_group = torch.matmul(cols.view(-1, groups, rows).transpose(0, 1), wt)  # [G, n, Cout/G]
+    out.view(-1, groups, cout_g).copy_(per_group.transpose(0, 1))
+    if bias is not None:
+        out += bias
+
+
+def _columns(x, off, m, segs, g, l0: int, l1: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Deformable im2col of a block of channels-last samples, output pixels l0..l1:
-    [nb, l1 - l0, G*K*C/G]."""
+    [nb, l1 - l0, G*K*C/G], in ``buffer`` (flat, large enough) when given."""
     from edgekit.kernels import numba_deform as k
     nb, length = x.shape[0], g.out_h * g.out_w
     kk = g.kernel_h * g.kernel_w
-    cols = torch.empty(nb, l1 - l0, g.in_channels * kk, dtype=x.dtype)
+    shape = (nb, l1 - l0, g.in_channels * kk)
+    cols = (torch.empty(shape, dtype=x.dtype) if buffer is None else
+            buffer[:shape[0] * shape[1] * shape[2]].view(shape))
     mk = _dummy_mask(x.dtype) if m is None else m.reshape(nb, m.shape[1], length).numpy()
     k.im2col(x.reshape(nb, g.height * g.width, g.in_channels).numpy(), off.reshape(nb, off.shape[1], length).numpy(),
              mk, m is not None, k.geometry_array(g), l0, segs, g.in_channels // g.groups, cols.numpy())
