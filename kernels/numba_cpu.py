@@ -231,7 +231,7 @@ class _DeformFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, offset, weight, bias, mask, g):
         dtype = _compute_dtype(input.dtype)
-        x = input.detach().to(dtype).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
+        x = _channels_last(input.detach().to(dtype))  # [B, H, W, C]
         off = offset.detach().to(dtype).contiguous()
         w = weight.detach().to(dtype).contiguous()
         m = None if mask is None else mask.detach().to(dtype).contiguous()
@@ -247,8 +247,7 @@ class _DeformFunction(torch.autograd.Function):
         ctx.geometry, ctx.has_bias, ctx.dtypes = g, bias is not None, (input.dtype, offset.dtype, weight.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mask_dtype = None if mask is None else mask.dtype
-        nchw = out.view(g.batch, g.out_h, g.out_w, g.out_channels).permute(0, 3, 1, 2)
-        return nchw.contiguous() if input.dtype is dtype else nchw.to(input.dtype, memory_format=torch.contiguous_format)
+        return _channels_first(out.view(g.batch, g.out_h, g.out_w, g.out_channels)).to(input.dtype)
 
     @staticmethod
     @once_differentiable
@@ -301,10 +300,10 @@ class _DeformFunction(torch.autograd.Function):
             grad_w = grad_wt.view(g.groups, kk, cin_g, cout_g).permute(0, 3, 2, 1).reshape(w.shape)
         return (
             None if grad_x is None else
-            grad_x.view(g.batch, g.height, g.width, g.in_channels).permute(0, 3, 1, 2).contiguous().to(in_dt),
+            _channels_first(grad_x.view(g.batch, g.height, g.width, g.in_channels)).to(in_dt),
             grad_off.to(off_dt) if need_off else None,
             grad_w.to(w_dt) if need_w else None,
-            grad.sum(dim=(0, 2, 3)).to(ctx.bias_dtype) if need_b and ctx.has_bias else None,
+            grad.sum(dim=(0, 2, 3), dtype=torch.float64).to(ctx.bias_dtype) if need_b and ctx.has_bias else None,
             grad_m.to(ctx.mask_dtype) if need_m and grad_m is not None else None,
             None,
         )
@@ -319,6 +318,20 @@ def _threads() -> int:
 def _dummy_mask(dtype) -> np.ndarray:
     """The kernels always take a mask array; without a mask, a 1-element dummy."""
     return np.ones((1, 1, 1), dtype=np.float64 if dtype == torch.float64 else np.float32)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous [B, H, W, C] view or copy of an NCHW-shaped tensor."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)  # already laid out so: no copy
+    from edgekit.kernels.numba_layout import to_channels_last
+    return to_channels_last(x.contiguous())
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous NCHW copy of a contiguous [B, H, W, C] tensor."""
+    from edgekit.kernels.numba_layout import to_channels_first
+    return to_channels_first(x)
 
 
 def _columns_buffer(g, dtype) -> torch.Tensor:

@@ -307,6 +307,31 @@ def test_deform_half_input_computes_in_float32():
     assert rel_err(out, ref) <= 2e-3, f"seed {seed}"
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 9, 130), (3, 64, 8, 8), (1, 40, 64, 64)])
+def test_layout_transposes_equal_torch_permute(shape):
+    """The tiled NCHW <-> NHWC copies (odd sizes, partial tiles, P*4 a multiple of 4 KiB)."""
+    from edgekit.kernels.numba_layout import to_channels_first, to_channels_last
+    x = torch.randn(shape, dtype=torch.float64 if shape[0] == 3 else torch.float32)
+    last = to_channels_last(x)
+    assert last.is_contiguous() and torch.equal(last, x.permute(0, 2, 3, 1))
+    assert torch.equal(to_channels_first(last), x)
+
+
+def test_deform_channels_last_input_matches_nchw_input():
+    """A channels_last input is used in place (no copy); the results are the same."""
+    seed = fresh_seed()
+    case = random_deform_case(np.random.default_rng(seed), dtype=torch.float32, requires_grad=True, min_size=3)
+    args = tensor_args(case)
+    cl = [args[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()] + \
+        [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args[1:]]
+    nchw = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    out_cl, grads_cl = grads(numba_cpu.deform_conv2d, cl, seed % 2**31)
+    out, grads_nchw = grads(numba_cpu.deform_conv2d, nchw, seed % 2**31)
+    assert torch.equal(out_cl, out), f"seed {seed}"
+    for a, b in zip(grads_cl, grads_nchw):
+        assert torch.equal(a, b), f"seed {seed}"
+
+
 # ----------------------------------------------------------------- routing and modules
 
 
