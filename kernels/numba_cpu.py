@@ -283,17 +283,16 @@ class _DeformFunction(torch.autograd.Function):
             gcols = torch.matmul(go_t, wt.transpose(1, 2)).transpose(1, 2).contiguous().view(nb, l1 - l0, -1)
             off_np = off[b0:b1].view(nb, off.shape[1], length).numpy()
             mk = _dummy_mask(dtype) if m is None else m_chunk.view(nb, m.shape[1], length).numpy()
-            if need_x:
-                if l0 == 0:  # one per-thread buffer per block of samples, summed at its end
-                    private = torch.zeros(_threads(), nb, hw, g.in_channels, dtype=dtype)
-                k.col2im(gcols.numpy(), off_np, mk, m is not None, p, l0, segs, cin_g, private.numpy())
-                if l1 == length:
-                    torch.sum(private, dim=0, out=grad_x[b0:b1])
-            if need_coord:
-                gm = _dummy_mask(dtype) if grad_m is None else grad_m[b0:b1].view(nb, m.shape[1], length).numpy()
-                k.col2coord(gcols.numpy(), x[b0:b1].view(nb, hw, g.in_channels).numpy(), off_np, mk,
-                            m is not None, p, l0, segs, cin_g, grad_off[b0:b1].view(nb, off.shape[1], length).numpy(),
-                            gm)
+            if need_x and l0 == 0:  # one per-thread buffer per block of samples, summed at its end
+                private = torch.zeros(_threads(), nb, hw, g.in_channels, dtype=dtype)
+            gm = (_dummy_mask(dtype) if grad_m is None else
+                  grad_m[b0:b1].view(nb, m.shape[1], length).numpy())
+            k.col2im_coord(gcols.numpy(), x[b0:b1].view(nb, hw, g.in_channels).numpy(), off_np, mk, m is not None,
+                           p, l0, segs, cin_g, need_x, (private if need_x else _dummy_private(dtype)).numpy(),
+                           need_coord, (grad_off[b0:b1].view(nb, off.shape[1], length) if need_coord else
+                                        _dummy_offset_grad(dtype)).numpy(), gm)
+            if need_x and l1 == length:
+                torch.sum(private, dim=0, out=grad_x[b0:b1])
         in_dt, off_dt, w_dt = ctx.dtypes
         if need_w:
             kk = g.kernel_h * g.kernel_w
@@ -318,6 +317,17 @@ def _threads() -> int:
 def _dummy_mask(dtype) -> np.ndarray:
     """The kernels always take a mask array; without a mask, a 1-element dummy."""
     return np.ones((1, 1, 1), dtype=np.float64 if dtype == torch.float64 else np.float32)
+
+
+def _dummy_private(dtype) -> torch.Tensor:
+    """The input-gradient buffers [T, B, H*W, C] the backward kernel takes when no input
+    gradient is wanted."""
+    return torch.zeros(1, 1, 1, 1, dtype=dtype)
+
+
+def _dummy_offset_grad(dtype) -> torch.Tensor:
+    """The offset gradient [B, 2*og*K, L] the backward kernel takes when none is wanted."""
+    return torch.zeros(1, 1, 1, dtype=dtype)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Numba CPU kernels for deformable convolution: deformable im2col and its two adjoints.
+"""Numba CPU kernels for deformable convolution: deformable im2col and its adjoints.
 
 The convolution itself is a GEMM on the columns (done by the caller with torch.matmul,
 which is far faster than anything hand-written here); these kernels do the irregular
@@ -20,10 +20,11 @@ Columns may cover a range of output pixels only (``l_begin`` and the columns' le
 so that the caller can keep the buffer cache-sized.
 
 - :func:`im2col` (forward): parallel over (b, k, tile).
-- :func:`col2im` (grad input): scatters ``gcols`` back with the same weights, each
-  thread into its own copy of the gradient (summed by the caller): no atomics, no races.
-- :func:`col2coord` (grad offset and mask): per (b, g, k, tile), four dot products over
-  the group's channels per pixel; each task owns its outputs.
+- :func:`col2im_coord` (backward), parallel over (b, k, tile), samples a tile once for
+  both adjoints: grad input scatters ``gcols`` back with the same weights, each thread
+  into its own copy of the gradient (summed by the caller): no atomics, no races; grad
+  offset and mask take four dot products over the group's channels per pixel, and each
+  task owns those outputs.
 
 Kernels are compiled lazily per dtype (float32, float64) and cached on disk
 (``cache=True``): the first call of each compiles for a few seconds.
@@ -177,55 +178,6 @@ def im2col(x, offset, mask, use_mask, p, l_begin, segments, cin_g, cols):
                         dst[c] = w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c]
 
 
-@njit(**_OPTS)
-def col2im(gcols, offset, mask, use_mask, p, l_begin, segments, cin_g, gx):
-    """Adjoint of :func:`im2col` w.r.t. x: gx[T, B, H*W, C] += scatter of gcols[B, L, G*K*C/G].
-
-    Parallel over (b, k, tile) like :func:`im2col`, so every scatter row covers a whole
-    channel run (splitting channels between tasks instead made the per-row overhead
-    dominate). Different pixels scatter into the same input pixel, so each thread adds
-    into its own copy ``gx[numba.get_thread_id()]``; the caller sums the T copies."""
-    nb = gcols.shape[0]
-    kk = p[0] * p[1]
-    og = offset.shape[1] // (2 * kk)
-    length = gcols.shape[1]
-    ntiles = (length + TILE - 1) // TILE
-    nseg = segments.shape[0]
-    for task in prange(nb * kk * ntiles):
-        t = task % ntiles
-        rest = task // ntiles
-        k = rest % kk
-        b = rest // kk
-        l0 = t * TILE
-        count = min(length, l0 + TILE) - l0
-        mine = gx[get_thread_id(), b]
-        idx = np.empty((4, TILE), dtype=np.int64)
-        valid = np.empty((4, TILE), dtype=np.float64)
-        ly = np.empty(TILE, dtype=np.float64)
-        lx = np.empty(TILE, dtype=np.float64)
-        mk = np.empty(TILE, dtype=np.float64)
-        wts = np.empty((4, TILE), dtype=gx.dtype)
-        for g in range(og):
-            _sample_tile(b, g, k, l_begin + l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
-            _tile_weights(count, ly, lx, valid, mk, wts)
-            for si in range(nseg):
-                if segments[si, 0] != g:
-                    continue
-                c0 = segments[si, 1]
-                c1 = segments[si, 2]
-                n = c1 - c0
-                base = _column_base(c0, cin_g, kk, k)
-                for q in range(count):
-                    src = gcols[b, l0 + q, base + c0:base + c1]
-                    for corner in range(4):
-                        w = wts[corner, q]
-                        if w == 0:
-                            continue
-                        dst = mine[idx[corner, q], c0:c1]
-                        for c in range(n):
-                            dst[c] += w * src[c]
-
-
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
 def _dot4(gr, x0, x1, x2, x3, n):
     """sum(gr*x0), sum(gr*x1), sum(gr*x2), sum(gr*x3) over n elements, in the data type.
@@ -243,73 +195,86 @@ def _dot4(gr, x0, x1, x2, x3, n):
 
 
 @njit(**_OPTS)
-def col2coord(gcols, x, offset, mask, use_mask, p, l_begin, segments, cin_g, goffset, gmask):
-    """Gradients w.r.t. offset ([B, 2*og*K, L]) and mask ([B, og*K, L], written only when
-    ``use_mask``), torchvision's ``deformable_col2im_coord``: the derivative of the
-    bilinear sample w.r.t. y and x over the valid corners, times the mask. Parallel over
-    (b, offset group, k, tile); each task owns its outputs and sums over the group's
-    channels as four dot products (two independent chains each, no reassociation needed)."""
-    nb = x.shape[0]
+def col2im_coord(gcols, x, offset, mask, use_mask, p, l_begin, segments, cin_g, want_x, gx, want_coord,
+                 goffset, gmask):
+    """The backward of :func:`im2col` from the columns' gradient gcols[B, L, G*K*C/G], in
+    one pass that samples each tile once and reads each gcols row once:
+
+    - ``want_x``: the adjoint w.r.t. x, gx[T, B, H*W, C] += scatter of gcols with the
+      bilinear weights. Different pixels scatter into the same input pixel, so each thread
+      adds into its own copy ``gx[numba.get_thread_id()]``; the caller sums the T copies.
+    - ``want_coord``: the gradients w.r.t. offset ([B, 2*og*K, L]) and mask ([B, og*K, L],
+      written only when ``use_mask``), torchvision's ``deformable_col2im_coord``: the
+      derivative of the bilinear sample w.r.t. y and x over the valid corners, times the
+      mask, from the four dot products D_corner = sum_c gcols[c] * x[corner, c]; each
+      task owns these outputs.
+
+    Parallel over (b, k, tile) like :func:`im2col`, so every scatter row covers a whole
+    channel run (splitting channels between tasks instead made the per-row overhead
+    dominate)."""
+    nb = gcols.shape[0]
     kk = p[0] * p[1]
     og = offset.shape[1] // (2 * kk)
     length = gcols.shape[1]
     ntiles = (length + TILE - 1) // TILE
     nseg = segments.shape[0]
-    for task in prange(nb * og * kk * ntiles):
+    for task in prange(nb * kk * ntiles):
         t = task % ntiles
         rest = task // ntiles
         k = rest % kk
-        rest //= kk
-        g = rest % og
-        b = rest // og
+        b = rest // kk
         l0 = t * TILE
         count = min(length, l0 + TILE) - l0
+        mine = gx[get_thread_id(), b] if want_x else gx[0, 0]  # gx is a dummy without want_x
         idx = np.empty((4, TILE), dtype=np.int64)
         valid = np.empty((4, TILE), dtype=np.float64)
         ly = np.empty(TILE, dtype=np.float64)
         lx = np.empty(TILE, dtype=np.float64)
         mk = np.empty(TILE, dtype=np.float64)
-        dots = np.empty((4, 1), dtype=np.float64)
-        _sample_tile(b, g, k, l_begin + l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
-        ch = 2 * (g * kk + k)
-        for q in range(count):
-            # The four dot products D_corner = sum_c gcols[c] * x[corner, c]; the
-            # gradients are fixed combinations of them (torchvision's formulas, regrouped).
-            dots[:] = 0.0
-            row = gcols[b, l0 + q]
-            xr0 = x[b, idx[0, q]]
-            xr1 = x[b, idx[1, q]]
-            xr2 = x[b, idx[2, q]]
-            xr3 = x[b, idx[3, q]]
-            for si in range(nseg):
-                if segments[si, 0] != g:
+        wts = np.empty((4, TILE), dtype=gcols.dtype)
+        for g in range(og):
+            _sample_tile(b, g, k, l_begin + l0, count, offset, mask, use_mask, p, idx, ly, lx, valid, mk)
+            _tile_weights(count, ly, lx, valid, mk, wts)
+            ch = 2 * (g * kk + k)
+            for q in range(count):
+                d00 = d01 = d10 = d11 = 0.0
+                for si in range(nseg):
+                    if segments[si, 0] != g:
+                        continue
+                    c0 = segments[si, 1]
+                    c1 = segments[si, 2]
+                    n = c1 - c0
+                    base = _column_base(c0, cin_g, kk, k)
+                    src = gcols[b, l0 + q, base + c0:base + c1]
+                    if want_x:
+                        for corner in range(4):
+                            w = wts[corner, q]
+                            if w == 0:
+                                continue
+                            dst = mine[idx[corner, q], c0:c1]
+                            for c in range(n):
+                                dst[c] += w * src[c]
+                    if want_coord:
+                        a, b_, e, h = _dot4(src, x[b, idx[0, q], c0:c1], x[b, idx[1, q], c0:c1],
+                                            x[b, idx[2, q], c0:c1], x[b, idx[3, q], c0:c1], n)
+                        d00 += a
+                        d01 += b_
+                        d10 += e
+                        d11 += h
+                if not want_coord:
                     continue
-                c0 = segments[si, 1]
-                c1 = segments[si, 2]
-                base = _column_base(c0, cin_g, kk, k)
-                n = c1 - c0
-                gr = row[base + c0:base + c1]
-                x0 = xr0[c0:c1]
-                x1 = xr1[c0:c1]
-                x2 = xr2[c0:c1]
-                x3 = xr3[c0:c1]
-                a, b_, e, h = _dot4(gr, x0, x1, x2, x3, n)
-                dots[0, 0] += a
-                dots[1, 0] += b_
-                dots[2, 0] += e
-                dots[3, 0] += h
-            d00 = dots[0, 0] * valid[0, q]
-            d01 = dots[1, 0] * valid[1, q]
-            d10 = dots[2, 0] * valid[2, q]
-            d11 = dots[3, 0] * valid[3, q]
-            fy = ly[q]
-            fx = lx[q]
-            hy = 1.0 - fy
-            hx = 1.0 - fx
-            ay = fx * (d11 - d01) + hx * (d10 - d00)
-            ax = fy * (d11 - d10) + hy * (d01 - d00)
-            am = hy * (hx * d00 + fx * d01) + fy * (hx * d10 + fx * d11)
-            goffset[b, ch, l_begin + l0 + q] = ay * mk[q]
-            goffset[b, ch + 1, l_begin + l0 + q] = ax * mk[q]
-            if use_mask:
-                gmask[b, g * kk + k, l_begin + l0 + q] = am
+                d00 *= valid[0, q]
+                d01 *= valid[1, q]
+                d10 *= valid[2, q]
+                d11 *= valid[3, q]
+                fy = ly[q]
+                fx = lx[q]
+                hy = 1.0 - fy
+                hx = 1.0 - fx
+                ay = fx * (d11 - d01) + hx * (d10 - d00)
+                ax = fy * (d11 - d10) + hy * (d01 - d00)
+                am = hy * (hx * d00 + fx * d01) + fy * (hx * d10 + fx * d11)
+                goffset[b, ch, l_begin + l0 + q] = ay * mk[q]
+                goffset[b, ch + 1, l_begin + l0 + q] = ax * mk[q]
+                if use_mask:
+                    gmask[b, g * kk + k, l_begin + l0 + q] = am
