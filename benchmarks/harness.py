@@ -29,21 +29,60 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 20, min
     Returns median, p90, min and max in ms, the repeats, and ``spread`` = p90/median
     (above ~1.3 the machine was noisy during the measurement).
     """
+    record = measure_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, min_repeats=min_repeats,
+                                 budget_s=budget_s, settle=0)["fn"]
+    del record["times_ms"]
+    return record
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 20,
+                        min_repeats: int = 3, budget_s: float = 2.0, settle: int = 1,
+                        calls: int = 1) -> dict[str, dict]:
+    """Time several functions side by side, in rounds: in each round every function, in
+    turn, makes ``settle`` untimed calls and then ``calls`` timed ones (the round's time is
+    their median). A change in the machine's load (other users of a shared machine) then
+    hits all of them alike, and the untimed calls let the thread pool of the function
+    before (torch's OpenMP, Numba's, ONNX Runtime's, each spin-waiting for a while after
+    its last task) go idle, so that no function is timed against another's spinning
+    threads. Stops after ``repeats`` rounds, or once ``budget_s`` is spent and
+    ``min_repeats`` rounds are done. Returns, per name, :func:`measure`'s record over the
+    round times plus ``times_ms`` (one per round, in order) for :func:`ratio_of_rounds`."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     start = time.perf_counter()
-    while len(times) < repeats:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= min_repeats and time.perf_counter() - start > budget_s:
+    rounds = 0
+    while rounds < repeats:
+        for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
+            block = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                block.append((time.perf_counter() - t0) * 1e3)
+            times[name].append(statistics.median(block))
+        rounds += 1
+        if rounds >= min_repeats and time.perf_counter() - start > budget_s:
             break
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    median = statistics.median(times)
-    return {"median_ms": median, "p90_ms": p90, "min_ms": times[0], "max_ms": times[-1],
-            "repeats": len(times), "spread": p90 / median if median > 0 else float("nan")}
+    return {name: _summary(ts) for name, ts in times.items()}
+
+
+def _summary(times_ms: list[float]) -> dict:
+    ordered = sorted(times_ms)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    median = statistics.median(ordered)
+    return {"median_ms": median, "p90_ms": p90, "min_ms": ordered[0], "max_ms": ordered[-1],
+            "repeats": len(ordered), "spread": p90 / median if median > 0 else float("nan"),
+            "times_ms": [round(t, 4) for t in times_ms]}
+
+
+def ratio_of_rounds(numerator: dict, denominator: dict) -> float:
+    """Median over rounds of numerator/denominator, for two records of one
+    :func:`measure_interleaved` call: robust to load that changes between rounds."""
+    pairs = zip(numerator["times_ms"], denominator["times_ms"])
+    return statistics.median(a / b for a, b in pairs if b > 0)
 
 
 def _version(dist: str) -> str | None:

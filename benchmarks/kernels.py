@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgekit.benchmarks.harness import last_level_cache_bytes, machine_info, measure, write_atomic, write_json
+from edgekit.benchmarks.harness import (last_level_cache_bytes, machine_info, measure, measure_interleaved,
+                                        ratio_of_rounds, write_atomic, write_json)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGE_DIMS = {"atto": (40, 80, 160, 320), "nano": (80, 160, 320, 640)}
@@ -129,21 +130,22 @@ def bench_grn(quick: bool, bandwidth: float, llc: int | None) -> dict:
         gamma, beta = torch.randn(case["dim"]), torch.randn(case["dim"])
         nbytes = x.numel() * x.element_size()
         budget = 0.5 if quick else 1.5
+        row = dict(case, shape=list(shape), bytes=nbytes, larger_than_llc=bool(llc and nbytes > llc))
+        fns = {"numba": lambda: numba_cpu.grn(x, gamma, beta), "eager": lambda: grn_reference(x, gamma, beta)}
         with torch.no_grad():
-            row = dict(case, shape=list(shape), bytes=nbytes, larger_than_llc=bool(llc and nbytes > llc))
-            row["numba"] = measure(lambda: numba_cpu.grn(x, gamma, beta), budget_s=budget, repeats=50)
-            row["eager"] = measure(lambda: grn_reference(x, gamma, beta), budget_s=budget, repeats=50)
             if compiled is not None:
                 try:
-                    row["compile"] = measure(lambda: compiled(x, gamma, beta), budget_s=budget, repeats=50)
+                    compiled(x, gamma, beta)  # a new shape may recompile: not part of the timing
+                    fns["compile"] = lambda: compiled(x, gamma, beta)
                 except Exception as exc:
                     row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            row.update(measure_interleaved(fns, budget_s=budget * len(fns), repeats=30, calls=3))
         t = row["numba"]["median_ms"]
         row["limit_ms"] = 3 * nbytes / bandwidth * 1e3
         row["bandwidth_fraction"] = row["limit_ms"] / t
-        row["speedup_vs_eager"] = row["eager"]["median_ms"] / t
+        row["speedup_vs_eager"] = ratio_of_rounds(row["eager"], row["numba"])
         if "compile" in row:
-            row["speedup_vs_compile"] = row["compile"]["median_ms"] / t
+            row["speedup_vs_compile"] = ratio_of_rounds(row["compile"], row["numba"])
         rows.append(row)
         log(f"GRN {case['model']} {case['resolution']}px b{case['batch']} stage {case['stage']} {shape}: "
             f"numba {t:.3f} ms, eager {row['eager']['median_ms']:.3f} ms, "
@@ -179,6 +181,14 @@ def ort_deform_session(x, weight, bias, offset, mask):
     return lambda: sess.run(None, feeds)
 
 
+def no_grad(fn):
+    """``fn`` run under ``torch.no_grad()`` (inference timings beside a backward)."""
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
 def dcn_cases(quick: bool):
     for c in DCN_CHANNELS:
         for size in DCN_SIZES:
@@ -204,19 +214,21 @@ def bench_dcn(quick: bool) -> list[dict]:
         budget = 0.5 if quick else (4.0 if big else 2.0)
         opts = dict(budget_s=budget, repeats=20, warmup=1)
         row = dict(case, kernel=[3, 3], modulated=True)
-        with torch.no_grad():
-            row["numba_forward"] = measure(lambda: numba_cpu.deform_conv2d(*args), **opts)
-            row["torch_reference_forward"] = measure(lambda: deform_conv2d_reference(*args), **opts)
-            row["dense_conv"] = measure(lambda: F.conv2d(x, weight, bias, padding=1), **opts)
-            try:
-                row["ort_deformconv"] = measure(ort_deform_session(x, weight, bias, offset, mask), **opts)
-            except Exception as exc:
-                row["ort_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias, mask)]
         out = numba_cpu.deform_conv2d(*leaves[:4], (1, 1), (1, 1), (1, 1), leaves[4])
         grad = torch.randn_like(out)
-        row["numba_backward"] = measure(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), **opts)
+        # Side by side (one round runs each once): the ratios are medians of per-round ratios.
+        fns = {"numba_forward": no_grad(lambda: numba_cpu.deform_conv2d(*args)),
+               "numba_backward": lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True),
+               "dense_conv": no_grad(lambda: F.conv2d(x, weight, bias, padding=1))}
+        try:
+            fns["ort_deformconv"] = ort_deform_session(x, weight, bias, offset, mask)
+        except Exception as exc:
+            row["ort_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        row.update(measure_interleaved(fns, **dict(opts, budget_s=budget * len(fns))))
         del out
+        with torch.no_grad():  # 2-10x slower than the rest: timed on its own
+            row["torch_reference_forward"] = measure(lambda: deform_conv2d_reference(*args), **opts)
         if not quick:
             ref_out = deform_conv2d_reference(*leaves[:4], (1, 1), (1, 1), (1, 1), leaves[4])
             row["torch_reference_backward"] = measure(
@@ -225,9 +237,9 @@ def bench_dcn(quick: bool) -> list[dict]:
         fwd = row["numba_forward"]["median_ms"]
         row["numba_vs_reference"] = row["torch_reference_forward"]["median_ms"] / fwd
         if "ort_deformconv" in row:
-            row["speedup_vs_ort"] = row["ort_deformconv"]["median_ms"] / fwd
-        row["ratio_to_dense"] = fwd / row["dense_conv"]["median_ms"]
-        row["backward_over_forward"] = row["numba_backward"]["median_ms"] / fwd
+            row["speedup_vs_ort"] = ratio_of_rounds(row["ort_deformconv"], row["numba_forward"])
+        row["ratio_to_dense"] = ratio_of_rounds(row["numba_forward"], row["dense_conv"])
+        row["backward_over_forward"] = ratio_of_rounds(row["numba_backward"], row["numba_forward"])
         rows.append(row)
         log(f"DCN {c}->{c} {s}x{s} b{b}: numba fwd {fwd:.2f} ms bwd {row['numba_backward']['median_ms']:.2f} ms, "
             f"ref {row['torch_reference_forward']['median_ms']:.2f} ms, "
@@ -305,7 +317,10 @@ def markdown(record: dict) -> str:
         f"- Copy bandwidth (read+write, {record['copy']['bytes'] >> 20} MiB copy): "
         f"{record['copy']['gb_per_s']:.2f} GB/s.",
         *_flag_noisy(record),
-        "- Times are medians in ms (the JSON also has p90, min and repeats).",
+        "- Times are medians in ms (the JSON also has p90, min, repeats and every round's time). "
+        "Each configuration's implementations are timed interleaved (every round runs each once), and "
+        "the ratios are medians of the per-round ratios, so load that changes between rounds cancels; "
+        "the DCN torch reference is timed on its own.",
         "",
         "## Floors",
         "",

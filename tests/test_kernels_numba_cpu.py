@@ -222,6 +222,33 @@ for d in (k.grn_last, k.grn_first, k.grn_last_serial, k.grn_first_serial):
         assert (sigs, misses) == (1, 0) and hits >= 1, (name, sigs, hits, misses)
 
 
+def test_grn_parameter_views_follow_updates_and_replacements():
+    """The cached gamma/beta views see in-place updates, drop replaced storage and dead
+    tensors, and never cache a converted copy."""
+    import gc
+    x = torch.randn(2, 3, 3, 4)
+    gamma, beta = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    with torch.no_grad():
+        def check():
+            torch.testing.assert_close(numba_cpu.grn(x, gamma, beta), grn_reference(x, gamma, beta),
+                                       rtol=1e-5, atol=1e-6)
+        check()
+        gamma.mul_(-3.0)  # an optimizer step: in place
+        check()
+        beta.data = torch.randn(4)  # new storage
+        check()
+        gamma64 = gamma.detach().double()  # converted on every call, never cached
+        torch.testing.assert_close(numba_cpu.grn(x, gamma64, beta), grn_reference(x, gamma, beta),
+                                   rtol=1e-5, atol=1e-6)
+        gamma64.mul_(2.0)
+        torch.testing.assert_close(numba_cpu.grn(x, gamma64, beta), grn_reference(x, 2 * gamma, beta),
+                                   rtol=1e-5, atol=1e-6)
+    cached = len(numba_cpu._vector._views)
+    del gamma, beta
+    gc.collect()
+    assert len(numba_cpu._vector._views) <= cached - 2
+
+
 def test_grn_rejects_bad_parameters():
     x = torch.randn(1, 2, 2, 3)
     with pytest.raises(ValueError, match="gamma and beta need 3"):
