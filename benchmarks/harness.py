@@ -37,14 +37,15 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 20, min
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 20,
                         min_repeats: int = 3, budget_s: float = 2.0, settle: int = 1,
-                        calls: int = 1) -> dict[str, dict]:
+                        calls: int = 1, gap_s: float = 0.0) -> dict[str, dict]:
     """Time several functions side by side, in rounds: in each round every function, in
-    turn, makes ``settle`` untimed calls and then ``calls`` timed ones (the round's time is
-    their median). A change in the machine's load (other users of a shared machine) then
-    hits all of them alike, and the untimed calls let the thread pool of the function
-    before (torch's OpenMP, Numba's, ONNX Runtime's, each spin-waiting for a while after
-    its last task) go idle, so that no function is timed against another's spinning
-    threads. Stops after ``repeats`` rounds, or once ``budget_s`` is spent and
+    turn, sleeps ``gap_s``, makes ``settle`` untimed calls and then ``calls`` timed ones
+    (the round's time is their median). A change in the machine's load (other users of a
+    shared machine) then hits all of them alike, and the gap and the untimed calls let the
+    thread pool of the function before go idle, so that no function is timed against
+    another's spinning threads: torch's and Numba's OpenMP workers spin for a while after
+    their last task, ONNX Runtime's for 10-50 ms (measured on the 2-core EPYC: a DCN
+    forward right after an ORT run took 2-4x its time 50 ms later). Stops after ``repeats`` rounds, or once ``budget_s`` is spent and
     ``min_repeats`` rounds are done. Returns, per name, :func:`measure`'s record over the
     round times plus ``times_ms`` (one per round, in order) for :func:`ratio_of_rounds`."""
     for _ in range(warmup):
@@ -55,6 +56,8 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2
     rounds = 0
     while rounds < repeats:
         for name, fn in fns.items():
+            if gap_s:
+                time.sleep(gap_s)
             for _ in range(settle):
                 fn()
             block = []
