@@ -40,7 +40,7 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2
                         calls: int = 1, gap_s: float = 0.0) -> dict[str, dict]:
     """Time several functions side by side, in rounds: in each round every function, in
     turn, sleeps ``gap_s``, makes ``settle`` untimed calls and then ``calls`` timed ones
-    (the round's time is their median). A change in the machine's load (other users of a
+    (the round's time is their median); the order rotates by one each round. A change in the machine's load (other users of a
     shared machine) then hits all of them alike, and the gap and the untimed calls let the
     thread pool of the function before go idle, so that no function is timed against
     another's spinning threads: torch's and Numba's OpenMP workers spin for a while after
@@ -54,10 +54,12 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
+    order = list(fns.items())
     start = time.perf_counter()
     rounds = 0
     while rounds < repeats:
-        for name, fn in fns.items():
+        # Rotated each round, so that no function always follows the same one.
+        for name, fn in order[rounds % len(order):] + order[:rounds % len(order)]:
             if gap_s:
                 time.sleep(gap_s)
             for _ in range(settle):
@@ -80,14 +82,14 @@ def _summary(times_ms: list[float]) -> dict:
     median = statistics.median(ordered)
     return {"median_ms": median, "p90_ms": p90, "min_ms": ordered[0], "max_ms": ordered[-1],
             "repeats": len(ordered), "spread": p90 / median if median > 0 else float("nan"),
-            "times_ms": [round(t, 4) for t in times_ms]}
+            "times_ms": [round(t, 6) for t in times_ms]}
 
 
 def ratio_of_rounds(numerator: dict, denominator: dict) -> float:
     """Median over rounds of numerator/denominator, for two records of one
     :func:`measure_interleaved` call: robust to load that changes between rounds."""
-    pairs = zip(numerator["times_ms"], denominator["times_ms"])
-    return statistics.median(a / b for a, b in pairs if b > 0)
+    ratios = [a / b for a, b in zip(numerator["times_ms"], denominator["times_ms"]) if b > 0]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def _version(dist: str) -> str | None:

@@ -369,7 +369,7 @@ def _columns_buffer(g, dtype) -> torch.Tensor:
     """One flat buffer for the columns of every chunk: a fresh multi-MiB tensor per chunk
     would come from mmap each time and pay a page fault per 4 KiB."""
     row = g.in_channels * g.kernel_h * g.kernel_w
-    return torch.empty(max((b1 - b0) * (l1 - l0) * row for b0, b1, l0, l1 in _chunks(g)), dtype=dtype)
+    return torch.empty(max(((b1 - b0) * (l1 - l0) * row for b0, b1, l0, l1 in _chunks(g)), default=0), dtype=dtype)
 
 
 def _project(cols: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:

@@ -11,8 +11,11 @@ def test_interleaved_rounds_call_every_function_once_in_turn():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
     records = measure_interleaved(fns, warmup=1, repeats=4, min_repeats=4, budget_s=0.0, settle=1, calls=2)
-    # one warm-up round, then four rounds of one untimed and two timed calls each
-    assert calls == ["a", "b", "c"] + ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + (["a"] * 3 + ["b"] * 3 + ["c"] * 3) * 3
+    # one warm-up round, then four rounds of one untimed and two timed calls each, the
+    # order rotating by one each round
+    turns = [name for first in (0, 1, 2, 0) for name in ("abc" * 2)[first:first + 3]]
+    assert turns == list("abcbcacababc")
+    assert calls == ["a", "b", "c"] + [name for name in turns for _ in range(3)]
     for record in records.values():
         assert record["repeats"] == 4 and len(record["times_ms"]) == 4
         assert record["min_ms"] <= record["median_ms"] <= record["p90_ms"] <= record["max_ms"]
@@ -28,6 +31,7 @@ def test_ratio_of_rounds_is_the_median_of_per_round_ratios():
     fast = {"times_ms": [5.0, 10.0, 4.0, 3.0, 50.0]}
     # per-round ratios 2, 4, 3, 3, 2: median 3 (the ratio of medians would be 12/5 = 2.4)
     assert ratio_of_rounds(slow, fast) == pytest.approx(3.0)
+    assert ratio_of_rounds(slow, {"times_ms": [0.0] * 5}) != ratio_of_rounds(slow, {"times_ms": [0.0] * 5})  # nan
 
 
 def test_measure_keeps_its_record_format():

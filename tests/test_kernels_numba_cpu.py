@@ -344,6 +344,18 @@ def test_layout_transposes_equal_torch_permute(shape):
     assert torch.equal(to_channels_first(last), x)
 
 
+def test_deform_empty_batch_gives_empty_output_and_gradients():
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    offset = torch.randn(0, 18, 5, 5, requires_grad=True)
+    weight = torch.randn(6, 4, 3, 3, requires_grad=True)
+    mask = torch.rand(0, 9, 5, 5, requires_grad=True)
+    out = numba_cpu.deform_conv2d(x, offset, weight, None, (1, 1), (1, 1), (1, 1), mask)
+    assert out.shape == (0, 6, 5, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and offset.grad.shape == offset.shape and mask.grad.shape == mask.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 def test_deform_channels_last_input_matches_nchw_input():
     """A channels_last input is used in place (no copy); the results are the same."""
     seed = fresh_seed()
