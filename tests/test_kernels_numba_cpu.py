@@ -235,6 +235,8 @@ def test_grn_parameter_views_follow_updates_and_replacements():
         check()
         gamma.mul_(-3.0)  # an optimizer step: in place
         check()
+        gamma.data.add_(0.5)  # through .data: no version bump, same memory
+        check()
         beta.data = torch.randn(4)  # new storage
         check()
         gamma64 = gamma.detach().double()  # converted on every call, never cached
@@ -334,7 +336,8 @@ def test_deform_half_input_computes_in_float32():
     assert rel_err(out, ref) <= 2e-3, f"seed {seed}"
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 9, 130), (3, 64, 8, 8), (1, 40, 64, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 9, 130), (3, 64, 8, 8), (1, 40, 64, 64),
+                                   (2, 33, 31, 17)])
 def test_layout_transposes_equal_torch_permute(shape):
     """The tiled NCHW <-> NHWC copies (odd sizes, partial tiles, P*4 a multiple of 4 KiB)."""
     from edgekit.kernels.numba_layout import to_channels_first, to_channels_last
@@ -342,6 +345,32 @@ def test_layout_transposes_equal_torch_permute(shape):
     last = to_channels_last(x)
     assert last.is_contiguous() and torch.equal(last, x.permute(0, 2, 3, 1))
     assert torch.equal(to_channels_first(last), x)
+
+
+def test_deform_weight_updates_between_calls_show():
+    """Updates of the weight between calls, in place (an optimizer step), through ``.data``
+    (which bumps no version counter: a cache keyed on it would go stale) and by
+    replacement, all show in the next call."""
+    seed = fresh_seed()
+    case = random_deform_case(np.random.default_rng(seed), dtype=torch.float32, min_size=3)
+    args = list(tensor_args(case))
+    weight = torch.nn.Parameter(args[2].clone())
+    args[2] = weight
+
+    def check(msg):
+        with torch.no_grad():
+            got = numba_cpu.deform_conv2d(*args)
+        ref = deform_conv2d_reference(*[t.double() if isinstance(t, torch.Tensor) else t for t in args])
+        assert rel_err(got, ref) <= TOL32, f"{msg} (seed {seed})"
+
+    check("first call")
+    with torch.no_grad():
+        weight.mul_(-2.0)  # an optimizer step: in place, same storage
+    check("after an in-place update")
+    weight.data.add_(1.0)  # old-style update: same storage, no version bump
+    check("after an update through .data")
+    weight.data = torch.randn_like(weight)  # new storage
+    check("after a replacement")
 
 
 def test_deform_empty_batch_gives_empty_output_and_gradients():
