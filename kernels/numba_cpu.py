@@ -243,8 +243,8 @@ class _DeformFunction(torch.autograd.Function):
     and four FMAs per 8 channels) and each weight group is a plain GEMM on them. The GEMM
     writes a channels-last result, out[L, Cout] = cols[L, K*C] @ W^T[K*C, Cout], which one
     copy turns into NCHW: MKL runs that orientation at 150-168 GFLOP/s on the 2-core EPYC
-    against 116-143 for out[Cout, L] = W @ cols^T (the tall operand as the GEMM's M; see
-    ``benchmarks/results/kernels_cpu.md``). The columns are not kept for the backward
+    against 116-143 for out[Cout, L] = W @ cols^T (the tall operand as the GEMM's M;
+    measured side by side on 64- and 128-channel shapes). The columns are not kept for the backward
     (they are K times the input): the backward recomputes them chunk by chunk, which is
     cheaper than the GEMMs around them.
     """
