@@ -65,9 +65,9 @@ WHY_NOT_MET = {
                      "arrives as fresh pages the OS zeroes on first touch, which costs about as much as writing "
                      "it again (into a reused buffer the kernel, one sample per thread so the apply re-reads x "
                      "from cache, runs at about the limit).",
-    "dcn_vs_ort": "ONNX Runtime's DeformConv (im2col + MLAS GEMM per image) takes only 1.5-2.2x a dense conv "
+    "dcn_vs_ort": "ONNX Runtime's DeformConv (im2col + MLAS GEMM per image) takes only 1.4-2.6x a dense conv "
                   "of the same shape here (column ORT / dense), so 1.5x ORT means a deformable conv within "
-                  "1.0-1.5x the dense conv, whose GEMM it must also run; at 128 channels the GEMM is ~75% of "
+                  "1.0-1.7x the dense conv, whose GEMM it must also run; at 128 channels the GEMM is ~75% of "
                   "our forward and runs at the dense conv's rate (MKL sgemm ~150 GFLOP/s on 2 cores).",
     "dcn_vs_dense": "the deformable im2col (4 gathers and a float64 sampling step per column element, a "
                     "K-times-the-input buffer written and read back by the GEMM), the NCHW<->NHWC copies and "
