@@ -40,16 +40,19 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2
                         calls: int = 1, gap_s: float = 0.0) -> dict[str, dict]:
     """Time several functions side by side, in rounds: in each round every function, in
     turn, sleeps ``gap_s``, makes ``settle`` untimed calls and then ``calls`` timed ones
-    (the round's time is their median); the order rotates by one each round. A change in the machine's load (other users of a
-    shared machine) then hits all of them alike, and the gap and the untimed calls let the
-    thread pool of the function before go idle, so that no function is timed against
-    another's spinning threads: torch's and Numba's OpenMP workers spin for a while after
-    their last task, ONNX Runtime's for 10-50 ms (measured on the 2-core EPYC: a DCN
-    forward right after an ORT run took 2-4x its time 50 ms later). A gap has its own cost
-    on a VM: after a sleep, a sub-millisecond kernel runs 2-4x slower for its first few
-    calls, so short functions want untimed calls rather than a gap. Stops after ``repeats`` rounds, or once ``budget_s`` is spent and
-    ``min_repeats`` rounds are done. Returns, per name, :func:`measure`'s record over the
-    round times plus ``times_ms`` (one per round, in order) for :func:`ratio_of_rounds`."""
+    (the round's time is their median); the order rotates by one each round.
+
+    A change in the machine's load (other users of a shared machine) then hits all of them
+    alike. The gap and the untimed calls let the thread pool of the function before go
+    idle, so that no function is timed against another's spinning threads: ONNX Runtime's
+    workers spin for 10-50 ms after a run (measured on the 2-core EPYC: a DCN forward right
+    after an ORT run took 2-4x its time 50 ms later). A gap has its own cost on a VM: after
+    a sleep, a sub-millisecond kernel runs 2-4x slower for its first few calls, so short
+    functions want untimed calls rather than a gap.
+
+    Stops after ``repeats`` rounds, or once ``budget_s`` is spent and ``min_repeats``
+    rounds are done. Returns, per name, :func:`measure`'s record over the round times plus
+    ``times_ms`` (one per round, in order) for :func:`ratio_of_rounds`."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()

@@ -71,8 +71,8 @@ WHY_NOT_MET = {
                   "our forward and runs at the dense conv's rate (MKL sgemm ~150 GFLOP/s on 2 cores).",
     "dcn_vs_dense": "the deformable im2col (4 gathers and a float64 sampling step per column element, a "
                     "K-times-the-input buffer written and read back by the GEMM), the NCHW<->NHWC copies and "
-                    "the hand-over between Numba's and torch's thread pools cost about as much as the GEMM at "
-                    "64 channels, while the dense conv is a single oneDNN kernel with no column buffer.",
+                    "the per-chunk switches between the Numba kernels and the torch GEMM cost about as much as "
+                    "the GEMM at 64 channels, while the dense conv is a single oneDNN kernel with no column buffer.",
     "dcn_bwd_vs_fwd": "the backward recomputes the columns and runs two GEMMs (grad weight, grad columns) plus "
                       "col2im and the coordinate gradient, each about as costly as the forward's im2col or GEMM.",
 }
@@ -143,7 +143,7 @@ def bench_grn(quick: bool, bandwidth: float, llc: int | None) -> dict:
                 except Exception as exc:
                     row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             # No gap: after a sleep the 2-core VM runs a sub-millisecond kernel 2-4x slower for a few
-            # calls; two untimed calls per turn absorb the other pools' spinning instead.
+            # calls; two untimed calls per turn let the previous function's threads settle instead.
             row.update(measure_interleaved(fns, budget_s=budget * len(fns), repeats=30, settle=2, calls=3))
         t = row["numba"]["median_ms"]
         row["limit_ms"] = 3 * nbytes / bandwidth * 1e3
