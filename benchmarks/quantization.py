@@ -119,6 +119,7 @@ class DigitsTask:
         self.x_train, self.y_train, self.x_test, self.y_test = x[tr], y[tr], x[te], y[te]
         self.train_epochs, self.qat_epochs, self.quick = train_epochs, qat_epochs, quick
         self.qat_batch = 16 if quick else 64
+        self.qat_images = (1 if quick else 4) * self.qat_batch
         self.data_note = f"sklearn digits: {len(tr)} train / {len(te)} test images (8x8, real)"
 
     def train_float(self, progress: bool):
@@ -157,7 +158,7 @@ class DigitsTask:
     def qat_data(self):
         from torch.utils.data import TensorDataset
         data = TensorDataset(self.x_train, self.y_train)
-        return _resampled(data, (1 if self.quick else 4) * self.qat_batch), None
+        return _resampled(data, self.qat_images), None
 
     qat_lr = 5e-4
 
@@ -168,10 +169,11 @@ class DetectorTask:
     name, metric, metric_label = "rsdet_atto", "map", "mAP x100"
 
     def __init__(self, quick: bool, seed: int, workdir: Path, train_seconds: float, qat_epochs: int,
-                 checkpoint: str | None = None, data: str | None = None):
+                 qat_images: int, checkpoint: str | None = None, data: str | None = None):
         from edgekit.data.synthetic import generate_synthetic_dataset
 
         self.quick, self.train_seconds, self.qat_epochs, self.checkpoint = quick, train_seconds, qat_epochs, checkpoint
+        self.qat_images = qat_images
         if data is None:
             if checkpoint:
                 raise SystemExit("--checkpoint needs --data (the DOTA root it was trained on, with train/ and val/)")
@@ -228,7 +230,7 @@ class DetectorTask:
 
     def qat_data(self):
         from edgekit.data.dataset import collate_detection
-        return _resampled(self.train_set, 4 if self.quick else 16), collate_detection
+        return _resampled(self.train_set, self.qat_images), collate_detection
 
     qat_lr, qat_batch = 1e-4, 8
 
@@ -334,6 +336,8 @@ def run_task(task, opts, workdir: Path) -> dict:
               f"QAT {rec['qat_seconds']:.1f} s", flush=True)
     return {"task": task.name, "metric": task.metric, "metric_label": task.metric_label, "data": task.data_note,
             "image_size": task.image_size, "float_training": training, "rows": rows,
+            "qat_recipe": {"epochs": task.qat_epochs, "images_per_epoch": task.qat_images,
+                           "batch_size": task.qat_batch, "lr": task.qat_lr},
             "floors": check_floors(rows, task.metric, task.name == "rsdet_atto")}
 
 
@@ -406,8 +410,12 @@ def render_markdown(record: dict) -> str:
              f"total {record['seconds']:.0f} s. {record['note']}", ""]
     for t in record["tasks"]:
         extra = " | mAP@.5 x100" if t["metric"] == "map" else ""
-        lines += [f"## {t['task']} ({t['data']}, {t['image_size']} px, {t['torch_threads']} torch thread(s))", "",
-                  f"| method | {t['metric_label']}{extra} | GBOPs | size MB | search s | QAT s |",
+        lines += [f"## {t['task']} ({t['data']}, {t['image_size']} px, {t['torch_threads']} torch thread(s))", ""]
+        if "qat_recipe" in t:
+            q = t["qat_recipe"]
+            lines += [f"QAT rows: {q['epochs']} epochs of {q['images_per_epoch']} images drawn afresh, batch "
+                      f"{q['batch_size']}, lr {q['lr']:g}.", ""]
+        lines += [f"| method | {t['metric_label']}{extra} | GBOPs | size MB | search s | QAT s |",
                   "|---|---:|" + ("---:|" if extra else "") + "---:|---:|---:|---:|"]
         for r in t["rows"]:
             search = r["search_seconds"] + r["sensitivity_seconds"]
@@ -456,6 +464,13 @@ def plot(record: dict, path: Path) -> Path:
     return path
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv: list | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m edgekit.benchmarks.quantization", description=__doc__.split("\n\n")[0])
@@ -466,6 +481,9 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--tasks", help="comma-separated: digits, rsdet_atto (default: both; --quick: digits, since a "
                                    "quantized detector forward takes seconds on a small CPU)")
     p.add_argument("--seed", type=int, default=None, help="data split / synthetic seed (default: random, recorded)")
+    p.add_argument("--qat-epochs", type=_positive, default=8, help="detector QAT epochs (default 8; --quick: 1)")
+    p.add_argument("--qat-images", type=_positive, default=64,
+                   help="detector training images per QAT epoch, drawn afresh (default 64; --quick: 4)")
     p.add_argument("--quiet", action="store_true")
     opts = p.parse_args(argv)
     import numpy as np
@@ -494,7 +512,8 @@ def main(argv: list | None = None) -> int:
                 torch.set_num_threads(1)
                 task = DigitsTask(opts.quick, seed, *((2, 1) if opts.quick else (12, 6)))
             else:
-                task = DetectorTask(opts.quick, seed, workdir / "det", *((0.0, 1) if opts.quick else (200.0, 3)),
+                task = DetectorTask(opts.quick, seed, workdir / "det", 0.0 if opts.quick else 200.0,
+                                    1 if opts.quick else opts.qat_epochs, 4 if opts.quick else opts.qat_images,
                                     checkpoint=opts.checkpoint, data=opts.data)
             tasks.append({**run_task(task, opts, workdir / name), "torch_threads": torch.get_num_threads()})
             torch.set_num_threads(threads)
