@@ -76,10 +76,11 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2
         rounds += 1
         if rounds >= min_repeats and time.perf_counter() - start > budget_s:
             break
-    return {name: _summary(ts) for name, ts in times.items()}
+    return {name: summarize(ts) for name, ts in times.items()}
 
 
-def _summary(times_ms: list[float]) -> dict:
+def summarize(times_ms: list[float]) -> dict:
+    """Median, p90, min, max (ms), repeats, spread = p90/median and the times themselves."""
     ordered = sorted(times_ms)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
     median = statistics.median(ordered)

@@ -110,13 +110,13 @@ def grn_cases(quick: bool):
                            "size": size}
 
 
-def compiled_grn():
+def compiled_grn(device: str = "cpu"):
     """``torch.compile`` of the reference, or (None, the error) where it does not work here."""
     from edgekit.models.grn import grn_reference
     try:
         fn = torch.compile(grn_reference)
-        x = torch.randn(1, 4, 4, 8)
-        fn(x, torch.ones(8), torch.zeros(8))
+        x = torch.randn(1, 4, 4, 8, device=device)
+        fn(x, torch.ones(8, device=device), torch.zeros(8, device=device))
         return fn, None
     except Exception as exc:  # any failure is a result to record, not a crash
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"

@@ -1,0 +1,41 @@
+"""The GPU kernel suite's script: its refusal without a GPU, and its whole pipeline
+(timing, float64 checks, floors, reports) run on the CPU with ``--plumbing-cpu``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgekit.benchmarks import kernels_gpu
+from edgekit.kernels import numba_cpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_refuses_without_a_gpu(tmp_path, capsys):
+    assert kernels_gpu.main(["--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_plumbing_run_reports_and_flags_a_wrong_kernel(tmp_path, monkeypatch):
+    """A GRN kernel that is off by 1e-3 is marked wrong and fails the run; the correct
+    deformable conv passes; the floors that need a GPU peer are 'not measured'."""
+    real_grn = numba_cpu.grn
+    monkeypatch.setattr(numba_cpu, "grn", lambda *a, **k: real_grn(*a, **k) * (1 + 1e-3))
+    assert kernels_gpu.main(["--quick", "--plumbing-cpu", "--out", str(tmp_path)]) == 1
+    record = json.loads((tmp_path / "kernels_gpu_plumbing_quick.json").read_text())
+    md = (tmp_path / "kernels_gpu_plumbing_quick.md").read_text()
+    assert record["backends"] == ["numba"] and record["copy"]["gb_per_s"] > 0
+    assert [r["shape"] for r in record["grn"]["rows"]] == [[1, 7, 7, 320], [8, 7, 7, 320]]
+    for row in record["grn"]["rows"]:
+        assert row["errors"]["numba"] > 5e-4 and row["errors"]["eager"] < 1e-5
+        assert row["times"]["numba"]["median_ms"] > 0 and row["bandwidth_fraction"]["numba"] > 0
+    (dcn,) = record["dcn"]["rows"]
+    assert dcn["errors"]["numba"] < 1e-5 and dcn["ratio_to_dense"]["numba"] > 0
+    rows = [line for line in md.splitlines() if line.startswith(("| atto", "| 64->64"))]
+    assert "Plumbing check on the CPU" in md and [("**wrong**" in line) for line in rows] == [True, True, False]
+    if "torchvision" not in dcn["times"]:
+        assert {f["met"] for f in record["floors"]} == {None}
