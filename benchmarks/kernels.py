@@ -110,13 +110,23 @@ def grn_cases(quick: bool):
                            "size": size}
 
 
-def compiled_grn(device: str = "cpu"):
-    """``torch.compile`` of the reference, or (None, the error) where it does not work here."""
+def compiled_grn(device: str = "cpu", static_shapes: bool = False):
+    """``torch.compile`` of the reference, or (None, the error) where it does not work here.
+
+    ``static_shapes``: one specialised graph per shape (what a deployed model of fixed
+    input size gets), with the recompile limit raised for the suite's shapes and a hit of
+    it an error, not a silent fall back to eager. Otherwise torch's default, which turns
+    to dynamic-shape code after the second shape."""
     from edgekit.models.grn import grn_reference
     try:
-        fn = torch.compile(grn_reference)
+        if static_shapes:
+            import torch._dynamo.config as dynamo_config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 128)
+            dynamo_config.fail_on_recompile_limit_hit = True
+        fn = torch.compile(grn_reference, dynamic=False if static_shapes else None)
         x = torch.randn(1, 4, 4, 8, device=device)
-        fn(x, torch.ones(8, device=device), torch.zeros(8, device=device))
+        with torch.no_grad():
+            fn(x, torch.ones(8, device=device), torch.zeros(8, device=device))
         return fn, None
     except Exception as exc:  # any failure is a result to record, not a crash
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"

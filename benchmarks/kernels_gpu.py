@@ -128,7 +128,7 @@ def grn_cases(quick: bool, device: str = "cuda"):
 def bench_grn(device: str, ours: tuple[str, ...], quick: bool, bandwidth: float, cache_bytes: int | None) -> dict:
     from edgekit import ops
     from edgekit.models.grn import grn_reference
-    compiled, compile_error = compiled_grn(device)
+    compiled, compile_error = compiled_grn(device, static_shapes=True)
     rows = []
     for case in grn_cases(quick, device):
         shape = (case["batch"], case["size"], case["size"], case["dim"])
@@ -143,11 +143,10 @@ def bench_grn(device: str, ours: tuple[str, ...], quick: bool, bandwidth: float,
         row = dict(case, shape=list(shape), bytes=nbytes, larger_than_cache=bool(cache_bytes and nbytes > cache_bytes),
                    limit_ms=3 * nbytes / bandwidth * 1e3, times={}, errors={})
         with torch.no_grad():
-            for name, fn in fns.items():
-                row["errors"][name] = _rel_err(fn(), ref)
-                row["times"][name] = time_op(fn, device)
+            _check_and_time(row, fns, ref, device)
         del ref
-        row["bandwidth_fraction"] = {n: row["limit_ms"] / row["times"][n]["median_ms"] for n in ours}
+        row["bandwidth_fraction"] = {n: row["limit_ms"] / row["times"][n]["median_ms"] for n in ours
+                                     if n in row["times"]}
         row["speedup_vs_eager"] = {n: _ratio(row["times"], "eager", n) for n in ours}
         row["speedup_vs_compile"] = {n: _ratio(row["times"], "compile", n) for n in ours}
         rows.append(row)
@@ -155,6 +154,24 @@ def bench_grn(device: str, ours: tuple[str, ...], quick: bool, bandwidth: float,
             + ", ".join(f"{n} {t['median_ms']:.4f} ms" for n, t in row["times"].items())
             + f", limit {row['limit_ms']:.4f} ms")
     return {"rows": rows, "compile_error": compile_error}
+
+
+def _check_and_time(row: dict, fns: dict, ref: torch.Tensor | None, device: str) -> None:
+    """Each implementation's error against ``ref`` (when given) and its time, into ``row``.
+    A failure (a kernel that does not compile on this GPU, out of memory) is recorded in
+    ``row["failures"]`` and the others still run: one broken backend must not cost a GPU
+    session's other results."""
+    for name, fn in fns.items():
+        try:
+            if ref is not None:
+                row["errors"][name] = _rel_err(fn(), ref)
+            row["times"][name] = time_op(fn, device)
+        except Exception as exc:  # recorded and reported, the run goes on
+            row.setdefault("failures", {})[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            log(f"  {name} failed: {row['failures'][name]}")
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
 
 
 def _ratio(times: dict, slower: str, faster: str) -> float | None:
@@ -206,11 +223,9 @@ def bench_dcn(device: str, ours: tuple[str, ...], quick: bool) -> dict:
                                       mask.double())
         row = dict(case, times={}, errors={})
         with torch.no_grad():
-            for name, fn in fns.items():
-                row["errors"][name] = _rel_err(fn(), ref)
-                row["times"][name] = time_op(fn, device)
+            _check_and_time(row, fns, ref, device)
             del ref
-            row["times"]["dense"] = time_op(lambda: F.conv2d(x, weight, bias, padding=1), device)
+            _check_and_time(row, {"dense": lambda: F.conv2d(x, weight, bias, padding=1)}, None, device)
         row["speedup_vs_torchvision"] = {n: _ratio(row["times"], "torchvision", n) for n in ours}
         row["ratio_to_dense"] = {n: _ratio(row["times"], n, "dense") for n in ours}
         rows.append(row)
@@ -225,7 +240,8 @@ def evaluate_floors(record: dict) -> list[dict]:
     """The issue's GPU floors, per backend: met only if met on every configuration."""
     out = []
     for name in record["backends"]:
-        grn = [r["bandwidth_fraction"][name] for r in record["grn"]["rows"] if r["larger_than_cache"]]
+        grn = [r["bandwidth_fraction"][name] for r in record["grn"]["rows"]
+               if r["larger_than_cache"] and name in r["bandwidth_fraction"]]
         dcn = [r["speedup_vs_torchvision"][name] for r in record["dcn"]["rows"]
                if r["speedup_vs_torchvision"].get(name) is not None]
         out.append(_floor(name, "grn_bandwidth", f"GRN {name} >= {FLOOR_GRN_BANDWIDTH:.0%} of the device copy "
@@ -300,14 +316,31 @@ def markdown(record: dict) -> str:
                      ("torchvision", record["dcn"]["torchvision_error"])):
         if err:
             lines += ["", f"{'torch.compile' if key == 'compile_error' else 'torchvision'} could not run: `{err}`"]
+    failures = _failures(record)
+    if failures:
+        lines += ["", "Failures (the implementation raised; its cells say **failed**):", ""]
+        lines += [f"- {where}: {what}" for where, what in failures]
     lines += _grn_table(record)
     lines += _dcn_table(record)
     return "\n".join(lines) + "\n"
 
 
+def _failures(record: dict) -> list[tuple[str, str]]:
+    out = []
+    for op in ("grn", "dcn"):
+        for r in record[op]["rows"]:
+            where = (f"GRN {'x'.join(map(str, r['shape']))}" if op == "grn" else
+                     f"DCN {r['channels']}ch {r['size']}x{r['size']} b{r['batch']}")
+            out += [(f"{where} {name}", msg) for name, msg in r.get("failures", {}).items()]
+    return out
+
+
 def _time_cells(row: dict, names: list[str]) -> list[str]:
     cells = []
     for n in names:
+        if n in row.get("failures", {}):
+            cells.append("**failed**")
+            continue
         if n not in row["times"]:
             cells.append("—")
             continue
@@ -328,15 +361,23 @@ def _grn_table(record: dict) -> list[str]:
         lines.append("| " + " | ".join([
             r["model"], str(r["resolution"]), str(r["batch"]), str(r["stage"]), "x".join(map(str, r["shape"])),
             f"{r['bytes'] / 2**20:.2f}", *_time_cells(r, names), f"{r['limit_ms']:.4f}",
-            *(f"{r['bandwidth_fraction'][n]:.0%}" for n in ours),
+            *(_fmt_percent(r["bandwidth_fraction"].get(n)) for n in ours),
             *(_fmt_ratio(r["speedup_vs_eager"][n]) for n in ours),
             *(_fmt_ratio(r["speedup_vs_compile"][n]) for n in ours),
-            f"{max(r['errors'].values()):.1e}", "yes" if r["larger_than_cache"] else "no"]) + " |")
+            _worst_error(r), "yes" if r["larger_than_cache"] else "no"]) + " |")
     return lines
 
 
 def _fmt_ratio(v) -> str:
     return "—" if v is None else f"{v:.2f}"
+
+
+def _worst_error(row: dict) -> str:
+    return f"{max(row['errors'].values()):.1e}" if row["errors"] else "—"
+
+
+def _fmt_percent(v) -> str:
+    return "—" if v is None else f"{v:.0%}"
 
 
 def _dcn_table(record: dict) -> list[str]:
@@ -350,7 +391,7 @@ def _dcn_table(record: dict) -> list[str]:
         lines.append("| " + " | ".join([
             f"{r['channels']}->{r['channels']}", f"{r['size']}x{r['size']}", str(r["batch"]), *_time_cells(r, names),
             *(_fmt_ratio(r["speedup_vs_torchvision"][n]) for n in ours),
-            *(_fmt_ratio(r["ratio_to_dense"][n]) for n in ours), f"{max(r['errors'].values()):.1e}"]) + " |")
+            *(_fmt_ratio(r["ratio_to_dense"][n]) for n in ours), _worst_error(r)]) + " |")
     return lines
 
 
@@ -390,11 +431,13 @@ def main(argv=None) -> int:
     log("copy bandwidth...")
     record["copy"] = copy_bandwidth(device, args.quick)
     cache = record["device"].get("l2_cache_bytes") if device == "cuda" else None
+    stem = "kernels_gpu" + ("_plumbing" if args.plumbing_cpu else "") + ("_quick" if args.quick else "")
     record["grn"] = bench_grn(device, ours, args.quick, record["copy"]["gb_per_s"] * 1e9, cache)
+    write_json(args.out / f"{stem}.partial.json", record)  # the GRN half survives a crash in the DCN half
     record["dcn"] = bench_dcn(device, ours, args.quick)
     record["floors"] = evaluate_floors(record)
-    stem = "kernels_gpu" + ("_plumbing" if args.plumbing_cpu else "") + ("_quick" if args.quick else "")
     write_json(args.out / f"{stem}.json", record)
+    (args.out / f"{stem}.partial.json").unlink()
     write_atomic(args.out / f"{stem}.md", markdown(record))
     log(f"wrote {args.out / stem}.json and .md")
     wrong = [(op, n) for op in ("grn", "dcn") for r in record[op]["rows"] for n, e in r["errors"].items()
@@ -405,8 +448,10 @@ def main(argv=None) -> int:
     if wrong:
         log(f"error: {len(wrong)} timed outputs differ from the float64 reference by more than {ERROR_FLAG:g}: "
             + ", ".join(sorted({f'{op}/{n}' for op, n in wrong})))
-        return 1
-    return 0
+    failures = _failures(record)
+    if failures:
+        log(f"error: {len(failures)} implementation runs failed (listed in the report)")
+    return 1 if wrong or failures else 0
 
 
 if __name__ == "__main__":

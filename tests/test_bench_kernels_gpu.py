@@ -20,12 +20,20 @@ def test_refuses_without_a_gpu(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_plumbing_run_reports_and_flags_a_wrong_kernel(tmp_path, monkeypatch):
-    """A GRN kernel that is off by 1e-3 is marked wrong and fails the run; the correct
-    deformable conv passes; the floors that need a GPU peer are 'not measured'."""
+def test_plumbing_run_reports_wrong_and_failing_kernels(tmp_path, monkeypatch):
+    """A GRN kernel that is off by 1e-3 is marked wrong; a deformable conv that raises is
+    marked failed while the other implementations of that row are still timed; either
+    fails the run. The floors that need a GPU peer are 'not measured'."""
     real_grn = numba_cpu.grn
+
+    def broken_deform(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
     monkeypatch.setattr(numba_cpu, "grn", lambda *a, **k: real_grn(*a, **k) * (1 + 1e-3))
+    monkeypatch.setattr(numba_cpu, "deform_conv2d", broken_deform)
     assert kernels_gpu.main(["--quick", "--plumbing-cpu", "--out", str(tmp_path)]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_gpu_plumbing_quick.json",
+                                                          "kernels_gpu_plumbing_quick.md"]
     record = json.loads((tmp_path / "kernels_gpu_plumbing_quick.json").read_text())
     md = (tmp_path / "kernels_gpu_plumbing_quick.md").read_text()
     assert record["backends"] == ["numba"] and record["copy"]["gb_per_s"] > 0
@@ -34,8 +42,11 @@ def test_plumbing_run_reports_and_flags_a_wrong_kernel(tmp_path, monkeypatch):
         assert row["errors"]["numba"] > 5e-4 and row["errors"]["eager"] < 1e-5
         assert row["times"]["numba"]["median_ms"] > 0 and row["bandwidth_fraction"]["numba"] > 0
     (dcn,) = record["dcn"]["rows"]
-    assert dcn["errors"]["numba"] < 1e-5 and dcn["ratio_to_dense"]["numba"] > 0
+    assert dcn["failures"] == {"numba": "RuntimeError: planted failure"}
+    assert dcn["errors"]["reference"] < 1e-5 and {"reference", "dense"} <= set(dcn["times"])
     rows = [line for line in md.splitlines() if line.startswith(("| atto", "| 64->64"))]
-    assert "Plumbing check on the CPU" in md and [("**wrong**" in line) for line in rows] == [True, True, False]
+    assert "Plumbing check on the CPU" in md and "planted failure" in md
+    assert [("**wrong**" in line, "**failed**" in line) for line in rows] == [(True, False), (True, False),
+                                                                              (False, True)]
     if "torchvision" not in dcn["times"]:
         assert {f["met"] for f in record["floors"]} == {None}
