@@ -57,6 +57,9 @@ def add_subcommands(sub) -> None:
     q.add_argument("--sens-method", dest="sens_method", choices=("hutchinson", "fisher"), default="hutchinson")
     q.add_argument("--sens-probes", dest="sens_probes", type=int, default=4,
                    help="Hutchinson probes per batch (2 gradient passes each)")
+    q.add_argument("--sens-confidence", dest="sens_confidence", type=float, default=2.0,
+                   help="Hutchinson traces are used at this many standard errors above their mean (an upper "
+                        "bound: a layer whose estimate is noise is not taken for insensitive); 0: the mean")
     q.add_argument("--qat-epochs", dest="qat_epochs", type=int, default=0,
                    help="then train with guided self-distillation (calibration.qat) for this many epochs")
     q.add_argument("--qat-data", dest="qat_data", help="QAT: DOTA root holding train/ and val/")
@@ -154,6 +157,8 @@ def _cmd_quantize(args) -> int:
         raise EdgekitError("--qat-epochs needs a non-negative count and --qat-data (a DOTA root with train/ and val/)")
     if min(args.calib_batches, args.sens_batches, args.sens_probes) < 1:
         raise EdgekitError("--calib-batches, --sens-batches and --sens-probes must be >= 1")
+    if not args.sens_confidence >= 0:
+        raise EdgekitError(f"--sens-confidence must be >= 0 standard errors, got {args.sens_confidence}")
     first_last = args.first_last_bits or None
     act = "tied" if args.act_bits_mode == "tied" else args.act_bits
     config = QuantConfig(weight_bits=args.weight_bits, act_bits=act, first_layer_bits=first_last,
@@ -294,5 +299,5 @@ def _sensitivity(model, info, args, size: int, progress: bool) -> dict:
 
     batches = _batches(model, info, args, size, args.sens_batches)
     sens = layer_sensitivity(model, loss_fn, batches, quantizable_layers(model, QuantConfig()), args.sens_method,
-                             probes=args.sens_probes, progress=progress)
+                             probes=args.sens_probes, progress=progress, confidence=args.sens_confidence)
     return sens

@@ -62,7 +62,7 @@ def test_bops_and_size_ordering(quick_run):
 def _rows(**metric):
     bops = {"fp32": 100.0, "w8a8_ptq": 8.0, "w4a8_ptq": 4.0, "w4a8_qat": 4.0, "ghost_qat": 5.0,
             "budget_qat": 4.0, "sensitivity_qat": 3.0, "fisher_qat": 4.0, "w3a8_ptq": 3.1, "w3a8_all_ptq": 3.0,
-            "w3a8_all_qat": 3.0, "budget3_qat": 3.0, "fisher3_qat": 2.9}
+            "w3a8_all_qat": 3.0, "budget3_qat": 3.0, "sensitivity3_qat": 2.95, "fisher3_qat": 2.9}
     return [{"key": k, "method": k, "bops": b, "m": metric[k], "search_seconds": 1.0, "sensitivity_seconds": 0.5}
             for k, b in bops.items()]
 
@@ -73,7 +73,8 @@ def test_floors_margins_and_misses():
     fp32 = random.uniform(50, 90)
     rows = _rows(fp32=fp32, w8a8_ptq=fp32 - 1.25, w4a8_ptq=fp32 - 9, w4a8_qat=fp32 - 6,
                  ghost_qat=fp32 - 1, budget_qat=fp32 - 1, sensitivity_qat=fp32 - 4.5, fisher_qat=fp32 - 2,
-                 w3a8_ptq=fp32 - 3, w3a8_all_ptq=fp32 - 12, w3a8_all_qat=fp32 - 8, budget3_qat=fp32 - 5, fisher3_qat=fp32 - 7)
+                 w3a8_ptq=fp32 - 3, w3a8_all_ptq=fp32 - 12, w3a8_all_qat=fp32 - 8, budget3_qat=fp32 - 5, sensitivity3_qat=fp32 - 5.5,
+                 fisher3_qat=fp32 - 7)
     floors = {f["floor"]: f for f in Q.check_floors(rows, "m", search_floor=True)}
     assert floors["W8A8 PTQ loses <= 1 point"]["margin"] == pytest.approx(-0.25)
     assert not floors["W8A8 PTQ loses <= 1 point"]["met"]
@@ -85,6 +86,7 @@ def test_floors_margins_and_misses():
     assert floors["fisher_qat: beats W4A8 QAT by >= 2.0 points"]["margin"] == pytest.approx(2.0)
     beyond = "(beyond the issue) {}: beats every-layer W3A8 QAT by >= 2.0 points"
     assert floors[beyond.format("budget3_qat")]["margin"] == pytest.approx(1.0)
+    assert floors[beyond.format("sensitivity3_qat")]["margin"] == pytest.approx(0.5)
     assert floors[beyond.format("fisher3_qat")]["margin"] == pytest.approx(-1.0)
     assert floors["ghost_qat: bit search <= 60 s"]["met"]
     assert floors["budget_qat: bit search <= 60 s"]["margin"] == pytest.approx(58.5)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from edgekit.calibration.hq_search import (allocate_bits, kmeans_1d, layer_errors, search_bits, threshold_bits,
                                            uniform_mse)
-from edgekit.calibration.sensitivity import fisher_trace, hutchinson_trace, layer_sensitivity
+from edgekit.calibration.sensitivity import fisher_trace, hutchinson_estimate, hutchinson_trace, layer_sensitivity
 from edgekit.errors import EdgekitError
 
 
@@ -193,6 +193,31 @@ def test_sensitivity_against_closed_forms(fresh_torch_seed):
     assert layer_sensitivity(model, _loss, batches, layers, "fisher") == pytest.approx(fisher, rel=1e-9)
     with pytest.raises(EdgekitError, match="unknown sensitivity method"):
         layer_sensitivity(model, _loss, batches, layers, "hawq")
+
+
+def test_hutchinson_standard_error_covers_the_exact_trace_and_sets_the_upper_bound(fresh_torch_seed):
+    """The exact trace lies within 4 standard errors of a 40-probe estimate (a miss has
+    probability ~1e-4 per layer); layer_sensitivity takes mean + confidence x error,
+    clipped at 0; a layer with no curvature (never in the loss) is exactly 0; one sample
+    gets an error of |mean|."""
+    a = 1.0
+    model = TwoBranches(a, 0.0).double()
+    batches = [torch.randn(8, 5, dtype=torch.float64)]
+    layers = {"one": model.one, "two": model.two}
+    exact = a * 3 * float(batches[0].pow(2).sum(1).mean())
+    est = hutchinson_estimate(model, _loss, batches, layers, probes=40,
+                              generator=torch.Generator().manual_seed(fresh_torch_seed))
+    mean, spread = est["one"]
+    assert 0 < spread < abs(mean) and abs(mean - exact) <= 4 * spread, (mean, spread, exact)
+    assert est["two"] == (0.0, 0.0)
+    for confidence in (0.0, 2.0):
+        sens = layer_sensitivity(model, _loss, batches, layers, probes=40, confidence=confidence,
+                                 generator=torch.Generator().manual_seed(fresh_torch_seed))
+        assert sens == pytest.approx({"one": max(mean + confidence * spread, 0.0), "two": 0.0}, rel=1e-12)
+    single = hutchinson_estimate(model, _loss, batches, layers, probes=1, generator=torch.Generator().manual_seed(3))
+    assert single["one"][1] == abs(single["one"][0])
+    with pytest.raises(EdgekitError, match="confidence"):
+        layer_sensitivity(model, _loss, batches, layers, confidence=-1.0)
 
 
 def test_search_modes_on_the_atto_detector_are_fast_and_meet_budgets():
