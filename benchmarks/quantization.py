@@ -47,7 +47,7 @@ class Row:
 # unless marked "every layer"; hybrid rows search every layer, ends included, under the
 # BOPs of their uniform row. The W3A8 block repeats the comparison where uniform widths
 # cost real accuracy: every layer at 3 bits (at W4A8, even with 4-bit ends, the demo
-# detector loses ~1.5 points, leaving a hybrid no room to win by the 2 points
+# detector loses 1.5-1.8 points, leaving a hybrid no room to win by the 2 points
 # without beating FP32).
 ROWS = (
     Row("fp32", "FP32"),
