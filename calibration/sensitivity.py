@@ -62,6 +62,7 @@ def hutchinson_estimate(model, loss_fn, batches, layers: dict, probes: int = 4, 
         raise EdgekitError(f"probes must be >= 1, got {probes}")
     names, params = _weights(layers)
     samples = [[] for _ in names]
+    count = 0
     for batch in batches:
         for _ in range(probes):
             vs = [torch.randint(0, 2, p.shape, generator=generator, dtype=p.dtype).mul_(2).sub_(1).to(p.device)
@@ -70,7 +71,8 @@ def hutchinson_estimate(model, loss_fn, batches, layers: dict, probes: int = 4, 
                 _hvp_difference(model, loss_fn, batch, params, vs, epsilon)
             for i, (v, h) in enumerate(zip(vs, hv)):
                 samples[i].append(float((v.double() * h.double()).sum()))
-    if not samples or not samples[0]:
+            count += 1
+    if count == 0:
         raise EdgekitError("sensitivity: no batches given")
     out = {}
     for name, xs in zip(names, samples):
@@ -135,7 +137,7 @@ def layer_sensitivity(model, loss_fn, batches, layers: dict, method: str = "hutc
     """
     if method not in METHODS:
         raise EdgekitError(f"unknown sensitivity method {method!r}; use one of {', '.join(METHODS)}")
-    if confidence < 0:
+    if not confidence >= 0:
         raise EdgekitError(f"confidence must be >= 0 standard errors, got {confidence}")
     batches = list(batches)
     if progress:
