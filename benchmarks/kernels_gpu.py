@@ -167,7 +167,8 @@ def _check_and_time(row: dict, fns: dict, ref: torch.Tensor | None, device: str)
                 row["errors"][name] = _rel_err(fn(), ref)
             row["times"][name] = time_op(fn, device)
         except Exception as exc:  # recorded and reported, the run goes on
-            row.setdefault("failures", {})[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+            row.setdefault("failures", {})[name] = f"{type(exc).__name__}: {first_line}"
             log(f"  {name} failed: {row['failures'][name]}")
             if device == "cuda":
                 torch.cuda.synchronize()

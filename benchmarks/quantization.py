@@ -369,7 +369,8 @@ def check_floors(rows: list, metric: str, search_floor: bool) -> list:
         add(f"{r['method']}: beats W4A8 QAT by >= {HYBRID_GAIN_MIN} points", r[metric] - (w4a8 + HYBRID_GAIN_MIN),
             f"{r[metric]:.2f} vs W4A8 QAT {w4a8:.2f}")
     w3a8 = by["w3a8_all_qat"][metric]
-    for key in ("budget3_qat", "sensitivity3_qat", "fisher3_qat"):  # beyond the issue: the same test where uniform bits cost accuracy
+    # Beyond the issue: the same test where uniform bits cost accuracy.
+    for key in ("budget3_qat", "sensitivity3_qat", "fisher3_qat"):
         r = by[key]
         add(f"(beyond the issue) {r['method']}: beats every-layer W3A8 QAT by >= {HYBRID_GAIN_MIN} points",
             r[metric] - (w3a8 + HYBRID_GAIN_MIN), f"{r[metric]:.2f} vs {w3a8:.2f} "
