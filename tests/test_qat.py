@@ -31,8 +31,9 @@ def confident_teacher() -> Toy:
 def two_clusters(teacher: Toy, per_cluster: int = 32):
     """Images of two recognisable kinds (a bright channel 0 or channel 1), labelled so that
     the teacher is right (p(label) > 1/2) on every image of the first kind and wrong on
-    every image of the second."""
-    a, b = torch.randn(4 * per_cluster, 3, 12, 12), torch.randn(per_cluster, 3, 12, 12)
+    every image of the second. Candidates for the first kind are drawn 16 per image kept:
+    at 4 a random toy teacher was too rarely confident about 1 time in 60."""
+    a, b = torch.randn(16 * per_cluster, 3, 12, 12), torch.randn(per_cluster, 3, 12, 12)
     a[:, 0] += 2.0
     b[:, 1] += 2.0
     with torch.no_grad():
@@ -63,7 +64,11 @@ def test_switch_trains_and_closes_where_the_teacher_is_wrong(tmp_path, fresh_tor
     assert not torch.allclose(biases, torch.full_like(biases, DistillOptions().init_logit))  # it learned
     right, wrong = gate_probability(teacher, student, switch, a), gate_probability(teacher, student, switch, b)
     print("gate probability, teacher right:", right.tolist(), "teacher wrong:", wrong.tolist())
-    assert (right > wrong + 0.25).all()  # at the start they are equal (same bias, ~0 weights)
+    # At the start they are equal (same bias, ~0 weights). The first tap sees the bright
+    # channel that tells the two kinds apart; a deeper tap's gate stayed open on both kinds
+    # for about 1 random toy in 10 (8 epochs; over 300 seeds: first-tap margin >= 0.90,
+    # mean over taps >= 0.37), so the per-layer check is on the first tap, and on the mean.
+    assert right[0] > wrong[0] + 0.5 and (right - wrong).mean() > 0.25
     history = result["history"]
     assert [h["epoch"] for h in history] == list(range(1, 9))
     record = json.loads((tmp_path / "qat.json").read_text())
