@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from edgekit.benchmarks.harness import (last_level_cache_bytes, machine_info, measure, measure_interleaved,
                                         ratio_of_rounds, write_atomic, write_json)
+from edgekit.kernels.output_pool import OUTPUTS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGE_DIMS = {"atto": (40, 80, 160, 320), "nano": (80, 160, 320, 640)}
@@ -110,6 +111,14 @@ def grn_cases(quick: bool):
                            "size": size}
 
 
+def _grn_fresh_output(x, gamma, beta):
+    """The numba GRN with its output pool bypassed: a freshly allocated output, as eager
+    and torch.compile get."""
+    from edgekit.kernels import numba_cpu
+    with OUTPUTS.bypassed():
+        return numba_cpu.grn(x, gamma, beta)
+
+
 def compiled_grn(device: str = "cpu", static_shapes: bool = False):
     """``torch.compile`` of the reference, or (None, the error) where it does not work here.
 
@@ -145,6 +154,8 @@ def bench_grn(quick: bool, bandwidth: float, llc: int | None) -> dict:
         budget = 0.5 if quick else 1.5
         row = dict(case, shape=list(shape), bytes=nbytes, larger_than_llc=bool(llc and nbytes > llc))
         fns = {"numba": lambda: numba_cpu.grn(x, gamma, beta), "eager": lambda: grn_reference(x, gamma, beta)}
+        if nbytes >= OUTPUTS.min_bytes and OUTPUTS.capacity >= nbytes:  # the pool serves this output
+            fns["numba_fresh_output"] = lambda: _grn_fresh_output(x, gamma, beta)
         with torch.no_grad():
             if compiled is not None:
                 try:
@@ -158,6 +169,8 @@ def bench_grn(quick: bool, bandwidth: float, llc: int | None) -> dict:
         t = row["numba"]["median_ms"]
         row["limit_ms"] = 3 * nbytes / bandwidth * 1e3
         row["bandwidth_fraction"] = row["limit_ms"] / t
+        if "numba_fresh_output" in row:
+            row["fresh_output_bandwidth_fraction"] = row["limit_ms"] / row["numba_fresh_output"]["median_ms"]
         row["speedup_vs_eager"] = ratio_of_rounds(row["eager"], row["numba"])
         if "compile" in row:
             row["speedup_vs_compile"] = ratio_of_rounds(row["compile"], row["numba"])
@@ -333,6 +346,7 @@ def markdown(record: dict) -> str:
         f"- Copy bandwidth (read+write, {record['copy']['bytes'] >> 20} MiB copy): "
         f"{record['copy']['gb_per_s']:.2f} GB/s.",
         *_flag_noisy(record),
+        *_pool_line(record),
         "- Times are medians in ms (the JSON also has p90, min, repeats and every round's time). "
         "Each configuration's implementations are timed interleaved (every round runs each once), and "
         "the ratios are medians of the per-round ratios, so load that changes between rounds cancels; "
@@ -365,6 +379,15 @@ def markdown(record: dict) -> str:
     if record["dcn"]:
         lines += _dcn_table(record["dcn"])
     return "\n".join(lines) + "\n"
+
+
+def _pool_line(record: dict) -> list[str]:
+    """The numba output pool's setting (results written before it existed have none)."""
+    pool = record.get("output_pool")
+    if not pool:
+        return []
+    return [f"- numba output pool: outputs of {pool['min_bytes'] >> 20} MiB or more reuse freed blocks, "
+            f"at most {pool['capacity_bytes'] >> 20} MiB kept (`EDGEKIT_OUTPUT_POOL_MB`)."]
 
 
 def _grn_eager_bound(rows: list[dict], threshold: float) -> str:
@@ -405,6 +428,14 @@ def _grn_table(rows: list[dict]) -> list[str]:
     lines += ["", "eager / limit: the eager reference's time over three passes at the measured (DRAM) copy "
               "bandwidth. Where it is below 8, 8x eager asks for a GRN faster than that limit, which only a "
               "tensor served from cache allows."]
+    pooled = [r for r in rows if "numba_fresh_output" in r]
+    if pooled:
+        lines += ["", "numba writes outputs of 32 MiB or more into a freed block of its output pool "
+                  "(`edgekit.kernels.output_pool`), where eager and torch.compile get fresh pages from the OS. "
+                  "The same kernel into a fresh output, timed in the same rounds:"]
+        lines += [f"- {'x'.join(map(str, r['shape']))}: {_ms(r['numba_fresh_output'])} ms, "
+                  f"{r['fresh_output_bandwidth_fraction']:.0%} of the limit (pooled {r['bandwidth_fraction']:.0%})"
+                  for r in pooled]
     return lines
 
 
@@ -449,7 +480,12 @@ def main(argv=None) -> int:
     if reason:
         log(f"error: the numba backend is unavailable: {reason}")
         return 2
-    record = {"machine": machine_info(), "quick": args.quick, "only": args.only}
+    try:
+        pool = {"min_bytes": OUTPUTS.min_bytes, "capacity_bytes": OUTPUTS.capacity}
+    except ValueError as exc:
+        log(f"error: {exc}")
+        return 2
+    record = {"machine": machine_info(), "quick": args.quick, "only": args.only, "output_pool": pool}
     log("warming up (first use compiles the Numba kernels)...")
     t0 = time.perf_counter()
     if args.only != "dcn":

@@ -14,6 +14,10 @@ next to the module (``cache=True``). On a 2-core machine the first GRN forward+b
 costs about 8 s of compile per layout, build (serial, parallel) and dtype (22 s for all
 four float32 ones) and the first DCN forward+backward about 15-20 s per dtype; later
 processes load the cache in well under a second.
+
+Memory: GRN outputs (and input gradients) of 32 MiB or more are written into blocks
+reused from :mod:`edgekit.kernels.output_pool` once their tensors are freed, which
+spares the OS's zeroing of fresh pages (``EDGEKIT_OUTPUT_POOL_MB`` caps what it keeps).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from edgekit.kernels.output_pool import OUTPUTS
 from edgekit.models.deform import deform_geometry
 from edgekit.sysinfo import last_level_cache_bytes
 
@@ -156,7 +161,7 @@ def _grn_forward(x, gamma, beta, eps, channels_last):
     that becomes the output tensor."""
     dtype = _compute_dtype(x.dtype)
     xn = _array(x, dtype)
-    out = np.empty_like(xn)
+    out = OUTPUTS.empty(xn.shape, xn.dtype)  # a reused block for outputs of >= 32 MiB: no page faults
     gx = np.empty((xn.shape[0], xn.shape[3] if channels_last else xn.shape[1]))
     _run(channels_last, xn, xn, _vector(gamma, dtype), _vector(beta, dtype), gx, eps, out, False, True)
     y = torch.from_numpy(out)
@@ -181,7 +186,7 @@ class _GRNFunction(torch.autograd.Function):
         need_dx, need_gamma, need_beta = ctx.needs_input_grad[:3]
         dtype = _compute_dtype(x.dtype)
         xn = _array(x, dtype)
-        dx = np.empty_like(xn)  # also when unused: the kernel takes one signature
+        dx = OUTPUTS.empty(xn.shape, xn.dtype)  # also when unused: the kernel takes one signature
         zeros = np.zeros(ctx.gx.shape[1], dtype=xn.dtype)
         grads = _run(ctx.channels_last, _array(grad, dtype), xn, _vector(gamma, dtype), zeros, ctx.gx, ctx.eps,
                      dx, True, need_dx)

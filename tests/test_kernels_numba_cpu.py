@@ -8,6 +8,8 @@ deform case).
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 from deform_cases import describe, fresh_seed, random_deform_case, tensor_args
 from edgekit import ops
-from edgekit.kernels import dispatch, numba_cpu
+from edgekit.kernels import dispatch, numba_cpu, output_pool
 from edgekit.models.deform import DeformConv2d, deform_conv2d_reference
 from edgekit.models.grn import GRN, grn_reference
 
@@ -125,6 +127,27 @@ def test_grn_non_contiguous_input():
     nhwc = x.permute(0, 2, 3, 1)  # a channels_last view of NCHW memory
     torch.testing.assert_close(numba_cpu.grn(nhwc, gamma, beta, 1e-6, "channels_last"),
                                grn_reference(nhwc, gamma, beta), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_grn_outputs_on_reused_blocks_are_right_and_kept_ones_are_untouched(monkeypatch, data_format):
+    """With every output pooled, a second forward and backward on a freed block (dirty
+    with the first call's values) match the reference, and an output still held is not
+    overwritten by a later call."""
+    pool = output_pool.OutputPool(min_bytes=0, capacity=1 << 30)
+    monkeypatch.setattr(numba_cpu, "OUTPUTS", pool)
+    seed = fresh_seed()
+    shape = (2, 9, 7, 12)
+    held = numba_cpu.grn(*grn_inputs(seed, *shape, data_format), 1e-6, data_format)
+    held_copy = held.clone()
+    grn_run(numba_cpu.grn, grn_inputs(seed + 1, *shape, data_format), seed, data_format)  # then freed
+    gc.collect()
+    assert pool.held_bytes == 2 * held.numel() * 4  # its output and input gradient, dirty
+    inputs = grn_inputs(seed + 2, *shape, data_format)
+    run = grn_run(numba_cpu.grn, inputs, seed, data_format)
+    assert pool.held_bytes == 0  # both blocks reused
+    assert_grn_close(run, grn_run(grn_reference, inputs, seed, data_format, torch.float64), f"seed {seed}")
+    assert torch.equal(held, held_copy)
 
 
 GRN_MODES = {  # (serial, fuse, split thresholds): which kernel build and work split runs
