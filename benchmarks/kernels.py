@@ -61,7 +61,7 @@ WHY_NOT_MET = {
                     "0.1-0.4 ms; batches split one sample per thread mostly pass it.",
     "grn_vs_compile": "torch.compile (Inductor) emits one fused C++ loop nest on 2 threads with the same memory "
                       "traffic; the batch-1 tensors run on one thread here, and on the largest tensors both sides "
-                      "are bound by memory and by the page faults of a fresh output.",
+                      "are bound by memory (and compile also by the page faults of its fresh output).",
     "grn_bandwidth": "the limit counts reads and writes only; an output larger than glibc's mmap threshold "
                      "arrives as fresh pages the OS zeroes on first touch, which costs about as much as writing "
                      "it again (into a reused buffer the kernel, one sample per thread so the apply re-reads x "
