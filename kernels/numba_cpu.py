@@ -161,7 +161,7 @@ def _grn_forward(x, gamma, beta, eps, channels_last):
     that becomes the output tensor."""
     dtype = _compute_dtype(x.dtype)
     xn = _array(x, dtype)
-    out = OUTPUTS.empty(xn.shape, xn.dtype)  # a reused block for outputs of >= 32 MiB: no page faults
+    out = OUTPUTS.empty_like(xn)  # a reused block for outputs of >= 32 MiB: no page faults
     gx = np.empty((xn.shape[0], xn.shape[3] if channels_last else xn.shape[1]))
     _run(channels_last, xn, xn, _vector(gamma, dtype), _vector(beta, dtype), gx, eps, out, False, True)
     y = torch.from_numpy(out)
@@ -186,7 +186,7 @@ class _GRNFunction(torch.autograd.Function):
         need_dx, need_gamma, need_beta = ctx.needs_input_grad[:3]
         dtype = _compute_dtype(x.dtype)
         xn = _array(x, dtype)
-        dx = OUTPUTS.empty(xn.shape, xn.dtype)  # also when unused: the kernel takes one signature
+        dx = OUTPUTS.empty_like(xn)  # also when unused: the kernel takes one signature
         zeros = np.zeros(ctx.gx.shape[1], dtype=xn.dtype)
         grads = _run(ctx.channels_last, _array(grad, dtype), xn, _vector(gamma, dtype), zeros, ctx.gx, ctx.eps,
                      dx, True, need_dx)

@@ -64,12 +64,19 @@ def test_the_pool_keeps_no_more_than_its_capacity_and_release_frees_it():
 def test_small_outputs_and_a_zero_capacity_bypass_the_pool():
     small = OutputPool(min_bytes=1 << 20, capacity=1 << 30)
     off = OutputPool(min_bytes=0, capacity=0)
+    template = np.zeros((100, 100))
     for pool in (small, off):
-        a = pool.empty((100, 100), np.float64)
-        assert a.base is None  # a plain numpy array, owning its memory
+        for a in (pool.empty((100, 100), np.float64), pool.empty_like(template)):
+            assert a.base is None and a.shape == (100, 100) and a.dtype == np.float64  # plain numpy arrays
         del a
         gc.collect()
         assert pool.held_bytes == 0
+
+
+def test_empty_like_pools_large_arrays():
+    pool = OutputPool(min_bytes=64 * KIB, capacity=1 << 20)
+    a = pool.empty_like(np.zeros((256, 64), np.float32))
+    assert a.shape == (256, 64) and a.dtype == np.float32 and a.base is not None
 
 
 @pytest.mark.parametrize("value,megabytes", [("", output_pool.DEFAULT_CAPACITY_MB), ("0", 0), ("2.5", 2.5)])
@@ -82,7 +89,7 @@ def test_capacity_from_the_environment(monkeypatch, value, megabytes):
 def test_a_bad_capacity_is_a_one_line_error(monkeypatch, value):
     monkeypatch.setenv(output_pool.ENV_CAPACITY, value)
     with pytest.raises(ValueError, match=f"EDGEKIT_OUTPUT_POOL_MB must be .* got '{value}'") as info:
-        OutputPool().empty((1 << 20,), np.float32)
+        OutputPool(min_bytes=0).empty((1 << 20,), np.float32)
     assert "\n" not in str(info.value)
 
 
