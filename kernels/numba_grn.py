@@ -44,6 +44,8 @@ import types
 import numpy as np
 from numba import config, njit, prange
 
+from edgekit.kernels.numba_stream import ALIGN_BYTES, LANES as STREAM_LANES, store_fence, stream_affine8
+
 MAX_THREADS = config.NUMBA_NUM_THREADS  # what the caller plans with (a plan never changes results)
 _LANES = 32  # elements per iteration of a vectorised loop (8 AVX2 lanes x 4 interleaved)
 _BLOCK_ROWS = 64  # channels_last rows summed in the input precision per float64 add
@@ -163,17 +165,20 @@ def _reduce_rows(u, v, r0, r1, want_sum, dst):
 
 
 @njit(**_PLAIN)
-def _affine_rows(out, u, at, v, bt, betat, r0, r1, use_v):
+def _affine_rows(out, u, at, v, bt, betat, r0, r1, use_v, stream):
     """out = u*a + (v*b if ``use_v``) + beta over rows r0:r1 of [rows, C] arrays, with a,
     b, beta per channel given as m-fold tiles (``_tile``). A loop over one row of C = 40
     channels vectorises 32 and leaves 8 to scalar code; so rows are taken in groups of m
-    whose C*m elements are a multiple of ``_LANES`` (C = 40: m = 4, 5 full iterations)."""
+    whose C*m elements are a multiple of ``_LANES`` (C = 40: m = 4, 5 full iterations).
+    ``stream`` (forward only; the caller checks alignment): streaming stores."""
     c = out.shape[1]
     m = at.shape[0] // c
     of, uf, vf = out.reshape(-1), u.reshape(-1), v.reshape(-1)
     groups = (r1 - r0) // m
     if use_v:
         _tiles2(of, uf, at, vf, bt, r0 * c, (r0 + groups * m) * c)
+    elif stream:
+        _tiles1_stream(of, uf, at, betat, r0 * c, (r0 + groups * m) * c)
     else:
         _tiles1(of, uf, at, betat, r0 * c, (r0 + groups * m) * c)
     for r in range(r0 + groups * m, r1):
@@ -206,6 +211,18 @@ def _tiles1(of, uf, at, betat, e0, e1):
         for j in range(length):
             i = np.uintp(g0 + j)
             of[i] = uf[i] * at[j] + betat[j]
+
+
+@njit(**_PLAIN)
+def _tiles1_stream(of, uf, at, betat, e0, e1):
+    """``_tiles1`` with streaming stores (``of[e0]`` 32-byte aligned, len(at) a multiple of
+    8): for an output larger than the cache, which would otherwise be read in before it
+    is overwritten."""
+    length = at.shape[0]
+    for g0 in range(e0, e1, length):
+        for j in range(0, length, STREAM_LANES):
+            stream_affine8(of, uf, at, betat, np.uintp(g0 + j), np.uintp(j))
+    store_fence()
 
 
 @njit(**_VECTOR)
@@ -309,6 +326,15 @@ def _result(sums, gx, eps, backward):
     return grads
 
 
+@njit(**_PLAIN)
+def _streams(out, c, backward, stream_bytes):
+    """Whether the apply writes ``out`` [N, H, W, C] with streaming stores: a forward
+    output of at least ``stream_bytes``, 32-byte aligned, C a multiple of 8 (so
+    every row and tile starts aligned)."""
+    return (not backward and out.size * out.itemsize >= stream_bytes
+            and c % STREAM_LANES == 0 and out.ctypes.data % ALIGN_BYTES == 0)
+
+
 # -------------------------------------------------------------------- kernels
 #
 # One kernel per layout serves the forward (u = v = x, out = x*scale + beta; fills gx and
@@ -318,9 +344,12 @@ def _result(sums, gx, eps, backward):
 # parallel apply. Both give bit-identical results.
 
 
-def grn_last(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, fused):
-    """NHWC; a task reduces or applies ``chunk_bytes`` of rows of one sample."""
+def grn_last(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, fused, stream_bytes):
+    """NHWC; a task reduces or applies ``chunk_bytes`` of rows of one sample. A forward
+    output of at least ``stream_bytes`` is written with streaming stores when
+    they apply (32-byte aligned rows of a multiple of 8 channels)."""
     n, h, w, c = u4.shape
+    stream = _streams(out4, c, backward, stream_bytes)
     rows = h * w
     u = u4.reshape((n, rows, c))
     v = v4.reshape((n, rows, c))
@@ -344,7 +373,7 @@ def grn_last(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, f
             _tile(a[i], c)
             _tile(b[i], c)
             if apply:
-                _affine_rows(out[i], u[i], a[i], v[i], b[i], betat, 0, rows, backward)
+                _affine_rows(out[i], u[i], a[i], v[i], b[i], betat, 0, rows, backward, stream)
     else:
         for t in prange(n * splits):
             i, s = t // splits, t % splits
@@ -356,12 +385,14 @@ def grn_last(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, f
             _tile(b[i], c)
         for t in prange(n * splits if apply else 0):
             i, s = t // splits, t % splits
-            _affine_rows(out[i], u[i], a[i], v[i], b[i], betat, s * step, min(rows, s * step + step), backward)
+            _affine_rows(out[i], u[i], a[i], v[i], b[i], betat, s * step, min(rows, s * step + step), backward,
+                         stream)
     return _result(sums, gx, eps, backward)
 
 
-def grn_first(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, fused):
-    """NCHW; a task is one (n, c) plane (``chunk_bytes`` is unused)."""
+def grn_first(u4, v4, gamma, beta, gx, eps, out4, backward, apply, chunk_bytes, fused, stream_bytes):
+    """NCHW; a task is one (n, c) plane (``chunk_bytes`` and ``stream_bytes`` are unused:
+    no streaming stores for this layout yet)."""
     n, c, h, w = u4.shape
     u = u4.reshape((n, c, h * w))
     v = v4.reshape((n, c, h * w))

@@ -191,6 +191,41 @@ def test_grn_modes_and_thread_counts_are_bit_identical(monkeypatch, data_format)
                      f"seed {seed}")
 
 
+@pytest.mark.parametrize("mode", list(GRN_MODES))
+@pytest.mark.parametrize("channels", [24, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grn_streaming_stores_give_the_same_bits(monkeypatch, mode, channels, dtype):
+    """The forward with streaming stores (every output aligned and streamed where C is a
+    multiple of 8) is bit-identical to the ordinary stores, in every work split, and
+    matches the float64 reference; the backward is unaffected."""
+    seed = fresh_seed()
+    monkeypatch.setattr(numba_cpu, "OUTPUTS", output_pool.OutputPool(align_bytes=0))
+    monkeypatch.setattr(numba_cpu, "_GRN_CHUNK_BYTES", channels * 4 * 37)
+    inputs = grn_inputs(seed, 4, 29, 31, channels, "channels_last", dtype)
+    runs = []
+    for stream_bytes in (0, 1 << 62):
+        monkeypatch.setattr(numba_cpu, "_STREAM_BYTES", stream_bytes)
+        runs.append(run_mode(monkeypatch, mode, lambda: grn_run(numba_cpu.grn, inputs, seed, "channels_last", dtype)))
+    (out, grads), (plain_out, plain_grads) = runs
+    assert torch.equal(out, plain_out) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads)), seed
+    ref = grn_run(grn_reference, inputs, seed, "channels_last", torch.float64)
+    assert rel_err(out, ref[0]) <= TOL32, seed
+
+
+def test_grn_streams_only_large_aligned_forward_outputs_of_whole_lanes():
+    from edgekit.kernels.numba_grn import _streams
+    block = np.empty(64 * 24 * 4 + 64, np.uint8)
+    start = -block.ctypes.data % 64
+    out = block[start:start + 64 * 24 * 4].view(np.float32).reshape(1, 8, 8, 24)
+    assert _streams(out, 24, False, 0) and _streams(out, 24, False, out.nbytes)
+    assert not _streams(out, 24, False, out.nbytes + 1)  # below the threshold
+    assert not _streams(out, 24, True, 0)  # the backward
+    misaligned = block[start + 4:start + 4 + 64 * 12 * 4].view(np.float32).reshape(1, 8, 8, 12)
+    assert not _streams(misaligned, 12, False, 0)
+    odd = block[start:start + 64 * 12 * 4].view(np.float32).reshape(1, 8, 8, 12)
+    assert not _streams(odd, 12, False, 0)  # 12 channels: rows do not start aligned
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_grn_float32_accumulation_over_128x128_pixels(monkeypatch, data_format, offset):

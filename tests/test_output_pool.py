@@ -61,16 +61,29 @@ def test_the_pool_keeps_no_more_than_its_capacity_and_release_frees_it():
     assert pool.held_bytes == 0
 
 
-def test_small_outputs_and_a_zero_capacity_bypass_the_pool():
-    small = OutputPool(min_bytes=1 << 20, capacity=1 << 30)
-    off = OutputPool(min_bytes=0, capacity=0)
+def test_small_outputs_are_plain_arrays_and_a_zero_capacity_keeps_nothing():
+    small = OutputPool(min_bytes=1 << 20, capacity=1 << 30, align_bytes=1 << 20)
     template = np.zeros((100, 100))
-    for pool in (small, off):
-        for a in (pool.empty((100, 100), np.float64), pool.empty_like(template)):
-            assert a.base is None and a.shape == (100, 100) and a.dtype == np.float64  # plain numpy arrays
+    for a in (small.empty((100, 100), np.float64), small.empty_like(template)):
+        assert a.base is None and a.shape == (100, 100) and a.dtype == np.float64  # plain numpy arrays
+    off = OutputPool(min_bytes=0, capacity=0)
+    a = off.empty_like(template)
+    assert a.shape == (100, 100) and a.ctypes.data % output_pool.ALIGNMENT == 0
+    del a
+    gc.collect()
+    assert small.held_bytes == off.held_bytes == 0
+
+
+@pytest.mark.parametrize("nbytes", [64 * KIB, 200 * KIB + 8])
+def test_large_arrays_start_on_a_cache_line_pooled_or_not(nbytes):
+    pool = OutputPool(min_bytes=128 * KIB, capacity=1 << 20, align_bytes=32 * KIB)
+    for _ in range(3):  # fresh, then (when pooled) reused blocks
+        a = pool.empty((nbytes // 8,), np.float64)
+        assert a.ctypes.data % output_pool.ALIGNMENT == 0 and a.nbytes == nbytes // 8 * 8
+        a[:] = 1.0  # the whole array is writable memory of the block
         del a
         gc.collect()
-        assert pool.held_bytes == 0
+    assert pool.held_bytes == (nbytes // 8 * 8 if nbytes >= 128 * KIB else 0)
 
 
 def test_empty_like_pools_large_arrays():
@@ -97,7 +110,10 @@ def test_bypassed_allocates_fresh_outputs_and_then_pools_again():
     pool = OutputPool(min_bytes=64 * KIB, capacity=1 << 20)
     with pool.bypassed():
         a = pool.empty((64 * KIB,), np.uint8)
-        assert a.base is None
     del a
+    gc.collect()
+    assert pool.held_bytes == 0
     b = pool.empty((64 * KIB,), np.uint8)
-    assert b.base is not None and pool.capacity == 1 << 20
+    del b
+    gc.collect()
+    assert pool.capacity == 1 << 20 and pool.held_bytes == 64 * KIB
