@@ -17,7 +17,9 @@ processes load the cache in well under a second.
 
 Memory: GRN outputs (and input gradients) of 32 MiB or more are written into blocks
 reused from :mod:`edgekit.kernels.output_pool` once their tensors are freed, which
-spares the OS's zeroing of fresh pages (``EDGEKIT_OUTPUT_POOL_MB`` caps what it keeps).
+spares the OS's zeroing of fresh pages (``EDGEKIT_OUTPUT_POOL_MB`` caps what it keeps);
+from 1 MiB on they are 64-byte aligned, so that the GRN forward can stream its output
+past the cache (``_STREAM_BYTES``).
 """
 
 from __future__ import annotations
