@@ -28,11 +28,17 @@ import weakref
 
 import numpy as np
 
+from edgekit.errors import EdgekitError
+
 MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller outputs come from its warm heap
 ALIGN_BYTES = 1 << 20  # outputs from this size on start on a cache line (malloc gives 16 bytes)
 ALIGNMENT = 64
 DEFAULT_CAPACITY_MB = 128
 ENV_CAPACITY = "EDGEKIT_OUTPUT_POOL_MB"
+
+
+class OutputPoolSettingError(EdgekitError, ValueError):
+    """``EDGEKIT_OUTPUT_POOL_MB`` is not a number of MiB >= 0 (the CLI prints one line)."""
 
 
 def capacity_from_env() -> int:
@@ -45,7 +51,7 @@ def capacity_from_env() -> int:
     except ValueError:
         megabytes = math.nan
     if not math.isfinite(megabytes) or megabytes < 0:
-        raise ValueError(f"{ENV_CAPACITY} must be a number of MiB >= 0 (0 turns the output pool off), got {text!r}")
+        raise OutputPoolSettingError(f"{ENV_CAPACITY} must be a number of MiB >= 0 (0 turns the output pool off), got {text!r}")
     return int(megabytes * (1 << 20))
 
 
@@ -104,7 +110,7 @@ class OutputPool:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < self.align_bytes:
             return np.empty(shape, dtype)
-        if nbytes < self.min_bytes or self.capacity == 0:
+        if self.capacity == 0 or nbytes < self.min_bytes:  # capacity first: a bad setting shows early
             return _aligned(np.empty(nbytes + ALIGNMENT, np.uint8), nbytes).view(dtype).reshape(shape)
         with self._lock:
             blocks = self._free.get(nbytes)

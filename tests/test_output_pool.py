@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgekit.errors import EdgekitError
 from edgekit.kernels import output_pool
 from edgekit.kernels.output_pool import OutputPool
 
@@ -104,6 +105,7 @@ def test_a_bad_capacity_is_a_one_line_error(monkeypatch, value):
     with pytest.raises(ValueError, match=f"EDGEKIT_OUTPUT_POOL_MB must be .* got '{value}'") as info:
         OutputPool(min_bytes=0).empty((1 << 20,), np.float32)
     assert "\n" not in str(info.value)
+    assert isinstance(info.value, EdgekitError)  # the CLI prints it as one line and exits 2
 
 
 def test_bypassed_allocates_fresh_outputs_and_then_pools_again():
