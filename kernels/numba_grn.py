@@ -220,10 +220,13 @@ def _tiles1(of, uf, at, betat, e0, e1):
 
 @njit(**_PLAIN)
 def _tiles1_stream(of, uf, at, betat, e0, e1):
-    """``_tiles1`` with streaming stores (``of[e0]`` 32-byte aligned, len(at) a multiple of
-    8): for an output larger than the cache, which would otherwise be read in before it
-    is overwritten."""
+    """``_tiles1`` with streaming stores, for an output larger than the cache, which would
+    otherwise be read in before it is overwritten; ordinary stores unless ``of[e0]`` is
+    32-byte aligned and len(at) a multiple of 8."""
     length = at.shape[0]
+    if length % STREAM_LANES or (of.ctypes.data + e0 * of.itemsize) % ALIGN_BYTES:
+        _tiles1(of, uf, at, betat, e0, e1)  # a misaligned streaming store would fault
+        return
     for g0 in range(e0, e1, length):
         for j in range(0, length, STREAM_LANES):
             stream_affine8(of, uf, at, betat, np.uintp(g0 + j), np.uintp(j))

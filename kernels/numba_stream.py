@@ -19,6 +19,8 @@ module, delete ``kernels/__pycache__/numba_grn.*.nbi``/``.nbc`` (or set
 
 from __future__ import annotations
 
+import platform
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -61,14 +63,24 @@ def stream_affine8(typingctx, out, u, a, beta, i, j):
     return sig, codegen
 
 
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 @intrinsic
 def store_fence(typingctx):
-    """An ``sfence``: streaming stores are weakly ordered; the fence makes them visible
-    before the kernel returns and another thread reads the output."""
+    """Orders the streaming stores before the kernel returns and another thread reads the
+    output: an ``sfence`` on x86 (LLVM would emit a locked instruction for a plain fence,
+    which Linux does not rely on for non-temporal stores), a ``fence seq_cst`` elsewhere
+    (``dmb ish`` on aarch64)."""
     sig = types.void()
 
     def codegen(context, builder, signature, args):
-        builder.fence("seq_cst")
+        if _X86:
+            sfence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                    "llvm.x86.sse.sfence")
+            builder.call(sfence, [])
+        else:
+            builder.fence("seq_cst")
         return context.get_dummy_value()
 
     return sig, codegen

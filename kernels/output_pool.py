@@ -50,7 +50,7 @@ def capacity_from_env() -> int:
         megabytes = float(text)
     except ValueError:
         megabytes = math.nan
-    if not math.isfinite(megabytes) or megabytes < 0:
+    if not math.isfinite(megabytes) or not 0 <= megabytes <= 1 << 40:
         raise OutputPoolSettingError(f"{ENV_CAPACITY} must be a number of MiB >= 0 (0 turns the output pool off), got {text!r}")
     return int(megabytes * (1 << 20))
 
@@ -127,12 +127,16 @@ class OutputPool:
         nbytes = block.nbytes - ALIGNMENT
         with self._lock:
             if self._held + nbytes <= self.capacity:
-                self._free.setdefault(nbytes, []).append(block)
+                # Counted before the append, which can run the garbage collector and so a
+                # nested give-back (the lock is re-entrant): that one sees this block.
                 self._held += nbytes
+                self._free.setdefault(nbytes, []).append(block)
 
     @contextlib.contextmanager
     def bypassed(self):
-        """Within the block every output is a fresh allocation (benchmarks measure both)."""
+        """Within the block every output is a fresh allocation (benchmarks measure both).
+        For one thread: it changes the shared capacity, so other threads get fresh outputs
+        meanwhile and blocks freed meanwhile are dropped."""
         saved, self._capacity = self._capacity, 0
         try:
             yield self

@@ -9,6 +9,7 @@ deform case).
 from __future__ import annotations
 
 import gc
+import platform
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from deform_cases import describe, fresh_seed, random_deform_case, tensor_args
 from edgekit import ops
 from edgekit.kernels import dispatch, numba_cpu, output_pool
+from edgekit.kernels.numba_grn import _streams
 from edgekit.models.deform import DeformConv2d, deform_conv2d_reference
 from edgekit.models.grn import GRN, grn_reference
 
@@ -207,13 +209,39 @@ def test_grn_streaming_stores_give_the_same_bits(monkeypatch, mode, channels, dt
         monkeypatch.setattr(numba_cpu, "_STREAM_BYTES", stream_bytes)
         runs.append(run_mode(monkeypatch, mode, lambda: grn_run(numba_cpu.grn, inputs, seed, "channels_last", dtype)))
     (out, grads), (plain_out, plain_grads) = runs
+    assert _streams(out.detach().numpy(), channels, False, 0) == (channels % 8 == 0)  # the streamed run streamed
     assert torch.equal(out, plain_out) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads)), seed
     ref = grn_run(grn_reference, inputs, seed, "channels_last", torch.float64)
     assert rel_err(out, ref[0]) <= TOL32, seed
 
 
+def test_streaming_tiles_fall_back_to_ordinary_stores_off_alignment():
+    """A misaligned streaming store would fault and end the process: off a 32-byte
+    boundary the streaming apply uses ordinary stores, with the same results."""
+    from edgekit.kernels.numba_grn import _tiles1, _tiles1_stream
+    rng = np.random.default_rng()
+    u = rng.standard_normal(8 * 64 + 1).astype(np.float32)
+    at, betat = (rng.standard_normal(64).astype(np.float32) for _ in range(2))
+    block = np.zeros(8 * 64 * 4 + 64 + 4, np.uint8)
+    start = -block.ctypes.data % 64 + 4  # 4 bytes past a cache line
+    got = block[start:start + 8 * 64 * 4].view(np.float32)
+    want = np.zeros_like(got)
+    _tiles1_stream(got, u[1:], at, betat, 0, got.shape[0])
+    _tiles1(want, u[1:], at, betat, 0, want.shape[0])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 assembly")
+def test_streaming_apply_emits_non_temporal_stores_and_an_sfence():
+    from edgekit.kernels.numba_grn import _tiles1_stream  # not disk-cached: its assembly can be read
+    a = np.zeros(64, np.float32)
+    _tiles1_stream(a, a, a[:32], a[:32], 0, 64)
+    asm = "\n".join(_tiles1_stream.inspect_asm().values()).lower()
+    assert "vmovntps" in asm or "movntps" in asm
+    assert "sfence" in asm
+
+
 def test_grn_streams_only_large_aligned_forward_outputs_of_whole_lanes():
-    from edgekit.kernels.numba_grn import _streams
     block = np.empty(64 * 24 * 4 + 64, np.uint8)
     start = -block.ctypes.data % 64
     out = block[start:start + 64 * 24 * 4].view(np.float32).reshape(1, 8, 8, 24)

@@ -99,7 +99,7 @@ def test_capacity_from_the_environment(monkeypatch, value, megabytes):
     assert output_pool.capacity_from_env() == int(megabytes * (1 << 20))
 
 
-@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf"])
+@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf", "1e308"])
 def test_a_bad_capacity_is_a_one_line_error(monkeypatch, value):
     monkeypatch.setenv(output_pool.ENV_CAPACITY, value)
     with pytest.raises(ValueError, match=f"EDGEKIT_OUTPUT_POOL_MB must be .* got '{value}'") as info:
