@@ -70,8 +70,8 @@ _FUSE_BYTES = (last_level_cache_bytes() or 8 << 20) * 3 // 4  # 8 MiB where sysf
 _SPLIT_BYTES = _FUSE_BYTES
 # Forward outputs from half the last-level cache on are written with streaming stores
 # (channels_last, C a multiple of 8, aligned: the output pool aligns outputs of 1 MiB or
-# more). Measured on the 2-core EPYC (32 MiB L3), 8-sample forwards: 20 MiB 7-14% and
-# 40 MiB 12% faster; 5 and 10 MiB, which the cache holds, 30-40% slower.
+# more). Measured interleaved on the 2-core EPYC (32 MiB L3), 8-sample forwards: 20 MiB
+# 6-15% and 40 MiB 9-20% faster; 10 MiB no faster, 5-10 MiB kernels alone 30-40% slower.
 _STREAM_BYTES = (last_level_cache_bytes() or 32 << 20) // 2
 
 

@@ -34,7 +34,7 @@ GRN is memory-bound and, on the late ConvNeXt stages (7x7 to 16x16), overhead-bo
   the line it overwrites; a forward output of at least ``stream_bytes`` (channels_last,
   C a multiple of 8, 32-byte aligned) is written with non-temporal stores instead
   (:mod:`edgekit.kernels.numba_stream`), which spares that read: bit-identical results,
-  12-21% off the 20-40 MiB forwards. channels_first and the backward use ordinary stores.
+  6-20% off the 20-40 MiB forwards. channels_first and the backward use ordinary stores.
 
 Parallel runs use Numba's OpenMP pool, torch uses its own (a second libgomp): on a
 machine with as many threads as cores, a parallel GRN right after a parallel torch op can
