@@ -51,7 +51,8 @@ def capacity_from_env() -> int:
     except ValueError:
         megabytes = math.nan
     if not math.isfinite(megabytes) or not 0 <= megabytes <= 1 << 40:
-        raise OutputPoolSettingError(f"{ENV_CAPACITY} must be a number of MiB >= 0 (0 turns the output pool off), got {text!r}")
+        raise OutputPoolSettingError(f"{ENV_CAPACITY} must be a number of MiB >= 0 (0 turns the output pool off), "
+                                     f"got {text!r}")
     return int(megabytes * (1 << 20))
 
 
