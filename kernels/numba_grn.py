@@ -175,7 +175,7 @@ def _affine_rows(out, u, at, v, bt, betat, r0, r1, use_v, stream):
     b, beta per channel given as m-fold tiles (``_tile``). A loop over one row of C = 40
     channels vectorises 32 and leaves 8 to scalar code; so rows are taken in groups of m
     whose C*m elements are a multiple of ``_LANES`` (C = 40: m = 4, 5 full iterations).
-    ``stream`` (forward only; the caller checks alignment): streaming stores."""
+    ``stream`` (forward only): streaming stores where the rows are aligned for them."""
     c = out.shape[1]
     m = at.shape[0] // c
     of, uf, vf = out.reshape(-1), u.reshape(-1), v.reshape(-1)
