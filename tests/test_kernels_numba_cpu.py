@@ -348,8 +348,16 @@ def test_grn_rejects_bad_parameters():
 # ------------------------------------------------------------ deformable convolution
 
 
+FLOAT32_REFERENCE_FACTOR = 8
+
+
 def check_deform_case(case, seed):
-    """Forward and every gradient of the float32 kernel vs the float64 reference."""
+    """Forward and every gradient of the float32 kernel vs the float64 reference: within
+    TOL32, or, where the float32 problem itself is ill-conditioned, within
+    ``FLOAT32_REFERENCE_FACTOR`` times the error of the reference evaluated in float32.
+    (A one-pixel map with a 4-channel offset group gave an offset gradient that is a sum
+    of 8 terms cancelling 750-fold: the float32 reference was 2.7e-6 off, the kernel
+    1.1e-5. Where the reference in float32 is within TOL32 / 8, the bound stays TOL32.)"""
     args = tensor_args(case)
     f32 = detached(args, torch.float32)
     f64 = detached(f32, torch.float64)  # the same float32-rounded values
@@ -359,12 +367,20 @@ def check_deform_case(case, seed):
     assert out.dtype == torch.float32 and out.shape == ref_out.shape
     names = [n for n, t in zip(("out", "input", "offset", "weight", "bias", "mask"),
                                (out, *args[:4], args[7])) if n == "out" or t is not None]
-    for name, a, b in zip(names, (out, *got), (ref_out, *ref)):
+    ref32 = None
+    for i, (name, a, b) in enumerate(zip(names, (out, *got), (ref_out, *ref))):
         if b.norm() == 0:  # e.g. the offset gradient when every sample is off the map
             assert a.abs().max() <= 1e-6, f"{name}: expected zeros (seed {seed}; {describe(case)})"
             continue
         err = rel_err(a, b)
-        assert err <= TOL32, f"{name}: rel err {err:.2e} (seed {seed}; {describe(case)})"
+        if err <= TOL32:
+            continue
+        if ref32 is None:  # only computed where needed: it costs a reference run
+            out32, grads32 = grads(deform_conv2d_reference, detached(f32, torch.float32), seed, torch.float32)
+            ref32 = (out32, *grads32)
+        bound = FLOAT32_REFERENCE_FACTOR * rel_err(ref32[i], b)
+        assert err <= bound, (f"{name}: rel err {err:.2e}, float32 reference {bound / FLOAT32_REFERENCE_FACTOR:.2e} "
+                              f"(seed {seed}; {describe(case)})")
 
 
 @SETTINGS
