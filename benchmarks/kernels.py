@@ -63,7 +63,8 @@ WHY_NOT_MET = {
                       "traffic; the batch-1 tensors run on one thread here, and on the largest tensors both sides "
                       "are bound by memory (and compile also by the page faults of its fresh output).",
     "grn_bandwidth": "the limit counts reads and writes only; an output larger than glibc's mmap threshold "
-                     "arrives as fresh pages the OS zeroes on first touch, which costs about as much as writing "
+                     "arrives as fresh pages the OS zeroes on first touch (unless the output pool has a freed "
+                     "block of its size), which costs about as much as writing "
                      "it again (into a reused buffer the kernel, one sample per thread so the apply re-reads x "
                      "from cache, runs at about the limit).",
     "dcn_vs_ort": "ONNX Runtime's DeformConv (im2col + MLAS GEMM per image) takes only 1.4-2.6x a dense conv "
@@ -375,7 +376,7 @@ def markdown(record: dict) -> str:
     if record["grn"]["compile_error"]:
         lines += ["", f"torch.compile failed here: `{record['grn']['compile_error']}`"]
     if record["grn"]["rows"]:
-        lines += _grn_table(record["grn"]["rows"])
+        lines += _grn_table(record["grn"]["rows"], record.get("output_pool"))
     if record["dcn"]:
         lines += _dcn_table(record["dcn"])
     return "\n".join(lines) + "\n"
@@ -414,7 +415,7 @@ def _table_head(title: str, columns: str) -> list[str]:
     return ["", f"## {title}", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
 
 
-def _grn_table(rows: list[dict]) -> list[str]:
+def _grn_table(rows: list[dict], pool: dict | None) -> list[str]:
     lines = _table_head("GRN (channels_last float32)", "model, px, batch, stage, shape, MiB, numba, eager, compile, "
                         "limit, x eager, x compile, of limit, > LLC, eager / limit")
     for r in rows:
@@ -429,8 +430,9 @@ def _grn_table(rows: list[dict]) -> list[str]:
               "bandwidth. Where it is below 8, 8x eager asks for a GRN faster than that limit, which only a "
               "tensor served from cache allows."]
     pooled = [r for r in rows if "numba_fresh_output" in r]
-    if pooled:
-        lines += ["", "numba writes outputs of 32 MiB or more into a freed block of its output pool "
+    if pooled and pool:
+        lines += ["", f"numba writes outputs of {pool['min_bytes'] / 2**20:g} MiB or more into a freed block of its "
+                  "output pool "
                   "(`edgekit.kernels.output_pool`), where eager and torch.compile get fresh pages from the OS. "
                   "The same kernel into a fresh output, timed in the same rounds:"]
         lines += [f"- {'x'.join(map(str, r['shape']))}: {_ms(r['numba_fresh_output'])} ms, "
