@@ -10,8 +10,9 @@ back to the torch reference when a gradient is needed. float32 and float16 run i
 kernels; other dtypes are handed to the torch reference.
 
 Importing this module never needs CuPy or a GPU; :func:`unavailable_reason` says why
-the backend cannot run. NOT YET RUN ON A REAL GPU: the kernels are only compiled
-(nvcc, ``scripts/check_cuda_build.py``) on the CPU-only CI machine.
+the backend cannot run. NOT YET RUN ON A REAL GPU: on the CPU-only CI machine the kernels
+are compiled by nvcc (``scripts/check_cuda_build.py``) and executed, through this module's
+host code, in a CPU emulation of the CUDA model (:mod:`edgekit.kernels.cuda_emulation`).
 """
 
 from __future__ import annotations
@@ -111,8 +112,10 @@ def _grid_1d(items: int) -> tuple[int]:
 
 
 def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
-        data_format: str) -> torch.Tensor:
-    """Backend entry point (forward only) on CUDA tensors."""
+        data_format: str, launcher=None) -> torch.Tensor:
+    """Backend entry point (forward only) on CUDA tensors. ``launcher(filename, device)``
+    makes the kernel launcher: CuPy on the tensor's GPU by default;
+    :mod:`edgekit.kernels.cuda_emulation` passes its CPU emulation."""
     if x.dtype not in _SUFFIX:
         from edgekit.kernels import torch_backend
         return torch_backend.grn(x, gamma, beta, eps, data_format)
@@ -122,7 +125,7 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
         return torch.empty_like(x)
     xc = x.contiguous()
     out = torch.empty_like(xc)
-    launch = _Launcher("grn.cu", x.device)
+    launch = (launcher or _Launcher)("grn.cu", x.device)
     vec = _vec_width(x.dtype, c if channels_last else hw, xc, out)
     layout = "cl" if channels_last else "cf"
     suffix = f"{_SUFFIX[x.dtype]}_v{vec}"
@@ -140,8 +143,8 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
 
 def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, stride, padding, dilation,
-                  mask: torch.Tensor | None) -> torch.Tensor:
-    """Backend entry point (forward only) on CUDA tensors."""
+                  mask: torch.Tensor | None, launcher=None) -> torch.Tensor:
+    """Backend entry point (forward only) on CUDA tensors; ``launcher`` as for :func:`grn`."""
     if input.dtype not in _SUFFIX:
         from edgekit.kernels import torch_backend
         return torch_backend.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
@@ -159,7 +162,7 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     wmat = weight.to(dtype).reshape(1, groups, out_c // groups, k)
     chunk = batch_chunk(b, c * kh * kw * out_h * out_w)
     columns = torch.empty((chunk, c * kh * kw, out_h * out_w), dtype=dtype, device=input.device)
-    launch = _Launcher("deform_conv.cu", input.device)
+    launch = (launcher or _Launcher)("deform_conv.cu", input.device)
     name = f"deform_im2col_{_SUFFIX[dtype]}"
     for start in range(0, b, chunk):
         stop = min(b, start + chunk)

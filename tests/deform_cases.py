@@ -144,3 +144,23 @@ def describe(case: dict) -> str:
             f"offset_groups {case['offset_groups']} stride {case['stride']} padding {case['padding']} "
             f"dilation {case['dilation']} mask {case['mask'] is not None} bias {case['bias'] is not None} "
             f"{x.dtype}")
+
+
+FLOAT16_UNIT = 2.0 ** -11  # unit roundoff of IEEE binary16 (round to nearest)
+
+
+def float16_error_bound(input, offset, weight, bias, stride, padding, dilation, mask) -> torch.Tensor:
+    """Per-element bound on |out - reference| for a float16 deformable conv whose columns,
+    GEMM result and bias sum are each rounded to float16 (accumulation in float32).
+
+    The arguments are the float64 values the kernel saw. With A = sum |w| |column| (a
+    reference run on |input| and |weight|: bilinear weights and the mask are >= 0) and
+    |out| <= A + |bias|, the three roundings add at most u*A + u*A + u*(A + |bias|);
+    4u*(A + |bias|) leaves room for the float32 sums. A relative bound on the largest
+    output is no bound here: the columns' rounding scales with A, which cancellation
+    can make many times the output itself."""
+    from edgekit.models.deform import deform_conv2d_reference
+    total = deform_conv2d_reference(input.abs(), offset, weight.abs(), None, stride, padding, dilation, mask)
+    if bias is not None:
+        total = total + bias.abs().view(1, -1, 1, 1)
+    return 4 * FLOAT16_UNIT * total

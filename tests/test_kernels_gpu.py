@@ -2,7 +2,8 @@
 
 Skipped without a CUDA GPU, which is the case in CI and on the development machines:
 there the Numba CUDA kernels run in the simulator (``test_kernels_cuda_sim.py``) and the
-CUDA C++ sources are only compiled (``test_cuda_compile.py``). On a GPU machine
+CUDA C++ sources are compiled by nvcc (``test_cuda_compile.py``) and executed in a CPU
+emulation of the CUDA model (``test_kernels_cuda_emulated.py``). On a GPU machine
 ``scripts/gpu_session.sh`` runs this file together with the GPU kernel suite. Inputs are
 fresh every run (seed printed on failure; ``EDGEKIT_TEST_SEED`` replays).
 """
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from deform_cases import describe, fresh_seed, random_deform_case
+from deform_cases import describe, float16_error_bound, fresh_seed, random_deform_case
 from edgekit import ops
 from edgekit.kernels import dispatch
 from edgekit.models.deform import deform_conv2d_reference
@@ -26,6 +27,8 @@ SEED = fresh_seed()
 # The GEMMs of both backends go through torch.matmul: TF32 (10-bit mantissa) would make the
 # 1e-5 float32 bound fail for a reason that is not a kernel bug. It is off by default; pinned.
 torch.backends.cuda.matmul.allow_tf32 = False
+# Likewise float16 GEMMs may otherwise reduce in float16 (split-K), past float16_error_bound.
+torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 GPU_BACKENDS = ("numba-cuda", "cuda")
 # float32: the issue's 1e-5; float16 holds inputs and outputs to 2**-11 relative.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -64,13 +67,17 @@ def test_deform_conv2d_random_cases(backend, dtype):
         t = {k: _gpu(case[k], dtype) for k in ("input", "offset", "weight", "bias", "mask")}
         out = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], case["stride"], case["padding"],
                                 case["dilation"], t["mask"], backend=backend)
-        ref = deform_conv2d_reference(*(_f64(t[k]) for k in ("input", "offset", "weight", "bias")),
-                                      case["stride"], case["padding"], case["dilation"], _f64(t["mask"]))
+        args = (*(_f64(t[k]) for k in ("input", "offset", "weight", "bias")), case["stride"], case["padding"],
+                case["dilation"], _f64(t["mask"]))
+        ref = deform_conv2d_reference(*args)
         assert out.device.type == "cuda" and out.dtype == dtype and out.shape == ref.shape
         assert torch.isfinite(out).all(), f"case {i} [{describe(case)}]: non-finite output (seed {SEED})"
-        err = _rel_err(out, ref)
-        assert err <= TOLERANCE[dtype], (f"case {i} [{describe(case)}]: relative error {err:.2e} > "
-                                         f"{TOLERANCE[dtype]:g} (seed {SEED})")
+        if dtype == torch.float32:
+            err = _rel_err(out, ref)
+            assert err <= 1e-5, f"case {i} [{describe(case)}]: relative error {err:.2e} > 1e-5 (seed {SEED})"
+        else:  # the cuda backend rounds its columns to float16 too: a per-element bound
+            excess = ((out.double().cpu() - ref).abs() / float16_error_bound(*args).clamp_min(1e-300)).max().item()
+            assert excess <= 1, f"case {i} [{describe(case)}]: {excess:.2f}x the float16 bound (seed {SEED})"
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

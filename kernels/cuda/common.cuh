@@ -6,6 +6,10 @@
 // 16-bit storage type converted with the PTX cvt instructions; all arithmetic is float32.
 #pragma once
 
+#ifdef EDGEKIT_HOST_EMULATION
+#include "host_emulation.h"
+#endif
+
 namespace edgekit {
 
 // IEEE binary16 storage; layout-compatible with torch.float16 / __half.
@@ -15,11 +19,19 @@ struct __align__(2) half_t {
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 
+#ifdef EDGEKIT_HOST_EMULATION  // host_emulation.h: no PTX on the CPU; the same RNE conversions
+__device__ __forceinline__ float to_float(half_t v) {
+    _Float16 h;
+    std::memcpy(&h, &v.bits, sizeof h);
+    return static_cast<float>(h);
+}
+#else
 __device__ __forceinline__ float to_float(half_t v) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
     return f;
 }
+#endif
 
 template <typename T> __device__ __forceinline__ T from_float(float v);
 
@@ -27,7 +39,12 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 
 template <> __device__ __forceinline__ half_t from_float<half_t>(float v) {
     half_t h;
+#ifdef EDGEKIT_HOST_EMULATION
+    const _Float16 r = static_cast<_Float16>(v);
+    std::memcpy(&h.bits, &r, sizeof r);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+#endif
     return h;
 }
 

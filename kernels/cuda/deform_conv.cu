@@ -13,7 +13,8 @@
 // are coalesced. Arithmetic is float32; columns are stored in the input's dtype so the
 // float16 GEMM can use tensor cores.
 //
-// NOT YET RUN ON A REAL GPU: compiled with nvcc for sm_75..sm_90 only.
+// NOT YET RUN ON A REAL GPU: compiled with nvcc for sm_75..sm_90, and executed on the CPU
+// under host_emulation.h (tests/test_kernels_cuda_emulated.py).
 
 #include "common.cuh"
 

@@ -12,7 +12,8 @@
 // the vector form when the channel count (channels_last) or H*W (channels_first) is a
 // multiple of the width and the pointers are aligned.
 //
-// NOT YET RUN ON A REAL GPU: compiled with nvcc for sm_75..sm_90 only.
+// NOT YET RUN ON A REAL GPU: compiled with nvcc for sm_75..sm_90, and executed on the CPU
+// under host_emulation.h (tests/test_kernels_cuda_emulated.py).
 
 #include "common.cuh"
 
