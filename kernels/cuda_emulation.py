@@ -16,8 +16,9 @@ started with the ASan runtime preloaded (``LD_PRELOAD=$(g++ -print-file-name=lib
 
 The shared library of each source is built once per content (sources, compiler, flags) into
 ``$XDG_CACHE_HOME/edgekit/cuda-emulation`` (``~/.cache`` by default), written under a
-temporary name and renamed, so concurrent test workers never load a half-written file;
-a new build removes the builds of older sources.
+temporary name and renamed, so concurrent test workers never load a half-written file.
+Builds of older sources are kept (another checkout may still load them; each is under
+1 MiB): the folder can be deleted at any time.
 """
 
 from __future__ import annotations
@@ -103,9 +104,6 @@ def library(filename: str) -> ctypes.CDLL:
                 first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
                 raise RuntimeError(f"the CUDA host emulation of {filename} did not build with {cxx}: {first}")
             os.replace(out, target)
-        for stale in target.parent.glob(f"{variant}-" + "?" * 16 + ".so"):  # builds of older sources
-            if stale != target:
-                stale.unlink(missing_ok=True)
     return ctypes.CDLL(str(target))
 
 

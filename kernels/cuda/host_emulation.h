@@ -11,7 +11,9 @@
 // a barrier over the block; __shfl_xor_sync exchanges through a per-warp slot array
 // between two barriers over the warp (full-warp masks only, as the kernels use). An
 // implicit barrier ends each block, so __shared__ storage (a static per kernel
-// instantiation here) is never reused while a thread still reads it.
+// instantiation here) is never reused while a thread still reads it. Being static, it
+// starts zeroed and keeps the previous block's values, where CUDA's is undefined: a read
+// before a write is not caught.
 //
 // What it cannot show: timing, occupancy, register pressure, memory coalescing, races
 // that need two blocks in flight at once, and the PTX half conversions (replaced here by
@@ -24,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -60,14 +63,11 @@ constexpr int kWarp = 32;
 
 struct Block {
     std::barrier<> block;                        // __syncthreads and the end of each block
-    std::vector<std::barrier<>*> warps;          // one per warp, for shuffles
-    std::vector<unsigned long long> slots;       // kWarp 8-byte slots per warp
+    std::vector<std::unique_ptr<std::barrier<>>> warps;  // one per warp, for shuffles
+    std::vector<unsigned long long> slots;                 // kWarp 8-byte slots per warp
 
     explicit Block(unsigned threads) : block(threads), slots(threads, 0) {
-        for (unsigned w = 0; w < threads / kWarp; ++w) warps.push_back(new std::barrier<>(kWarp));
-    }
-    ~Block() {
-        for (auto* w : warps) delete w;
+        for (unsigned w = 0; w < threads / kWarp; ++w) warps.push_back(std::make_unique<std::barrier<>>(kWarp));
     }
 };
 
