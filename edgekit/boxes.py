@@ -5,6 +5,8 @@ Boxes are (x1, y1, x2, y2) in pixels, float tensors of shape [N, 4].
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -21,11 +23,13 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=1e-9)
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, block: int = 2048) -> torch.Tensor:
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, block: int = 2048,
+        iou: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = box_iou) -> torch.Tensor:
     """Greedy NMS; returns kept indices sorted by decreasing score (torchvision semantics).
 
     Works block by block on the score-sorted boxes, so memory stays O(block^2) instead of
     O(N^2): a large aerial scene merged from hundreds of tiles can hold 10^5 candidates.
+    ``iou`` is the pairwise overlap [n, m] of two box sets (rotated NMS passes its own).
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
@@ -36,7 +40,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, block: 
     keep = []
     for start in range(0, n, block):
         stop = min(n, start + block)
-        over = (box_iou(boxes[start:stop], boxes[start:stop]) > iou_threshold).cpu()
+        over = (iou(boxes[start:stop], boxes[start:stop]) > iou_threshold).cpu()
         local = suppressed[start:stop].cpu().clone()
         kept_here = []
         for i in range(stop - start):
@@ -48,20 +52,31 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, block: 
             kept_boxes = boxes[start:stop][torch.tensor(kept_here, device=boxes.device)]
             for later in range(stop, n, block):
                 end = min(n, later + block)
-                suppressed[later:end] |= (box_iou(kept_boxes, boxes[later:end]) > iou_threshold).any(0)
+                suppressed[later:end] |= (iou(kept_boxes, boxes[later:end]) > iou_threshold).any(0)
     return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Class-aware NMS: boxes of different labels never suppress each other."""
+    return class_aware_nms(boxes, scores, labels, iou_threshold, nms, boxes, slice(None))
+
+
+def class_aware_nms(boxes, scores, labels, iou_threshold, nms_fn, extent_boxes, shift_columns) -> torch.Tensor:
+    """Class-aware wrapper of any greedy ``nms_fn(boxes, scores, iou_threshold)``.
+
+    Few boxes: each class is shifted into its own coordinate range (``shift_columns`` of
+    ``boxes`` move by label * the span of ``extent_boxes``, horizontal boxes enclosing
+    them), one NMS call, the standard trick. Many boxes (merged tiles): per class, so
+    the quadratic work shrinks by the class count.
+    """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     if boxes.shape[0] <= 4096:
-        # Shift each class into its own coordinate range: one NMS call, the standard trick.
-        offsets = labels.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
-        return nms(boxes + offsets[:, None], scores, iou_threshold)
-    # Many boxes (merged tiles): per class, so the quadratic work shrinks by the class count.
-    keep = torch.cat([idx[nms(boxes[idx], scores[idx], iou_threshold)]
+        span = extent_boxes.max() - extent_boxes.min() + 1
+        shifted = boxes.clone()
+        shifted[:, shift_columns] += (labels.to(boxes.dtype) * span.to(boxes.dtype))[:, None]
+        return nms_fn(shifted, scores, iou_threshold)
+    keep = torch.cat([idx[nms_fn(boxes[idx], scores[idx], iou_threshold)]
                       for idx in (torch.nonzero(labels == c).squeeze(1) for c in labels.unique())])
     return keep[scores[keep].argsort(descending=True)]
 
