@@ -1,5 +1,5 @@
 """The torch Dataset the trainer and evaluator read: a DOTA folder as letterboxed,
-normalised square images with horizontal boxes.
+normalised square images with horizontal boxes (and, on request, rotated ones).
 
 Small data sets are decoded and letterboxed once and kept in memory (uint8, size^2 * 3
 bytes per image), because PNG decoding otherwise dominates an epoch on a CPU.
@@ -17,6 +17,7 @@ from edgekit.data.dota import read_dota_dataset
 from edgekit.data.images import image_size, load_image
 from edgekit.data.transforms import letterbox, normalize, random_flip_rotate, to_tensor
 from edgekit.errors import EdgekitError
+from edgekit.rotated import poly_to_rbox
 
 PRELOAD_LIMIT_BYTES = 1 << 30  # "auto" preloads when the letterboxed images fit in 1 GiB
 
@@ -28,11 +29,17 @@ class DetectionDataset(Dataset):
     [N] (index into ``classes``), ``difficult`` bool [N], ``image_id`` int (index in this
     data set), ``orig_size`` (h, w), ``scale`` (letterbox factor: original = boxes / scale).
     Boxes are clipped to the image; boxes with no area inside it are dropped.
+
+    ``rotated=True`` adds ``rboxes`` float [N, 5]: each polygon's minimum-area rectangle
+    (cx, cy, w, h, angle), canonical as in :mod:`edgekit.rotated`, in the letterboxed
+    image's pixels, row for row with ``boxes``; rotated boxes are not clipped (a cut
+    rectangle is no rectangle), objects are dropped by the same rule as their boxes.
     """
 
     def __init__(self, root, classes, image_size: int = 256, augment: bool = False, preload="auto",
-                 allow_downscale: bool = False):
+                 allow_downscale: bool = False, rotated: bool = False):
         self.root, self.classes, self.image_size, self.augment = Path(root), list(classes), int(image_size), augment
+        self.rotated = bool(rotated)
         if self.image_size <= 0:
             raise EdgekitError(f"image size must be positive, got {image_size}")
         items = read_dota_dataset(self.root, self.classes)
@@ -42,10 +49,13 @@ class DetectionDataset(Dataset):
         self.paths = [p for p, _ in items]
         if not allow_downscale:
             self._check_scale()
-        self.boxes, self.labels, self.difficult = [], [], []
+        self.boxes, self.labels, self.difficult, self.rboxes = [], [], [], []
         for _, annotation in items:
             objs = annotation.objects
             self.boxes.append(np.array([o.box for o in objs], dtype=np.float32).reshape(-1, 4))
+            if self.rotated:
+                polys = np.array([o.poly for o in objs], dtype=np.float64).reshape(-1, 4, 2)
+                self.rboxes.append(poly_to_rbox(polys).astype(np.float32))
             self.labels.append(np.array([index[o.label] for o in objs], dtype=np.int64))
             self.difficult.append(np.array([o.difficult > 0 for o in objs], dtype=bool))
         if preload == "auto":
@@ -79,12 +89,19 @@ class DetectionDataset(Dataset):
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes = torch.from_numpy(boxes[keep] * np.float32(scale))
+        rboxes = None
+        if self.rotated:
+            rboxes = torch.from_numpy(self.rboxes[i][keep].copy())
+            rboxes[:, :4] *= np.float32(scale)
         image = to_tensor(boxed)
         if self.augment:
-            image, boxes = random_flip_rotate(image, boxes)
+            image, boxes, *rest = random_flip_rotate(image, boxes, rboxes=rboxes)
+            rboxes = rest[0] if rest else None
         target = {"boxes": boxes, "labels": torch.from_numpy(self.labels[i][keep]),
                   "difficult": torch.from_numpy(self.difficult[i][keep]), "image_id": i,
                   "orig_size": (int(h), int(w)), "scale": float(scale)}
+        if rboxes is not None:
+            target["rboxes"] = rboxes
         return normalize(image), target
 
 

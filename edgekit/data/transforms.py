@@ -6,14 +6,19 @@ with zeros; boxes are multiplied by the same ``scale`` and never shifted, so div
 ``scale`` maps predictions back to the original image.
 
 Augmentation: flips and 90-degree rotations only, the symmetry group of the square tile
-(aerial imagery has no "up"); they move pixels exactly, so boxes stay exact.
+(aerial imagery has no "up"); they move pixels exactly, so boxes stay exact, rotated
+boxes included.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
+
+from edgekit.rotated import canonical_rboxes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,31 +58,47 @@ def to_model_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, float]:
     return normalize(to_tensor(boxed)), scale
 
 
-def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror left-right; image [C, H, W], boxes [N, 4] xyxy in its pixels."""
+def hflip(image: torch.Tensor, boxes: torch.Tensor, rboxes: torch.Tensor | None = None):
+    """Mirror left-right; image [C, H, W], boxes [N, 4] xyxy in its pixels; -> (image, boxes),
+    or (image, boxes, rboxes) when rotated boxes [N, 5] (:mod:`edgekit.rotated`) are given."""
     w = image.shape[-1]
-    return image.flip(-1), torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+    out = image.flip(-1), torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+    if rboxes is None:
+        return out
+    cx, cy, bw, bh, angle = rboxes.unbind(1)
+    return (*out, canonical_rboxes(torch.stack([w - cx, cy, bw, bh, -angle], dim=1)))
 
 
-def vflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror top-bottom."""
+def vflip(image: torch.Tensor, boxes: torch.Tensor, rboxes: torch.Tensor | None = None):
+    """Mirror top-bottom (rotated boxes as in :func:`hflip`)."""
     h = image.shape[-2]
-    return image.flip(-2), torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], dim=1)
+    out = image.flip(-2), torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], dim=1)
+    if rboxes is None:
+        return out
+    cx, cy, bw, bh, angle = rboxes.unbind(1)
+    return (*out, canonical_rboxes(torch.stack([cx, h - cy, bw, bh, -angle], dim=1)))
 
 
-def rot90(image: torch.Tensor, boxes: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate by k * 90 degrees counter-clockwise (as torch.rot90 on the H, W axes)."""
+def rot90(image: torch.Tensor, boxes: torch.Tensor, k: int = 1, rboxes: torch.Tensor | None = None):
+    """Rotate by k * 90 degrees counter-clockwise (as torch.rot90 on the H, W axes); rotated
+    boxes as in :func:`hflip`."""
     for _ in range(k % 4):
         w = image.shape[-1]
-        # Counter-clockwise: pixel (x, y) moves to (y, W - x).
+        # Counter-clockwise: pixel (x, y) moves to (y, W - x), a direction (cos a, sin a) to angle a - pi/2.
         boxes = torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], dim=1)
+        if rboxes is not None:
+            cx, cy, bw, bh, angle = rboxes.unbind(1)
+            rboxes = canonical_rboxes(torch.stack([cy, w - cx, bw, bh, angle - math.pi / 2], dim=1))
         image = torch.rot90(image, 1, dims=(-2, -1))
-    return image, boxes
+    return (image, boxes) if rboxes is None else (image, boxes, rboxes)
 
 
-def random_flip_rotate(image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None):
-    """One of the 8 flips/rotations of the square, uniformly (torch RNG, so DataLoader workers differ)."""
+def random_flip_rotate(image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None,
+                       rboxes: torch.Tensor | None = None):
+    """One of the 8 flips/rotations of the square, uniformly (torch RNG, so DataLoader workers differ);
+    rotated boxes, when given, move with the pixels too (a third returned item)."""
     choice = int(torch.randint(0, 8, (1,), generator=generator))
     if choice & 4:
-        image, boxes = hflip(image, boxes)
-    return rot90(image, boxes, choice & 3)
+        image, boxes, *rest = hflip(image, boxes, rboxes)
+        rboxes = rest[0] if rest else None
+    return rot90(image, boxes, choice & 3, rboxes)
