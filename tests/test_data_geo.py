@@ -237,3 +237,10 @@ def test_geojson_of_osbs_detections(tmp_path, rng):
     assert shapely.Polygon(ring).equals(shapely.box(x0 + 1, y0 - 5, x0 + 3, y0 - 2))
     with pytest.raises(ValueError, match="one each"):
         detections_geojson(["a", "b"], [0.5], boxes=[[0, 0, 1, 1]])
+
+
+def test_scenes_close_in_any_order():
+    first, second = open_scene(OSBS), open_scene(OSBS)
+    first.close()
+    assert second.read((0, 0, 8, 8)).shape == (8, 8, 3)
+    second.close()

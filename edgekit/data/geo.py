@@ -1,8 +1,10 @@
 """Georeferenced scenes (GeoTIFF and any raster GDAL reads): windowed tiles in, GeoJSON detections out.
 
 A scene is read tile by tile with rasterio's windowed reads, so a 20000 x 20000 orthophoto
-is never held whole: memory is one tile plus GDAL's block cache, which is capped at
-:data:`GDAL_CACHE_MB` while a scene is open (GDAL's default is 5% of RAM). Windows follow
+is never held whole: memory is one tile plus GDAL's block cache, which each read caps at
+:data:`GDAL_CACHE_MB` (GDAL's default, 5% of RAM, lets the cache grow to the whole scene
+as it is read; a per-read ``rasterio.Env`` rather than one held while the scene is open,
+because rasterio's environments must be left in the order they were entered). Windows follow
 :func:`edgekit.data.tiling.tile_windows` (the DOTA devkit's layout), so tiles of a scene and
 of an image file line up the same way; tiles at the right/bottom edge are zero-padded.
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,10 @@ BAND_COUNTS = {1: "grey", 3: "RGB", 4: "RGBA"}
 UINT16_TO_UINT8 = 255.0 / 65535.0
 
 
+def _bounded_cache() -> rasterio.Env:
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024)
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -55,20 +60,17 @@ class GeoScene:
         self.path = Path(path)
         if not self.path.is_file():
             raise EdgekitError(f"raster {self.path} not found; check the path")
-        self._stack = ExitStack()
         try:
-            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024))
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _bounded_cache():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)  # said once below, in our words
-                self.dataset = self._stack.enter_context(rasterio.open(self.path))
+                self.dataset = rasterio.open(self.path)
         except RasterioError as e:
-            self._stack.close()
             raise EdgekitError(f"cannot open raster {self.path}: {_one_line(e)}; "
                                f"the file is corrupt or not a raster GDAL reads") from None
         try:
             self._bands = self._check_bands()
         except EdgekitError:
-            self._stack.close()
+            self.dataset.close()
             raise
         self.crs = self.dataset.crs if self.dataset.crs else None
         self.transform = self.dataset.transform
@@ -103,7 +105,8 @@ class GeoScene:
         top-left of ``out`` when given)."""
         x0, y0, x1, y1 = window
         try:
-            data = self.dataset.read(self._bands, window=RasterWindow(x0, y0, x1 - x0, y1 - y0))
+            with _bounded_cache():
+                data = self.dataset.read(self._bands, window=RasterWindow(x0, y0, x1 - x0, y1 - y0))
         except RasterioError as e:
             raise EdgekitError(f"cannot read window {window} of {self.path}: {_one_line(e)}; "
                                f"the file is corrupt or truncated") from None
@@ -134,7 +137,7 @@ class GeoScene:
         return pixel_to_map(self.transform, x, y)
 
     def close(self):
-        self._stack.close()
+        self.dataset.close()
 
     def __enter__(self) -> GeoScene:
         return self
