@@ -195,8 +195,12 @@ def _polygons(item: dict, n_expected: int | None, where: str) -> np.ndarray:
     if "polygons" in item:
         polys = np.asarray(item["polygons"], dtype=np.float64)
     elif "rboxes" in item:
-        from edgekit.rotated import rbox_to_poly  # (cx, cy, w, h, angle) -> corners, edgekit's one convention
-        polys = np.asarray(rbox_to_poly(np.asarray(item["rboxes"], dtype=np.float64)))
+        try:
+            from edgekit.rotated import rbox_to_poly  # (cx, cy, w, h, angle) -> corners, edgekit's one convention
+        except ImportError:
+            raise EdgekitError(f"{where}: rotated boxes need edgekit.rotated, which this install lacks; "
+                               f"give 'polygons' [N, 8] instead") from None
+        polys = np.asarray(rbox_to_poly(np.asarray(item["rboxes"], dtype=np.float64).reshape(-1, 5)))
     else:
         raise EdgekitError(f"{where}: give 'polygons' [N, 8] or 'rboxes' [N, 5] (cx, cy, w, h, angle)")
     polys = polys.reshape(len(polys), -1) if polys.size else np.zeros((0, 8))
