@@ -122,12 +122,24 @@ def test_good_input_and_class_filter():
         parse_voc_xml(GOOD, "f.xml", classes=["car"])
 
 
-def test_missing_file_and_bad_encoding(tmp_path):
+def test_missing_file_bad_bytes_and_other_encodings(tmp_path):
     with pytest.raises(EdgekitError, match="not found"):
         read_voc_annotation(tmp_path / "none.xml")
-    (tmp_path / "bin.xml").write_bytes(b"\xff\xfe\x00\x81")
-    with pytest.raises(EdgekitError, match="cannot read annotation file"):
+    (tmp_path / "bin.xml").write_bytes(b"\x81\x00\xfe<annotation>")
+    with pytest.raises(EdgekitError, match=r"bin.xml:1: malformed XML"):
         read_voc_annotation(tmp_path / "bin.xml")
+    (tmp_path / "dir.xml").mkdir()
+    with pytest.raises(EdgekitError, match="cannot read annotation file"):
+        read_voc_annotation(tmp_path / "dir.xml")
+    # A declared encoding is honoured (UTF-16, Latin-1), and a DTD hidden in UTF-16 is still found.
+    latin = GOOD.replace("Tree", "\u00e9rable")
+    (tmp_path / "latin.xml").write_bytes(('<?xml version="1.0" encoding="ISO-8859-1"?>' + latin).encode("latin-1"))
+    assert read_voc_annotation(tmp_path / "latin.xml").annotation.objects[0].label == "\u00e9rable"
+    (tmp_path / "wide.xml").write_bytes(('<?xml version="1.0" encoding="UTF-16"?>' + GOOD).encode("utf-16"))
+    assert len(read_voc_annotation(tmp_path / "wide.xml").annotation.objects) == 1
+    (tmp_path / "bomb.xml").write_bytes(('<!DOCTYPE a [<!ENTITY x "yyyy">]>' + GOOD).encode("utf-16"))
+    with pytest.raises(EdgekitError, match="DTD or entity"):
+        read_voc_annotation(tmp_path / "bomb.xml")
 
 
 def _classic_folder(tmp_path, rng) -> Path:

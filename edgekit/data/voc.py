@@ -9,7 +9,8 @@ the classic 1-based VOC convention is not shifted (at most one pixel).
 Boxes must lie in the image, ``0 <= xmin < xmax <= width`` (same for y): a box outside is
 refused, not clipped, because it means the file describes another image or another size.
 Files with a DTD or entity declarations are refused: VOC never needs one, and entity
-expansion is the classic XML denial of service (``defusedxml`` is not a dependency).
+expansion is the classic XML denial of service. ``defusedxml`` is not a dependency, so an
+expat pre-pass (which decodes any declared encoding, UTF-16 included) looks for them.
 
 Folder layouts: ``root/images`` + ``root/annotations`` (DeepForest, the NEON tree set) or
 the classic ``root/JPEGImages`` + ``root/Annotations``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+from xml.parsers import expat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,14 +92,30 @@ def _size(root: ET.Element, where: str) -> tuple[int, int, int | None]:
     return dims[0], dims[1], int(depth) if depth is not None and depth.isdigit() else None
 
 
-def parse_voc_xml(text: str, source: str | Path = "VOC annotation", classes=None) -> VocFile:
-    """Parse the text of one VOC file; errors name ``source`` (the file) and the object."""
-    upper = text.upper()
-    if "<!DOCTYPE" in upper or "<!ENTITY" in upper:
-        raise EdgekitError(f"{source}: DTD or entity declarations are not accepted in VOC files "
-                           f"(they allow entity-expansion attacks); remove the <!DOCTYPE ...> block")
+class _Declaration(Exception):
+    pass
+
+
+def _refuse_declarations(data: str | bytes, source):
+    def refuse(*_):
+        raise _Declaration
+
+    scanner = expat.ParserCreate()
+    scanner.StartDoctypeDeclHandler = scanner.EntityDeclHandler = refuse
     try:
-        root = ET.fromstring(text)
+        scanner.Parse(data, True)
+    except _Declaration:
+        raise EdgekitError(f"{source}: DTD or entity declarations are not accepted in VOC files "
+                           f"(they allow entity-expansion attacks); remove the <!DOCTYPE ...> block") from None
+    except expat.ExpatError:
+        pass  # malformed: reported below by ElementTree, with its position
+
+
+def parse_voc_xml(data: str | bytes, source: str | Path = "VOC annotation", classes=None) -> VocFile:
+    """Parse one VOC file's text (or bytes, any declared encoding); errors name ``source`` and the object."""
+    _refuse_declarations(data, source)
+    try:
+        root = ET.fromstring(data)
     except ET.ParseError as e:
         line, column = e.position
         raise EdgekitError(f"{source}:{line}: malformed XML at column {column} ({str(e).split(':')[0]})") from None
@@ -131,12 +149,12 @@ def read_voc_annotation(path: str | Path, classes=None) -> VocFile:
     """Read one VOC XML file; ``classes`` (optional) restricts the allowed names."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise EdgekitError(f"annotation file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise EdgekitError(f"cannot read annotation file {path}: {' '.join(str(e).split())}") from None
-    return parse_voc_xml(text, path, classes)
+    return parse_voc_xml(data, path, classes)
 
 
 def _num(v: float) -> str:
