@@ -6,10 +6,15 @@ exporter is deprecated). It keeps every parameter initializer under its torch na
 deformable op reaches ONNX ``DeformConv`` through a translation table
 (:mod:`edgekit.export.deform_export`).
 
+By default the graph is the model's deploy form (:mod:`edgekit.export.deploy_form`: the
+same parameters, channels-first ConvNeXt V2 blocks with one ``Gelu`` node each, which
+needs opset >= 20), cleaned by :mod:`edgekit.export.graph_passes`; ``form="training"``
+exports the modules as written.
+
 Every file gets: the checker (full check) and strict shape inference, onnxslim
 simplification only when the simplified graph gives the same outputs, and metadata
 (edgekit version, model name, classes, input size, normalisation, precision, deform
-mode, plus the caller's entries) that :func:`read_metadata` returns as Python values.
+mode, form, plus the caller's entries) that :func:`read_metadata` returns as Python values.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn as nn
 
 from edgekit.errors import EdgekitError
 from edgekit.export.deform_export import DEFORM_MODES
+from edgekit.export.deploy_form import FORMS
 
 PRECISIONS = ("fp32", "fp16")
 DETECTOR_OUTPUTS = ("boxes", "scores")
@@ -88,7 +94,7 @@ def registry_name(model: nn.Module) -> str:
     return type(inner).__name__
 
 
-def _check_options(image_size, precision, deform, opset):
+def _check_options(image_size, precision, deform, opset, form="deploy"):
     if precision not in PRECISIONS:
         raise EdgekitError(f"export: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if deform not in DEFORM_MODES:
@@ -98,6 +104,8 @@ def _check_options(image_size, precision, deform, opset):
                            f"got {image_size!r}; e.g. image_size=640")
     if opset < 19:
         raise EdgekitError(f"export: opset {opset} has no DeformConv/float16 GridSample; use opset >= 19")
+    if form not in FORMS:
+        raise EdgekitError(f"export: unknown form {form!r}; choose one of {', '.join(FORMS)}")
 
 
 def _graph_module(model: nn.Module, precision: str) -> tuple[nn.Module, tuple[str, ...], str]:
@@ -210,7 +218,8 @@ def _strip_prefix(model, prefix: str) -> None:
     rename_values(model, renames)
 
 
-def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dict | None) -> dict:
+def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dict | None,
+              form: str = "training") -> dict:
     import edgekit
     from edgekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -228,6 +237,7 @@ def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dic
         "precision": precision,
         "deform": deform,
         "opset": int(opset),
+        "form": form,
     }
     if is_detector(model):
         meta["strides"] = list(inner.strides)
@@ -290,26 +300,33 @@ def load_onnx(path) -> "onnx.ModelProto":  # noqa: F821
 
 
 def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp32", deform: str = "native",
-                opset: int = 19, dynamic_batch: bool = True, metadata: dict | None = None,
-                simplify: bool = True, model_name: str | None = None) -> Path:
+                opset: int = 20, dynamic_batch: bool = True, metadata: dict | None = None,
+                simplify: bool = True, model_name: str | None = None, form: str = "deploy") -> Path:
     """Export ``model`` (an RSDet, a :class:`DetectorOutputs` or a classifier) to ``path``.
 
     Input ``images`` [B, 3, image_size, image_size] float32; outputs ``boxes`` and
     ``scores`` (detectors) or ``logits`` (classifiers), float32 in both precisions.
     ``precision="fp16"`` runs the body in float16 (GRN's L2 reduction and the deformable
     sampling stay float32); ``deform`` picks ONNX ``DeformConv`` (``native``) or standard
-    ops (``decompose``). ``metadata`` entries are added to the file's metadata (any
+    ops (``decompose``). ``form="deploy"`` (default) exports
+    :func:`edgekit.export.deploy_form.to_deploy_form` of the model (same outputs to float
+    rounding, same initializer names and shapes; GELU is one ``Gelu`` node from opset 20
+    on, the Erf formula below it), ``"training"`` the modules as written. ``metadata`` entries are added to the file's metadata (any
     JSON-able values); ``model_name`` overrides the recorded model name. Returns the path
     written (atomically).
     """
     from edgekit.export import onnx_checks
 
-    _check_options(image_size, precision, deform, opset)
+    from edgekit.export import graph_passes
+    from edgekit.export.deploy_form import to_deploy_form
+
+    _check_options(image_size, precision, deform, opset, form)
     path = Path(path)
     was_training = model.training
     model.eval()
     try:
-        net, output_names, prefix = _graph_module(model, precision)
+        source = to_deploy_form(model) if form == "deploy" else model
+        net, output_names, prefix = _graph_module(source, precision)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         # Batch 2, not 1: torch.export specialises a dimension whose example size is 1.
         example = torch.randn(2 if dynamic_batch else 1, 3, image_size, image_size, device=device)
@@ -323,14 +340,22 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
                            f"and models returning one tensor (-> logits): wrap the model so that forward returns one")
     _strip_prefix(proto, prefix)
     proto.producer_name = "edgekit"
-    meta = _metadata(model, image_size, precision, deform, opset, metadata)
+    meta = _metadata(model, image_size, precision, deform, opset, metadata, form)
     if model_name is not None:
         meta["model"] = model_name
     onnx_checks.check(proto, output_names)
+    if form == "deploy":  # before onnxslim, so that it folds what they free; after, for what it exposes
+        passes = graph_passes.deploy_passes(proto)
+        onnx_checks.check(proto, output_names)
     if simplify:
         proto, meta["simplified"] = onnx_checks.simplify(proto, keep=_parameter_names(model))
     else:
         meta["simplified"] = "no (simplify=False)"
+    if form == "deploy":
+        for name, count in graph_passes.deploy_passes(proto).items():
+            passes[name] += count
+        onnx_checks.check(proto, output_names)
+        meta["graph_passes"] = passes
     set_metadata(proto, meta)
     from edgekit.fileio import write_bytes_atomic
 
