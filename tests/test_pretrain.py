@@ -1,0 +1,148 @@
+"""FCMAE pretraining end to end on small generated images: checkpoint, record,
+reconstructions, resume, learning on a fixed image, and bad input refused before anything
+is written."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgekit.data.images import load_image
+from edgekit.engine.checkpoint import load_model
+from edgekit.engine.pretrain import PretrainConfig, epoch_crops, find_images, pretrain
+from edgekit.errors import EdgekitError
+from edgekit.models import create_model
+from edgekit.models.fcmae import FCMAE, load_pretrained_encoder
+
+FAST = {"decoder_dim": 32, "progress": False, "extra": {"grn_backend": "torch"}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these small models gain nothing from more, and on a loaded
+    machine two threads per process ran ten times slower than one (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scene(rng, height, width):
+    """Smooth random colour fields plus noise: structure a masked autoencoder can learn."""
+    ys, xs = np.mgrid[0:height, 0:width] / 16.0
+    channels = [np.sin(ys * rng.uniform(0.5, 2) + rng.uniform(0, 6)) * np.cos(xs * rng.uniform(0.5, 2))
+                for _ in range(3)]
+    pixels = (np.stack(channels, -1) * 90 + 128 + rng.normal(0, 8, (height, width, 3))).clip(0, 255)
+    return pixels.astype(np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path, rng):
+    root = tmp_path / "unlabeled"
+    (root / "sub").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(scene(rng, 96, 128)).save(root / f"scene{i}.png")
+    Image.fromarray(scene(rng, 80, 72)).save(root / "sub" / "photo.jpg", quality=95)
+    grey16 = (scene(rng, 70, 90)[..., 0].astype(np.uint16) * 257)
+    Image.fromarray(grey16).save(root / "sub" / "raster.tif")  # 16-bit grey, rescaled by load_image
+    Image.fromarray(scene(rng, 40, 200)).save(root / "narrow.png")  # shorter than a crop: skipped
+    (root / "broken.png").write_bytes(b"\x89PNG not really")  # unreadable: skipped
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_images_are_found_recursively_and_crops_cover_large_scenes(image_folder):
+    images = find_images([image_folder], 64)
+    assert sorted(p.name for p in images.paths) == ["photo.jpg", "raster.tif", "scene0.png", "scene1.png"]
+    assert images.skipped == {"unreadable": 1, "too_small": 1}
+    crops = epoch_crops(images, 64, 0, seed=3, epoch=0)
+    per_image = {i: sum(c[0] == i for c in crops) for i in range(4)}
+    for i, (h, w) in enumerate(images.sizes):
+        assert per_image[i] == max(1, (h // 64) * (w // 64))
+    assert all(0 <= t <= images.sizes[i][0] - 64 and 0 <= l <= images.sizes[i][1] - 64 for i, t, l, _ in crops)
+    assert crops != epoch_crops(images, 64, 0, seed=3, epoch=1)  # fresh crops every epoch
+
+
+def test_tiny_run_writes_checkpoint_record_and_reconstructions_then_resumes(image_folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = PretrainConfig(data=str(image_folder), out=str(out), input_size=64, batch_size=4, epochs=1,
+                         crops_per_image=2, masking="disjoint", views=2, mask_ratio=0.5, reconstructions=3, **FAST)
+    result = pretrain(cfg)
+    assert result.checkpoint == out / "last.safetensors" and result.images == 4
+    assert [h["epoch"] for h in result.history] == [1] and result.history[0]["steps"] == 2
+    model, info = load_model(result.checkpoint)
+    assert isinstance(model, FCMAE) and info["model"] == "fcmae_convnextv2_atto" and info["image_size"] == 64
+    assert model.config()["mask_ratio"] == 0.5 and model.config()["decoder_dim"] == 32
+    classifier = create_model("convnextv2_atto", grn_backend="torch").eval()
+    load_pretrained_encoder(classifier, result.checkpoint)
+    detector = create_model("rsdet_atto", num_classes=2)
+    load_pretrained_encoder(detector, result.checkpoint)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(classifier.forward_stages(x)[-1], model.encoder(x)[0])
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["skipped"] == {"unreadable": 1, "too_small": 1} and record["history"] == result.history
+    sheet = load_image(out / "reconstructions.png")
+    assert sheet.shape == (3 * 64 + 2 * 4, 3 * 64 + 2 * 4, 3)
+    first_input = sheet[:64, :64].astype(int)
+    masked_input = sheet[:64, 68:132].astype(int)
+    assert (first_input != masked_input).any() and (first_input == masked_input).all(axis=-1).any()
+    assert not list(out.glob(".*"))  # nothing half-written left behind
+
+    again = tmp_path / "resumed"
+    resumed = pretrain(cfg.replace(out=str(again), epochs=2, resume=str(out / "last.state.pt")))
+    assert [h["epoch"] for h in resumed.history] == [1, 2] and resumed.history[0] == result.history[0]
+    _, info = load_model(resumed.checkpoint)
+    assert info["epoch"] == 2
+
+
+def test_loss_decreases_on_a_fixed_image(tmp_path, rng):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(scene(rng, 64, 64)).save(folder / "fixed.png")  # the crop is the whole image
+    cfg = PretrainConfig(data=str(folder), out=str(tmp_path / "run"), input_size=64, batch_size=2, epochs=2,
+                         crops_per_image=50, lr=3e-3, warmup_epochs=0.2, reconstructions=0, **FAST)
+    history = pretrain(cfg).history
+    assert sum(h["steps"] for h in history) == 50
+    first, second = history[0]["loss"], history[1]["loss"]
+    assert second < 0.85 * first, history
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"mask_ratio": 1.2}, "--mask-ratio must be in (0, 1)"),
+    ({"mask_ratio": 0.0}, "--mask-ratio must be in (0, 1)"),
+    ({"input_size": 96, "patch_size": 64}, "--patch-size must be a divisor of --input-size 96"),
+    ({"patch_size": 16}, "--patch-size must be a multiple of the encoder stride 32"),
+    ({"model": "rsdet_atto"}, "has no FCMAE form"),
+    ({"masking": "disjoint", "views": 1}, "needs --views >= 2"),
+    ({"masking": "blocks"}, "--masking must be random or disjoint"),
+    ({"input_size": 64, "mask_ratio": 0.9}, "leaves 0 visible"),
+])
+def test_bad_options_are_one_line(options, message, tmp_path):
+    with pytest.raises(EdgekitError) as info:
+        PretrainConfig(data=str(tmp_path), out=str(tmp_path / "out"), **options)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_folder_without_usable_images_writes_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.jpg").write_bytes(b"junk")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(empty / "tiny.png")
+    out = tmp_path / "out"
+    with pytest.raises(EdgekitError, match="no readable image of at least 64x64 px .*1 unreadable, 1 smaller"):
+        pretrain(PretrainConfig(data=str(empty), out=str(out), input_size=64, **FAST))
+    with pytest.raises(EdgekitError, match="is not a folder"):
+        pretrain(PretrainConfig(data=str(tmp_path / "missing"), out=str(out), input_size=64, **FAST))
+    assert not out.exists()
+
+
+def test_resume_from_a_foreign_state_is_refused_before_writing(image_folder, tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}, "epoch": 1}, foreign)
+    out = tmp_path / "out"
+    with pytest.raises(EdgekitError, match="not a state written by edgekit pretrain"):
+        pretrain(PretrainConfig(data=str(image_folder), out=str(out), input_size=64, resume=str(foreign), **FAST))
+    assert not out.exists()
