@@ -160,20 +160,26 @@ def cpu_has_avx2_fma() -> bool:
     return False
 
 
-def copy_bandwidth_gbs(megabytes: int = 64, repeats: int = 5) -> float:
-    """Bytes read + written per second by the best of ``repeats`` large numpy copies."""
+def copy_bandwidth(megabytes: int = 64, repeats: int = 10) -> dict:
+    """The host's copy bandwidth: bytes moved per second (read + write) by a large copy,
+    the better of torch's and numpy's, each timed by the one timing core."""
     import numpy as np
+    import torch
 
-    n = megabytes * (1 << 20) // 4
-    src = np.ones(n, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in before timing
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.nbytes / best / 1e9
+    from edgekit.benchmarks.latency import measure
+
+    n = megabytes * (1 << 20) // 4  # float32 elements
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    a, b = src.numpy(), dst.numpy()
+    t_torch = measure(lambda: dst.copy_(src), repeats=repeats, min_repeats=min(3, repeats))
+    t_numpy = measure(lambda: np.copyto(b, a), repeats=repeats, min_repeats=min(3, repeats))
+    best = min(t_torch["median_ms"], t_numpy["median_ms"])
+    return {"bytes": 4 * n, "torch_copy": t_torch, "numpy_copy": t_numpy, "gb_per_s": 2 * 4 * n / (best * 1e-3) / 1e9}
+
+
+def copy_bandwidth_gbs(megabytes: int = 64, repeats: int = 5) -> float:
+    return copy_bandwidth(megabytes, repeats)["gb_per_s"]
 
 
 def gemm_tflops(n: int = 1024, repeats: int = 5) -> float:

@@ -1,6 +1,6 @@
 """CPU kernel benchmark suite: GRN and deformable convolution, Numba vs the baselines.
 
-Run ``python -m edgekit.benchmarks.kernels`` (``--quick`` for a short run, which writes
+Run ``edgekit bench kernels`` (``--quick`` for a short run, which writes
 ``kernels_cpu_quick.*``, and ``--only grn|dcn`` for one op, which writes
 ``kernels_cpu_grn.*``/``kernels_cpu_dcn.*``, so neither replaces the full result). One run
 measures, side by side on this machine:
@@ -14,24 +14,26 @@ measures, side by side on this machine:
   ONNX Runtime's DeformConv (CPU EP, 2 intra-op threads) and a dense ``F.conv2d``.
 
 It writes ``benchmarks/results/kernels_cpu.json`` and ``.md`` with the machine, versions,
-command and date, and each floor of the issue as met / not met with the measured ratio.
+command and date, and each target of ``targets.json`` as met / not met with the measured ratio.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgekit.benchmarks.harness import (last_level_cache_bytes, machine_info, measure, measure_interleaved,
-                                        ratio_of_rounds, write_atomic, write_json)
+from edgekit.benchmarks.devices import copy_bandwidth
+from edgekit.benchmarks.latency import measure, measure_interleaved, ratio_of_rounds
+from edgekit.benchmarks.targets import evaluate_target, load_targets
+from edgekit.errors import EdgekitError
+from edgekit.fileio import write_json_atomic, write_text_atomic
+from edgekit.sysinfo import environment, last_level_cache_bytes
 from edgekit.kernels.output_pool import OUTPUTS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,60 +43,8 @@ GRN_BATCHES = (1, 8)
 DCN_CHANNELS, DCN_SIZES, DCN_BATCHES = (64, 128), (64, 128), (1, 4)
 THREADS = 2
 
-# Floors from the issue: (key, description, comparison, threshold).
-FLOORS = [
-    ("grn_vs_eager", "GRN numba >= 8x the eager reference", ">=", 8.0),
-    ("grn_vs_compile", "GRN numba >= 2x torch.compile", ">=", 2.0),
-    ("grn_bandwidth", "GRN numba >= 70% of the 3-pass copy-bandwidth limit (tensors > LLC)", ">=", 0.70),
-    ("dcn_vs_ort", "DCN numba forward >= 1.5x ORT DeformConv", ">=", 1.5),
-    ("dcn_vs_dense", "DCN numba forward <= 2x a dense conv of the same shape", "<=", 2.0),
-    ("dcn_bwd_vs_fwd", "DCN numba backward <= 3x its forward", "<=", 3.0),
-]
-
-# Why a floor can be missed on this hardware; printed only next to a floor that is not met.
-WHY_NOT_MET = {
-    "grn_vs_eager": "a call has a fixed cost of ~12 us (the Numba dispatch of an 11-argument kernel, the input "
-                    "turned into an array and the output back, the statistics arrays) of the order of its work on "
-                    "the late-stage tensors, and single samples smaller than 3/4 of the last-level cache run on "
-                    "one thread (a two-pass parallel split measured slower than one thread on 0.1-2.5 MiB samples "
-                    "on 2 cores), so batch-1 stages stay under 8x of an eager reference that itself takes "
-                    "0.1-0.4 ms; batches split one sample per thread mostly pass it.",
-    "grn_vs_compile": "torch.compile (Inductor) emits one fused C++ loop nest on 2 threads with the same memory "
-                      "traffic; the batch-1 tensors run on one thread here, and on the largest tensors both sides "
-                      "are bound by memory (and compile also by the page faults of its fresh output).",
-    "grn_bandwidth": "the limit counts reads and writes only; an output larger than glibc's mmap threshold "
-                     "arrives as fresh pages the OS zeroes on first touch (unless the output pool has a freed "
-                     "block of its size), which costs about as much as writing "
-                     "it again (into a reused buffer the kernel, one sample per thread so the apply re-reads x "
-                     "from cache, runs at about the limit).",
-    "dcn_vs_ort": "ONNX Runtime's DeformConv (im2col + MLAS GEMM per image) takes only 1.4-2.6x a dense conv "
-                  "of the same shape here (column ORT / dense), so 1.5x ORT means a deformable conv within "
-                  "1.0-1.7x the dense conv, whose GEMM it must also run; at 128 channels the GEMM is ~75% of "
-                  "our forward and runs at the dense conv's rate (MKL sgemm ~150 GFLOP/s on 2 cores).",
-    "dcn_vs_dense": "the deformable im2col (4 gathers and a float64 sampling step per column element, a "
-                    "K-times-the-input buffer written and read back by the GEMM), the NCHW<->NHWC copies and "
-                    "the per-chunk switches between the Numba kernels and the torch GEMM cost about as much as "
-                    "the GEMM at 64 channels, while the dense conv is a single oneDNN kernel with no column buffer.",
-    "dcn_bwd_vs_fwd": "the backward recomputes the columns and runs two GEMMs (grad weight, grad columns) plus "
-                      "col2im and the coordinate gradient, each about as costly as the forward's im2col or GEMM.",
-}
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def copy_bandwidth(quick: bool) -> dict:
-    """Bytes moved per second (read + write) by a large copy, best of torch and numpy."""
-    n = (64 if quick else 256) << 20 >> 2  # float32 elements
-    src = torch.randn(n)
-    dst = torch.empty_like(src)
-    a, b = src.numpy(), dst.numpy()
-    t_torch = measure(lambda: dst.copy_(src), repeats=10)
-    t_numpy = measure(lambda: np.copyto(b, a), repeats=10)
-    best = min(t_torch["median_ms"], t_numpy["median_ms"])
-    return {"bytes": 4 * n, "torch_copy": t_torch, "numpy_copy": t_numpy,
-            "gb_per_s": 2 * 4 * n / (best * 1e-3) / 1e9}
 
 
 # ----------------------------------------------------------------------------- GRN
@@ -282,30 +232,16 @@ def bench_dcn(quick: bool) -> list[dict]:
 
 
 def evaluate_floors(grn: dict, dcn: list[dict]) -> list[dict]:
-    """Each floor over every configuration it applies to: met only if met on all of them."""
+    """Each target of ``targets.json`` over every configuration it applies to."""
     values = {
-        "grn_vs_eager": [(r, r["speedup_vs_eager"]) for r in grn["rows"]],
-        "grn_vs_compile": [(r, r["speedup_vs_compile"]) for r in grn["rows"] if "speedup_vs_compile" in r],
-        "grn_bandwidth": [(r, r["bandwidth_fraction"]) for r in grn["rows"] if r["larger_than_llc"]],
-        "dcn_vs_ort": [(r, r["speedup_vs_ort"]) for r in dcn if "speedup_vs_ort" in r],
-        "dcn_vs_dense": [(r, r["ratio_to_dense"]) for r in dcn],
-        "dcn_bwd_vs_fwd": [(r, r["backward_over_forward"]) for r in dcn],
+        "grn_vs_eager": [r["speedup_vs_eager"] for r in grn["rows"]],
+        "grn_vs_compile": [r["speedup_vs_compile"] for r in grn["rows"] if "speedup_vs_compile" in r],
+        "grn_bandwidth": [r["bandwidth_fraction"] for r in grn["rows"] if r["larger_than_llc"]],
+        "dcn_vs_ort": [r["speedup_vs_ort"] for r in dcn if "speedup_vs_ort" in r],
+        "dcn_vs_dense": [r["ratio_to_dense"] for r in dcn],
+        "dcn_bwd_vs_fwd": [r["backward_over_forward"] for r in dcn],
     }
-    out = []
-    for key, text, op, threshold in FLOORS:
-        vals = values[key]
-        ok = [(v >= threshold) if op == ">=" else (v <= threshold) for _, v in vals]
-        ratios = [v for _, v in vals]
-        rec = {"floor": key, "description": text, "threshold": threshold, "comparison": op,
-               "configs": len(vals), "configs_met": int(sum(ok))}
-        if vals:
-            worst = min(ratios) if op == ">=" else max(ratios)
-            rec.update(met=all(ok), worst=worst, geomean=math.exp(sum(math.log(v) for v in ratios) / len(ratios)),
-                       best=max(ratios) if op == ">=" else min(ratios))
-        else:
-            rec.update(met=None, worst=None, geomean=None, best=None)
-        out.append(rec)
-    return out
+    return [evaluate_target(t, values[t["key"]]) for t in load_targets("kernels_cpu")]
 
 
 # ------------------------------------------------------------------------- reports
@@ -366,9 +302,10 @@ def markdown(record: dict) -> str:
     missed = [f for f in record["floors"] if f["met"] is False]
     if missed:
         lines += ["", "Floors not met (by how much at the worst configuration, and why):", ""]
+        why_not_met = {t["key"]: t["why_not_met"] for t in load_targets("kernels_cpu")}
         for f in missed:
             short = (f["threshold"] / f["worst"]) if f["comparison"] == ">=" else (f["worst"] / f["threshold"])
-            why = WHY_NOT_MET.get(f["floor"]) or "see the table below."
+            why = why_not_met.get(f["floor"]) or "see the table below."
             if f["floor"] == "grn_vs_eager":
                 why += _grn_eager_bound(record["grn"]["rows"], f["threshold"])
             lines.append(f"- {f['description']}: worst {f['worst']:.2f} vs {f['threshold']} "
@@ -468,26 +405,22 @@ def _dcn_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgekit.benchmarks.kernels", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few configurations, short budgets")
-    parser.add_argument("--only", choices=("grn", "dcn"), help="benchmark one op (a quicker run)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for kernels_cpu.json/.md")
-    args = parser.parse_args(argv)
+def kernel_suite(config) -> dict:
+    """The CPU kernel suite (a :class:`~edgekit.benchmarks.suites.KernelSuiteConfig`); returns
+    the record written to ``kernels_cpu*.{json,md}`` under ``config.out``."""
+    args, out = config, Path(config.out)
     torch.set_num_threads(THREADS)
     import numba
 
     from edgekit.kernels import numba_cpu
     reason = numba_cpu.unavailable_reason()
     if reason:
-        log(f"error: the numba backend is unavailable: {reason}")
-        return 2
+        raise EdgekitError(f"the numba backend is unavailable: {reason}")
     try:
         pool = {"min_bytes": OUTPUTS.min_bytes, "capacity_bytes": OUTPUTS.capacity}
     except ValueError as exc:
-        log(f"error: {exc}")
-        return 2
-    record = {"machine": machine_info(), "quick": args.quick, "only": args.only, "output_pool": pool}
+        raise EdgekitError(str(exc)) from None
+    record = {"machine": environment(), "quick": args.quick, "only": args.only, "output_pool": pool}
     log("warming up (first use compiles the Numba kernels)...")
     t0 = time.perf_counter()
     if args.only != "dcn":
@@ -501,22 +434,20 @@ def main(argv=None) -> int:
     record["numba_threads"] = numba.get_num_threads()
     record["numba_threading_layer"] = numba.threading_layer()
     log("copy bandwidth...")
-    record["copy"] = copy_bandwidth(args.quick)
+    record["copy"] = copy_bandwidth(64 if args.quick else 256)
     record["grn"] = ({"rows": [], "compile_error": None} if args.only == "dcn" else
                      bench_grn(args.quick, record["copy"]["gb_per_s"] * 1e9, last_level_cache_bytes()))
     record["dcn"] = [] if args.only == "grn" else bench_dcn(args.quick)
     record["floors"] = evaluate_floors(record["grn"], record["dcn"])
     record["load_average_at_end"] = os.getloadavg()
     stem = "kernels_cpu" + ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "")
-    write_json(args.out / f"{stem}.json", record)
-    write_atomic(args.out / f"{stem}.md", markdown(record))
-    log(f"wrote {args.out / stem}.json and .md")
+    write_json_atomic(out / f"{stem}.json", record)
+    write_text_atomic(out / f"{stem}.md", markdown(record))
+    log(f"wrote {out / stem}.json and .md")
     for f in record["floors"]:
         if f["configs"]:
             log(f"  {f['description']}: {'met' if f['met'] else 'NOT met'} (worst {f['worst']:.2f}, geomean "
                 f"{f['geomean']:.2f}, {f['configs_met']}/{f['configs']} configs)")
-    return 0
+    return record
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """GPU kernel suite: the CUDA backends against torch, torch.compile, torchvision and the copy limit.
 
-Run ``python -m edgekit.benchmarks.kernels_gpu`` on a machine with a CUDA GPU
+Run ``edgekit bench kernels-gpu`` on a machine with a CUDA GPU
 (``--quick`` for a short run, which writes ``kernels_gpu_quick.*``). One run measures,
 side by side on the GPU, float32, inference (no gradient):
 
@@ -16,9 +16,9 @@ Every timed output is also compared with a float64 reference on the GPU (relativ
 in the tables). TF32 is switched off for matmul and cuDNN, so every implementation
 computes in float32. Times are medians of CUDA-event-timed blocks of back-to-back calls
 (at least ~2 ms per block), after warm-up; small tensors stay in L2 between calls, as
-they would between two layers of a network. The issue's GPU floors (GRN >= 80% of the
-copy bandwidth on tensors larger than L2; DCN >= 1.5x torchvision) are evaluated per
-backend. Results: ``benchmarks/results/kernels_gpu.{json,md}`` with the device, versions,
+they would between two layers of a network. The GPU targets of ``targets.json`` (GRN
+against the copy bandwidth on tensors larger than L2; DCN against torchvision) are
+evaluated per backend. Results: ``benchmarks/results/kernels_gpu.{json,md}`` with the device, versions,
 command and date.
 
 Without a CUDA GPU it stops with a one-line error (exit 2). ``--plumbing-cpu`` runs the
@@ -31,23 +31,24 @@ first GPU session runs it through ``scripts/gpu_session.sh``.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from edgekit.benchmarks.harness import machine_info, summarize, write_atomic, write_json
+from edgekit.benchmarks.latency import round_summary
+from edgekit.benchmarks.targets import evaluate_target, load_targets
+from edgekit.errors import CheckError, EdgekitError
+from edgekit.fileio import write_json_atomic, write_text_atomic
+from edgekit.sysinfo import environment
 from edgekit.benchmarks.kernels import STAGE_DIMS, STAGE_SIZES, compiled_grn, log
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_BACKENDS = ("cuda", "numba-cuda")
 GRN_BATCHES = (1, 8, 64)
 DCN_CHANNELS, DCN_SIZES, DCN_BATCHES = (64, 128, 256), (64, 128), (1, 4, 16)
-FLOOR_GRN_BANDWIDTH, FLOOR_DCN_VS_TORCHVISION = 0.80, 1.5
 ERROR_FLAG = 1e-4  # float32 against float64: anything above this is a wrong result, not rounding
 
 
@@ -85,7 +86,7 @@ def time_op(fn, device: str, *, warmup: int = 3, repeats: int = 25, block_ms: fl
     _sync(device)
     one = max(_elapsed_ms(device, fn, 1), 1e-3)
     calls = max(1, min(max_calls, math.ceil(block_ms / one)))
-    record = summarize([_elapsed_ms(device, fn, calls) / calls for _ in range(repeats)])
+    record = round_summary([_elapsed_ms(device, fn, calls) / calls for _ in range(repeats)])
     record["calls_per_block"] = calls
     return record
 
@@ -238,29 +239,15 @@ def bench_dcn(device: str, ours: tuple[str, ...], quick: bool) -> dict:
 
 
 def evaluate_floors(record: dict) -> list[dict]:
-    """The issue's GPU floors, per backend: met only if met on every configuration."""
+    """The GPU targets of ``targets.json``, per backend: met only if met on every configuration."""
     out = []
     for name in record["backends"]:
-        grn = [r["bandwidth_fraction"][name] for r in record["grn"]["rows"]
-               if r["larger_than_cache"] and name in r["bandwidth_fraction"]]
-        dcn = [r["speedup_vs_torchvision"][name] for r in record["dcn"]["rows"]
-               if r["speedup_vs_torchvision"].get(name) is not None]
-        out.append(_floor(name, "grn_bandwidth", f"GRN {name} >= {FLOOR_GRN_BANDWIDTH:.0%} of the device copy "
-                          "bandwidth (3-pass limit, tensors > L2)", grn, FLOOR_GRN_BANDWIDTH))
-        out.append(_floor(name, "dcn_vs_torchvision", f"DCN {name} forward >= {FLOOR_DCN_VS_TORCHVISION}x "
-                          "torchvision's CUDA deform_conv2d", dcn, FLOOR_DCN_VS_TORCHVISION))
+        values = {"grn_bandwidth": [r["bandwidth_fraction"][name] for r in record["grn"]["rows"]
+                                    if r["larger_than_cache"] and name in r["bandwidth_fraction"]],
+                  "dcn_vs_torchvision": [r["speedup_vs_torchvision"][name] for r in record["dcn"]["rows"]
+                                         if r["speedup_vs_torchvision"].get(name) is not None]}
+        out += [evaluate_target(t, values[t["key"]], backend=name) for t in load_targets("kernels_gpu")]
     return out
-
-
-def _floor(backend: str, key: str, text: str, values: list[float], threshold: float) -> dict:
-    rec = {"backend": backend, "floor": key, "description": text, "threshold": threshold, "configs": len(values),
-           "configs_met": sum(v >= threshold for v in values)}
-    if values:
-        rec.update(met=all(v >= threshold for v in values), worst=min(values), best=max(values),
-                   geomean=math.exp(sum(math.log(v) for v in values) / len(values)))
-    else:
-        rec.update(met=None, worst=None, best=None, geomean=None)
-    return rec
 
 
 # ------------------------------------------------------------------------- reports
@@ -406,54 +393,50 @@ def _backends(device: str) -> tuple[tuple[str, ...], dict]:
     return tuple(n for n in candidates if reasons[n] is None), {n: r for n, r in reasons.items() if r}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgekit.benchmarks.kernels_gpu",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two GRN configurations and one DCN one")
-    parser.add_argument("--plumbing-cpu", action="store_true",
-                        help="run this script's code on the CPU with the numba backend (checks the script only)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for kernels_gpu.json/.md")
-    args = parser.parse_args(argv)
+def gpu_kernel_suite(config) -> dict:
+    """The GPU kernel suite (a :class:`~edgekit.benchmarks.suites.GpuKernelSuiteConfig`);
+    returns the record written to ``kernels_gpu*.{json,md}``; raises :class:`CheckError`
+    when a kernel's output is wrong or an implementation failed (the report is written)."""
+    args, out = config, Path(config.out)
     device = "cpu" if args.plumbing_cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        log(f"error: no CUDA GPU visible to torch {torch.__version__} (built for CUDA {torch.version.cuda}); "
-            "this suite times the GPU kernels (--plumbing-cpu checks the script on the CPU)")
-        return 2
+        raise EdgekitError(f"no CUDA GPU visible to torch {torch.__version__} (built for CUDA {torch.version.cuda}); "
+                           "this suite times the GPU kernels (--plumbing-cpu checks the script on the CPU)")
     ours, unavailable = _backends(device)
     if not ours:
-        log("error: no edgekit GPU backend can run here: "
-            + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
-        return 2
+        raise EdgekitError("no edgekit GPU backend can run here: "
+                           + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    record = {"machine": machine_info(), "device": device_info(device), "device_type": device,
+    record = {"machine": environment(), "device": device_info(device), "device_type": device,
               "versions": _versions(), "quick": args.quick, "backends": list(ours), "unavailable": unavailable}
     log("copy bandwidth...")
     record["copy"] = copy_bandwidth(device, args.quick)
     cache = record["device"].get("l2_cache_bytes") if device == "cuda" else None
     stem = "kernels_gpu" + ("_plumbing" if args.plumbing_cpu else "") + ("_quick" if args.quick else "")
     record["grn"] = bench_grn(device, ours, args.quick, record["copy"]["gb_per_s"] * 1e9, cache)
-    write_json(args.out / f"{stem}.partial.json", record)  # the GRN half survives a crash in the DCN half
+    write_json_atomic(out / f"{stem}.partial.json", record)  # the GRN half survives a crash in the DCN half
     record["dcn"] = bench_dcn(device, ours, args.quick)
     record["floors"] = evaluate_floors(record)
-    write_json(args.out / f"{stem}.json", record)
-    (args.out / f"{stem}.partial.json").unlink()
-    write_atomic(args.out / f"{stem}.md", markdown(record))
-    log(f"wrote {args.out / stem}.json and .md")
+    write_json_atomic(out / f"{stem}.json", record)
+    (out / f"{stem}.partial.json").unlink()
+    write_text_atomic(out / f"{stem}.md", markdown(record))
+    log(f"wrote {out / stem}.json and .md")
     wrong = [(op, n) for op in ("grn", "dcn") for r in record[op]["rows"] for n, e in r["errors"].items()
              if not e <= ERROR_FLAG]
     for f in record["floors"]:
         log(f"  {f['description']}: {({True: 'met', False: 'NOT met', None: 'not measured'})[f['met']]}"
             + ("" if f["worst"] is None else f" (worst {f['worst']:.2f}, {f['configs_met']}/{f['configs']} configs)"))
+    problems = []
     if wrong:
-        log(f"error: {len(wrong)} timed outputs differ from the float64 reference by more than {ERROR_FLAG:g}: "
-            + ", ".join(sorted({f'{op}/{n}' for op, n in wrong})))
+        problems.append(f"{len(wrong)} timed outputs differ from the float64 reference by more than {ERROR_FLAG:g}: "
+                        + ", ".join(sorted({f'{op}/{n}' for op, n in wrong})))
     failures = _failures(record)
     if failures:
-        log(f"error: {len(failures)} implementation runs failed (listed in the report)")
-    return 1 if wrong or failures else 0
+        problems.append(f"{len(failures)} implementation runs failed (listed in the report)")
+    if problems:
+        raise CheckError("; ".join(problems) + f" (report: {out / stem}.md)")
+    return record
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,13 @@
-"""The timing method: warm-up by time, then a fixed count or a duration; percentile stats.
+"""Timing: one core loop (:func:`run_rounds`) behind every measurement edgekit makes.
 
-Why not ``benchmarks.harness.measure`` (the kernel suite's helper): latency reports need
-the full distribution (every value, p95/p99, stdev, CV), warm-up by *time* (JIT/compile
-caches and CPU frequency settle after a time, not a count), a separate first-call time,
-and a clock that tests can replace. Why not ``torch.utils.benchmark``: it times torch
-callables only, while ONNX Runtime and TensorRT runners must go through the same loop.
+Two ways to use it. :func:`time_callable` for latency reports: the full distribution
+(every value, p95/p99, stdev, CV), warm-up by *time* (JIT/compile caches and CPU
+frequency settle after a time, not a count), a separate first-call time, a clock that
+tests can replace. :func:`measure_interleaved` for side-by-side comparisons (the kernel
+suites): several functions timed in alternating rounds, compared by
+:func:`ratio_of_rounds`. Why not ``torch.utils.benchmark``: it times torch callables only,
+while ONNX Runtime and TensorRT runners must go through the same loop; why not
+``timeit``: no device-sync hook, no per-call record.
 
 Conventions (trtexec / onnxruntime_perf_test / MLPerf):
 - times are in milliseconds, one value per call, after ``sync()`` (a GPU runner passes
@@ -16,8 +19,8 @@ Conventions (trtexec / onnxruntime_perf_test / MLPerf):
   batch 1 was not measured); Offline reports samples per second at the batch size with
   the best throughput among those measured.
 
-Run ``python -m edgekit.benchmarks.latency --overhead`` to measure the harness's own
-overhead on a ~1 ms calibrated busy-wait; it writes ``benchmarks/results/harness_overhead.json``.
+``edgekit bench overhead`` measures the harness's own overhead on a ~1 ms calibrated
+busy-wait; it writes ``benchmarks/results/harness_overhead.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +37,6 @@ from typing import Callable, Iterator
 
 CV_WARN = 0.10
 PERCENTILES = (50, 90, 95, 99)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -123,28 +126,97 @@ def time_callable(fn: Callable[[], object], *, warmup_s: float = 1.0, count: int
         warm_calls += 1
     warm_s = clock() - warm_start
 
-    values: list[float] = []
-    append = values.append
     loop_start = clock()
     if count is not None:
-        for _ in range(count):
-            t = clock()
-            fn()
-            sync()
-            append((clock() - t) * 1e3)
+        values = run_rounds({"fn": fn}, max_rounds=count, min_rounds=count, budget_s=math.inf, sync=sync,
+                            clock=clock)["fn"]
     else:
-        deadline = loop_start + duration_s
-        while len(values) < max_count:
-            t = clock()
-            fn()
-            sync()
-            end = clock()
-            append((end - t) * 1e3)
-            if end >= deadline and len(values) >= min_count:
-                break
+        values = run_rounds({"fn": fn}, max_rounds=max_count, min_rounds=min_count, budget_s=duration_s, sync=sync,
+                            clock=clock)["fn"]
     wall = clock() - loop_start
     return Timing(first_ms=first_ms, warmup_calls=warm_calls, warmup_s=warm_s,
                   latency=summarize(values, keep_values), wall_s=wall)
+
+
+def run_rounds(fns: dict[str, Callable[[], object]], *, max_rounds: int, min_rounds: int, budget_s: float,
+               settle: int = 0, calls: int = 1, gap_s: float = 0.0, sync: Callable[[], None] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """The one timing core. Rounds of every function in turn (the order rotating by one
+    each round): sleep ``gap_s``, ``settle`` untimed calls, then ``calls`` timed calls
+    whose median is the round's time (ms; ``sync`` runs inside each timed interval). Stops
+    after ``max_rounds``, or once ``budget_s`` has passed and ``min_rounds`` are done."""
+    sync = sync or (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    start = clock()
+    rounds = 0
+    while rounds < max_rounds:
+        for name, fn in order[rounds % len(order):] + order[:rounds % len(order)]:
+            if gap_s:
+                time.sleep(gap_s)
+            for _ in range(settle):
+                fn()
+                sync()
+            block = []
+            for _ in range(calls):
+                t0 = clock()
+                fn()
+                sync()
+                block.append((clock() - t0) * 1e3)
+            times[name].append(block[0] if calls == 1 else statistics.median(block))
+        rounds += 1
+        if rounds >= min_rounds and clock() - start >= budget_s:
+            break
+    return times
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 20,
+                        min_repeats: int = 3, budget_s: float = 2.0, settle: int = 1,
+                        calls: int = 1, gap_s: float = 0.0, sync: Callable[[], None] | None = None) -> dict[str, dict]:
+    """Time several functions side by side, in rounds (:func:`run_rounds`), after ``warmup``
+    untimed calls of each: a change in the machine's load (other users of a shared machine)
+    then hits all of them alike. The gap and the untimed calls let the thread pool of the
+    function before go idle, so that no function is timed against another's spinning
+    threads: ONNX Runtime's workers spin for 10-50 ms after a run (measured on the 2-core
+    EPYC: a DCN forward right after an ORT run took 2-4x its time 50 ms later). A gap has
+    its own cost on a VM: after a sleep, a sub-millisecond kernel runs 2-4x slower for its
+    first few calls, so short functions want untimed calls rather than a gap.
+
+    Returns, per name, :func:`round_summary` of the round times (``times_ms`` kept for
+    :func:`ratio_of_rounds`)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = run_rounds(fns, max_rounds=repeats, min_rounds=min_repeats, budget_s=budget_s, settle=settle,
+                       calls=calls, gap_s=gap_s, sync=sync)
+    return {name: round_summary(ts) for name, ts in times.items()}
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 20, min_repeats: int = 3,
+            budget_s: float = 2.0) -> dict:
+    """One function's :func:`measure_interleaved` record, without the per-round times."""
+    record = measure_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, min_repeats=min_repeats,
+                                 budget_s=budget_s, settle=0)["fn"]
+    del record["times_ms"]
+    return record
+
+
+def round_summary(times_ms: list[float]) -> dict:
+    """Median, p90, min, max (ms), repeats, spread = p90/median (above ~1.3 the machine was
+    noisy during the measurement) and the times themselves: the kernel suites' record."""
+    ordered = sorted(times_ms)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    median = statistics.median(ordered)
+    return {"median_ms": median, "p90_ms": p90, "min_ms": ordered[0], "max_ms": ordered[-1],
+            "repeats": len(ordered), "spread": p90 / median if median > 0 else float("nan"),
+            "times_ms": [round(t, 6) for t in times_ms]}
+
+
+def ratio_of_rounds(numerator: dict, denominator: dict) -> float:
+    """Median over rounds of numerator/denominator, for two records of one
+    :func:`measure_interleaved` call: robust to load that changes between rounds."""
+    ratios = [a / b for a, b in zip(numerator["times_ms"], denominator["times_ms"]) if b > 0]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def time_stages(stages: list[tuple[str, Callable]], make_input: Callable[[], object], *, warmup_s: float = 1.0,
@@ -290,28 +362,15 @@ def harness_overhead(target_ms: float = 1.0, duration_s: float = 3.0, warmup_s: 
                     "overhead per call is what the harness adds whatever the workload's length"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def overhead_suite(config) -> dict:
+    """Measure the harness's own overhead on a ~1 ms busy-wait (a
+    :class:`~edgekit.benchmarks.suites.OverheadSuiteConfig`); writes harness_overhead.json."""
+    from edgekit.fileio import write_json_atomic
+    from edgekit.sysinfo import environment
 
-    from edgekit.benchmarks.harness import machine_info, write_json
-
-    p = argparse.ArgumentParser(description="measure the latency harness's own overhead")
-    p.add_argument("--overhead", action="store_true", help="run the ~1 ms busy-wait overhead measurement")
-    p.add_argument("--duration", type=float, default=3.0)
-    args = p.parse_args(argv)
-    if not args.overhead:
-        p.print_help()
-        return 0
-    result = {"machine": machine_info(), "overhead": harness_overhead(1.0, args.duration)}
-    out = RESULTS / "harness_overhead.json"
-    write_json(out, result)
+    result = {"machine": environment(), "overhead": harness_overhead(1.0, config.duration)}
+    write_json_atomic(Path(config.out) / "harness_overhead.json", result)
     o = result["overhead"]
-    print(f"harness overhead: median {o['overhead_us_per_call_median']:.2f} us per call (best round "
-          f"{o['overhead_us_per_call_best']:.2f}, mean {o['overhead_us_per_call_mean']:.2f}) = "
-          f"{o['overhead_fraction_of_target']:.3%} of a {o['target_ms']} ms model; measurement bias "
-          f"{o['measurement_bias_fraction']:+.3%} -> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    print(f"harness overhead: median {o['overhead_us_per_call_median']:.2f} us per call = "
+          f"{o['overhead_fraction_of_target']:.3%} of a {o['target_ms']} ms model")
+    return result

@@ -1,31 +1,30 @@
 """Model benchmark: every (model, backend) row with latency, throughput, memory, accuracy.
 
-``edgekit bench`` and ``python -m edgekit.benchmarks.model_bench`` both call :func:`bench`.
-A row holds the Ultralytics columns (format, status, size MB, mAP, ms/img, FPS) and the
+``edgekit bench MODEL...`` calls :func:`bench`; ``edgekit bench model`` runs
+:func:`model_suite`, the committed benchmark. A row holds the Ultralytics columns (format, status, size MB, mAP, ms/img, FPS) and the
 full record: the batch-1 latency block (model only), throughput per batch size, MLPerf
 SingleStream p90 and Offline throughput, first-inference and session-creation time,
 peak host RSS, and the end-to-end pipeline (letterbox + normalise, inference, decoding
 and NMS) timed apart from the model.
 
-``--quick`` (module entry point) runs the default detector (rsdet_atto, untrained, at 128 px
+The suite's ``quick`` mode runs the default detector (rsdet_atto, untrained, at 128 px
 to keep it short; the full run uses 256 px) on eager and ONNX Runtime FP32 / INT8 / mixed (the full
 run adds torch.compile and the GPU backends, which skip themselves on a CPU machine) and writes
 ``benchmarks/results/model_cpu.{json,md,png}`` (``model_gpu.*`` on a GPU machine), with the
 roofline prediction for this CPU beside the measured eager latency and the device table's
-predictions. Without ``--quick`` it is the full run: ``--model`` may be a trained checkpoint
-and ``--data`` a validation split, for the mAP column and the accuracy plots.
+predictions. Otherwise it is the full run: the model may be a trained checkpoint and the
+data a validation split, for the mAP column and the accuracy plots.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgekit.config import StageConfig, check_image_size, require
 from edgekit.errors import EdgekitError
 from edgekit.fileio import read_json
 
@@ -68,23 +67,14 @@ def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
         if not path.is_file():
             raise EdgekitError(f"TensorRT engine {item} not found")
         return ModelSource(path.stem, engine=path, size_bytes=path.stat().st_size, image_size=image_size or 256)
-    if path.is_file():
-        from edgekit.engine.checkpoint import load_model
+    from edgekit.engine.checkpoint import load
 
-        model, info = load_model(path)
-        return ModelSource(path.stem, model=model, size_bytes=path.stat().st_size,
-                           image_size=image_size or info.get("image_size", 256),
-                           class_names=info.get("kwargs", {}).get("class_names"),
-                           strides=tuple(getattr(model, "strides", DEFAULT_STRIDES)))
-    from edgekit.models import create_model, list_models
-
-    if item not in list_models():
-        raise EdgekitError(f"{item!r} is neither a file nor a model name; pass a checkpoint (.safetensors), an "
-                           f".onnx file or one of: {', '.join(list_models())}")
-    model = create_model(item).eval()
-    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return ModelSource(item, model=model, size_bytes=size, image_size=image_size or 256,
-                       class_names=getattr(model, "class_names", None),
+    loaded = load(item)
+    model = loaded.model
+    size = path.stat().st_size if loaded.path else sum(t.numel() * t.element_size()
+                                                       for t in (*model.parameters(), *model.buffers()))
+    return ModelSource(path.stem if loaded.path else item, model=model, size_bytes=size,
+                       image_size=image_size or loaded.image_size, class_names=loaded.class_names,
                        strides=tuple(getattr(model, "strides", DEFAULT_STRIDES)))
 
 
@@ -191,31 +181,16 @@ def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path |
     from edgekit.calibration.ptq import calibrate
     from edgekit.export.qdq import quantize_onnx
 
-    spec = calibrate(source.model, calibration_batches(source, data), model_name=source.name, progress=False)
+    from edgekit.calibration.pipeline import sample_batches
+
+    # Images of the accuracy split when given (so the measured mAP is that of a properly
+    # calibrated model), else fresh synthetic scenes.
+    batches = sample_batches(source.model, size, CALIBRATION_BATCHES, data if source.class_names else None, 4)
+    spec = calibrate(source.model, batches, model_name=source.name, progress=False)
     if backend == "ort-mixed":
         spec["layers"] = {k: v for k, v in spec["layers"].items() if not k.startswith(MIXED_FLOAT_PREFIXES)}
     out = onnx_dir / f"{source.name}_{size}_{backend.split('-')[1]}.onnx"
     return quantize_onnx(fp32, spec, out, model=source.model), spec
-
-
-def calibration_batches(source: ModelSource, data: Path | None) -> list:
-    """A few batches for PTQ: images of the accuracy split when given (so the measured mAP
-    is that of a properly calibrated model), else random noise images through the same
-    pre-processing (enough for latency, which does not depend on the scales)."""
-    import numpy as np
-    import torch
-
-    from edgekit.data.transforms import to_model_input
-
-    if data is not None and source.class_names:
-        from edgekit.data.dataset import DetectionDataset
-
-        ds = DetectionDataset(data, source.class_names, image_size=source.image_size)
-        idx = list(range(min(len(ds), 4 * CALIBRATION_BATCHES)))
-        return [torch.stack([ds[i][0] for i in idx[j:j + 4]]) for j in range(0, len(idx), 4)]
-    rng = np.random.default_rng()
-    return [torch.stack([to_model_input(rng.integers(0, 256, (source.image_size,) * 2 + (3,), dtype=np.uint8),
-                                        source.image_size)[0] for _ in range(2)]) for _ in range(CALIBRATION_BATCHES)]
 
 
 def bench_row(source: ModelSource, backend: str, *, batch_sizes=(1,), threads=None, duration=5.0, warmup=1.0,
@@ -320,33 +295,99 @@ def _time_runner(row, runner, source, onnx_path, batch_sizes, budget, data, e2e)
         row["accuracy"] = accuracy(runner, source, data)
 
 
-def bench(items: list[str], backends=("eager", "compile", "ort"), batch_sizes=(1,), threads=None, duration=5.0,
-          warmup=1.0, data: Path | None = None, out: Path | None = None, image_size: int | None = None,
-          roofline: bool = True, min_count: int = 10) -> dict:
-    """Benchmark every model x backend; returns the JSON record (also written under ``out``)."""
-    from edgekit.benchmarks.harness import machine_info
+@dataclass
+class BenchConfig(StageConfig):
+    """What ``bench`` measures: every model x backend, per batch size."""
 
-    if data is not None and not Path(data).is_dir():
+    backends: list[str] = field(default_factory=lambda: ["eager", "compile", "ort"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    threads: int | None = None      # torch and ONNX Runtime intra-op threads (default: the libraries')
+    duration: float = 5.0           # seconds timed per batch size
+    warmup: float = 1.0             # seconds of warm-up before timing
+    min_count: int = 10             # timed calls at least, whatever the duration
+    image_size: int | None = None   # default: each model's own, else 256
+    data: str | None = None         # DOTA split for the mAP column
+    out: str | None = None          # folder for bench.{json,md,png} and the exports it makes
+    roofline: bool = True
+
+    def check(self) -> None:
+        from edgekit.benchmarks.backends import BACKENDS
+
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        require(bool(self.backends) and not unknown, "backends", self.backends, f"names from {', '.join(BACKENDS)}")
+        require(bool(self.batch_sizes) and min(self.batch_sizes) >= 1 and max(self.batch_sizes) <= 1024,
+                "batch_sizes", self.batch_sizes, "integers in [1, 1024]")
+        require(self.threads is None or 1 <= self.threads <= 1024, "threads", self.threads, "in [1, 1024]")
+        require(0 < self.duration <= 3600, "duration", self.duration, "in (0, 3600] seconds")
+        require(0 <= self.warmup <= 600, "warmup", self.warmup, "in [0, 600] seconds")
+        require(1 <= self.min_count <= 100_000, "min_count", self.min_count, "in [1, 100000]")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+
+
+@dataclass
+class BenchResult:
+    """The benchmark record (rows, machine, settings) and the files written from it."""
+
+    record: dict
+    files: list = field(default_factory=list)
+
+    @property
+    def rows(self) -> list:
+        return self.record["rows"]
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.rows if r["status"] == "failed"]
+
+    @property
+    def measured(self) -> list:
+        return [r for r in self.rows if r["status"] == "ok"]
+
+
+def bench(models, config: BenchConfig | None = None) -> BenchResult:
+    """Benchmark every model x backend (checkpoints, model names, .onnx files or TensorRT
+    engines); with ``config.out``, writes bench.{json,md,png} and keeps the exports there.
+    Rows that fail or are skipped say why; nothing measured at all is an error."""
+    from edgekit.fileio import check_output_dir
+    from edgekit.sysinfo import environment
+
+    config = config or BenchConfig()
+    models = [models] if isinstance(models, (str, Path)) else list(models)
+    if not models:
+        raise EdgekitError("name at least one model: a checkpoint, a model name (see `edgekit models`) or an .onnx "
+                           "file")
+    data = Path(config.data) if config.data else None
+    if data is not None and not data.is_dir():
         raise EdgekitError(f"--data {data} is not a folder; pass a DOTA split folder with images/ and labelTxt/")
-    sources = [resolve_source(i, image_size) for i in items]
+    out = Path(config.out) if config.out else None
+    if out is not None:
+        check_output_dir(out)
+    sources = [resolve_source(str(i), config.image_size) for i in models]
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
         onnx_dir = out / "onnx" if out else Path(tmp)  # exports are kept beside a CLI run's results
         for s in sources:
-            for b in backends:
+            for b in config.backends:
                 log(f"bench {s.name} [{b}]")
-                rows.append(bench_row(s, b, batch_sizes=batch_sizes, threads=threads, duration=duration,
-                                      warmup=warmup, data=data, onnx_dir=onnx_dir, min_count=min_count))
-    record = {"format": BENCH_FORMAT, "machine": machine_info(),
-              "settings": {"backends": list(backends), "batch_sizes": list(batch_sizes), "threads": threads,
-                           "duration_s": duration, "warmup_s": warmup, "min_count": min_count,
-                           "image_size": image_size, "data": str(data) if data else None},
-              "rows": rows}
-    if roofline:
+                rows.append(bench_row(s, b, batch_sizes=tuple(config.batch_sizes), threads=config.threads,
+                                      duration=config.duration, warmup=config.warmup, data=data, onnx_dir=onnx_dir,
+                                      min_count=config.min_count))
+    settings = {"backends": list(config.backends), "batch_sizes": list(config.batch_sizes), "threads": config.threads,
+                "duration_s": config.duration, "warmup_s": config.warmup, "min_count": config.min_count,
+                "image_size": config.image_size, "data": config.data}
+    record = {"format": BENCH_FORMAT, "machine": environment(), "settings": settings, "rows": rows}
+    if config.roofline:
         record["roofline"] = roofline_section(sources, rows)
     for row in rows:
         row.setdefault("bops", _row_bops(row, record.get("roofline", {})))
-    return record
+    result = BenchResult(record)
+    if out is not None:
+        result.files = write_outputs(record, out, "bench")
+    if not result.measured:
+        reasons = "; ".join(f"{r['model']} [{r['backend']}]: {r.get('reason', r['status'])}" for r in rows)
+        raise EdgekitError(f"no measurement succeeded ({reasons[:300]}){' (record in ' + str(out) + ')' if out else ''}")
+    return result
 
 
 def _row_bops(row: dict, roof: dict):
@@ -546,33 +587,23 @@ def write_outputs(record: dict, out: Path, stem: str) -> list[Path]:
     return paths + ([png] if png else [])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="short run of the default detector (about a minute)")
-    p.add_argument("--model", default="rsdet_atto", help="model name or checkpoint (e.g. the demo's best.safetensors)")
-    p.add_argument("--data", help="DOTA split folder for mAP (e.g. the demo's data/val)")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--threads", type=int, default=None, help="default: every core of this machine")
-    args = p.parse_args(argv)
-    threads = args.threads or os.cpu_count()
-    if args.quick:
-        # torch.compile is left out of the quick run: Inductor's compile alone takes minutes on 2 busy cores
-        settings = {"backends": ("eager", "ort", "ort-int8", "ort-mixed"), "batch_sizes": (1, 2),
-                    "duration": 1.0, "warmup": 0.5, "image_size": 128, "min_count": 3}
-    else:
-        settings = {"backends": ("eager", "compile", "ort", "ort-int8", "ort-mixed", "eager-cuda", "cuda-graph",
-                                 "ort-cuda", "ort-trt", "tensorrt"),
-                    "batch_sizes": (1, 4, 8), "duration": 10.0, "warmup": 2.0, "image_size": None}
-    record = bench([args.model], threads=threads, data=Path(args.data) if args.data else None, **settings)
-    record["settings"]["mode"] = "quick" if args.quick else "full"
-    print(table(record))
+def model_suite(config) -> BenchResult:
+    """The committed model benchmark (a :class:`~edgekit.benchmarks.suites.ModelSuiteConfig`):
+    writes ``model_cpu.{json,md,png}`` (``model_gpu.*`` on a GPU machine) under ``config.out``."""
+    import os
+
     import torch
 
+    threads = config.threads or os.cpu_count()
+    if config.quick:
+        settings = BenchConfig(backends=["eager", "ort", "ort-int8", "ort-mixed"], batch_sizes=[1, 2], duration=1.0,
+                               warmup=0.5, image_size=128, min_count=3, threads=threads, data=config.data)
+    else:
+        settings = BenchConfig(backends=["eager", "compile", "ort", "ort-int8", "ort-mixed", "eager-cuda",
+                                         "cuda-graph", "ort-cuda", "ort-trt", "tensorrt"],
+                               batch_sizes=[1, 4, 8], duration=10.0, warmup=2.0, threads=threads, data=config.data)
+    result = bench([config.model], settings)
+    result.record["settings"]["mode"] = "quick" if config.quick else "full"
     stem = "model_gpu" if torch.cuda.is_available() else "model_cpu"  # the GPU rows only run on a GPU machine
-    for path in write_outputs(record, Path(args.out), stem):
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    result.files = write_outputs(result.record, Path(config.out), stem)
+    return result

@@ -1,7 +1,7 @@
 """ONNX Runtime CPU latency of edgekit's QDQ models against the FP32 graph and against
 ONNX Runtime's own quantizer (a note, not a floor).
 
-    python -m edgekit.benchmarks.qdq_ort [--image-size 256] [--rounds 20] [--out benchmarks/results]
+    edgekit bench qdq [--image-size 256] [--rounds 20] [--out benchmarks/results]
 
 Exports rsdet_atto (random weights: latency does not depend on them), calibrates it once
 on random batches (input and Conv output ranges), and writes:
@@ -28,11 +28,9 @@ profile of FP32 and of W7A8 says where the time goes.
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
+import math
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -90,27 +88,15 @@ def _op_profile(session, feed: dict, runs: int = 5, top: int = 10) -> dict:
             "top_ops_ms": {op: round(ms, 2) for op, ms in per_op.most_common(top)}}
 
 
-def _interleaved(sessions: dict, feed: dict, rounds: int, warmup: int = 3) -> dict:
-    """{name: [ms per round]}: each round runs every model once, so load drift hits all alike."""
-    for session in sessions.values():
-        for _ in range(warmup):
-            session.run(None, feed)
-    times = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def run(image_size: int, out_dir: Path, rounds: int = 20, threads: int = 2, calib_batches: int = 4) -> dict:
     import numpy as np
     import onnx
     import torch
 
-    from edgekit.benchmarks.harness import machine_info, write_atomic, write_json
+    from edgekit.benchmarks.latency import measure_interleaved, ratio_of_rounds
     from edgekit.calibration.ptq import calibrate, weight_qparams
+    from edgekit.fileio import write_json_atomic, write_text_atomic
+    from edgekit.sysinfo import environment
     from edgekit.export.qdq import fold_conv_biases, quantize_onnx
     from edgekit.export.to_onnx import export_onnx
     from edgekit.models import create_model
@@ -157,24 +143,26 @@ def run(image_size: int, out_dir: Path, rounds: int = 20, threads: int = 2, cali
                          "q_dq_nodes": ops["QuantizeLinear"] + ops["DequantizeLinear"],
                          "scores_mean_abs_diff_vs_fp32": float(np.abs(y - reference).mean())})
         print(f"timing {len(sessions)} models interleaved, {rounds} rounds ...", flush=True)
-        times = _interleaved(sessions, feed, rounds)
+        # Each round runs every model once, so load drift hits all alike.
+        timed = measure_interleaved({name: (lambda s=session: s.run(None, feed)) for name, session in sessions.items()},
+                                    warmup=3, repeats=rounds, min_repeats=rounds, budget_s=math.inf, settle=0)
         for row in rows:
-            t = sorted(times[row["model"]])
-            ratios = [f / m for f, m in zip(times["FP32"], times[row["model"]])]
-            ratios.sort()
-            row.update({"median_ms": statistics.median(t), "p90_ms": t[min(len(t) - 1, round(0.9 * (len(t) - 1)))],
-                        "min_ms": t[0], "speedup_vs_fp32": statistics.median(ratios),
-                        "speedup_p10_p90": [ratios[round(0.1 * (len(t) - 1))], ratios[round(0.9 * (len(t) - 1))]]})
+            t = timed[row["model"]]
+            ratios = sorted(f / m for f, m in zip(timed["FP32"]["times_ms"], t["times_ms"]))
+            row.update({"median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "min_ms": t["min_ms"],
+                        "speedup_vs_fp32": ratio_of_rounds(timed["FP32"], t),
+                        "speedup_p10_p90": [ratios[round(0.1 * (len(ratios) - 1))],
+                                            ratios[round(0.9 * (len(ratios) - 1))]]})
         profiles = {}
         for name in PROFILED:
             session = _session(files[name], threads, profile_prefix=str(tmp / f"profile_{name}"))
             profiles[name] = _op_profile(session, feed)
     record = {"benchmark": "qdq_ort", "model": "rsdet_atto", "image_size": image_size, "batch": 1,
-              "cpu_flags": _simd_flags(), "intra_op_num_threads": threads, "rounds": rounds, "machine": machine_info(), "results": rows,
+              "cpu_flags": _simd_flags(), "intra_op_num_threads": threads, "rounds": rounds, "machine": environment(), "results": rows,
               "op_profiles": profiles}
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "qdq_ort_cpu.json", record)
-    write_atomic(out_dir / "qdq_ort_cpu.md", _markdown(record))
+    write_json_atomic(out_dir / "qdq_ort_cpu.json", record)
+    write_text_atomic(out_dir / "qdq_ort_cpu.md", _markdown(record))
     return record
 
 
@@ -215,17 +203,9 @@ def _markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", dest="image_size", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra_op_num_threads")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = parser.parse_args(argv)
-    record = run(args.image_size, Path(args.out), rounds=args.rounds, threads=args.threads)
+def qdq_suite(config) -> dict:
+    """The suite (a :class:`~edgekit.benchmarks.suites.QdqSuiteConfig`): writes
+    ``qdq_ort_cpu.{json,md}`` under ``config.out``."""
+    record = run(config.image_size, Path(config.out), rounds=config.rounds, threads=config.threads)
     print(_markdown(record))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return record

@@ -1,32 +1,24 @@
-"""Quantization evidence (issue 4): accuracy vs BOPs of every quantization recipe, on
-scikit-learn's digits (real data, a tiny ConvNeXt V2 classifier) and on the built-in
-detector (rsdet_atto on synthetic scenes), with the issue's floors checked.
+"""Quantization evidence: accuracy vs BOPs of every quantization recipe, on scikit-learn's
+digits (real data, a tiny ConvNeXt V2 classifier) and on the built-in detector (rsdet_atto
+on synthetic scenes), with the targets of ``targets.json`` checked.
 
-    python -m edgekit.benchmarks.quantization [--quick] [--checkpoint CKPT --data DOTA_ROOT]
+    edgekit bench quantization [--quick] [--checkpoint CKPT --data DOTA_ROOT]
 
 Writes ``benchmarks/results/quantization.{md,json,png}`` (``--out`` elsewhere). Every row
-starts from the same float model and uses the calibration package's public functions
-(quantize, calibrate_activations, search_bits, layer_sensitivity, qat_train with
-distillation, profile_model), the same chain as ``edgekit quantize``.
+starts from the same float model and runs :func:`edgekit.calibration.pipeline.quantize_model`,
+the recipe ``edgekit quantize`` runs, from a :class:`QuantizeRecipe` per row.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BITS = (2, 3, 4, 5, 6, 7, 8)
 GHOST_THRESHOLD = 0.01
-# Issue 4's floors, in points (percentage points of top-1 or of mAP x 100).
-HYBRID_DROP_MAX, HYBRID_GAIN_MIN, W8A8_PTQ_DROP_MAX, SEARCH_SECONDS_MAX = 1.5, 2.0, 1.0, 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +39,7 @@ class Row:
 # unless marked "every layer"; hybrid rows search every layer, ends included, under the
 # BOPs of their uniform row. The W3A8 block repeats the comparison where uniform widths
 # cost real accuracy: every layer at 3 bits (at W4A8, even with 4-bit ends, the demo
-# detector loses 1.5-1.8 points, leaving a hybrid no room to win by the issue's 2 points
+# detector loses 1.5-1.8 points, leaving a hybrid no room to win by the targeted 2 points
 # without beating FP32).
 ROWS = (
     Row("fp32", "FP32"),
@@ -177,8 +169,6 @@ class DetectorTask:
         self.quick, self.train_seconds, self.qat_epochs, self.checkpoint = quick, train_seconds, qat_epochs, checkpoint
         self.qat_images = qat_images
         if data is None:
-            if checkpoint:
-                raise SystemExit("--checkpoint needs --data (the DOTA root it was trained on, with train/ and val/)")
             n_train, n_val, self.image_size = (8, 4, 64) if quick else (200, 48, 96)
             data = workdir / "synthetic"
             generate_synthetic_dataset(data, num_train=n_train, num_val=n_val, image_size=self.image_size, seed=seed)
@@ -194,14 +184,14 @@ class DetectorTask:
         start = time.perf_counter()
         if not self.checkpoint:
             from edgekit.data.synthetic import SYNTHETIC_CLASSES
-            from edgekit.engine.config import make_config
+            from edgekit.engine.config import TrainConfig
             from edgekit.engine.train import train
 
-            cfg = make_config({"data": str(self.data), "out": str(self.workdir / "train"), "model": "rsdet_atto",
-                               "classes": list(SYNTHETIC_CLASSES), "image_size": self.image_size,
-                               "epochs": 1 if self.quick else 60, "batch_size": 8,
-                               "time_limit": 0.0 if self.quick else self.train_seconds, "progress": progress})
-            self.checkpoint = train(cfg)["checkpoint"]
+            cfg = TrainConfig(data=str(self.data), out=str(self.workdir / "train"), model="rsdet_atto",
+                              classes=list(SYNTHETIC_CLASSES), image_size=self.image_size,
+                              epochs=1 if self.quick else 60, batch_size=8,
+                              time_limit=0.0 if self.quick else self.train_seconds, progress=progress)
+            self.checkpoint = train(cfg).checkpoint
         model, info = load_model(self.checkpoint)
         self.image_size = self.image_size or int(info.get("image_size", 256))
         self.classes = list(model.class_names)
@@ -221,9 +211,9 @@ class DetectorTask:
                                      batch_size=8, collate_fn=collate_detection)
 
     def evaluate(self, model) -> dict:
-        from edgekit.engine.evaluate import evaluate
+        from edgekit.engine.evaluate import evaluate_model
 
-        r = evaluate(model, self.val_loader, self.classes, progress=False)
+        r = evaluate_model(model, self.val_loader, self.classes, progress=False)
         return {"map": 100.0 * r["map"], "map50": 100.0 * r["map50"]}
 
     def batches(self, count: int, batch_size: int = 4) -> list:
@@ -255,31 +245,29 @@ def _resampled(data, size: int):
     return Resampled()
 
 
-def _sensitivity_fn(task, model, method: str, batches: int, probes: int):
-    """Hutchinson traces or Fisher sums on the task's own loss (labels for digits, the
-    detector's loss)."""
-    from edgekit.calibration.distill import default_losses
-    from edgekit.calibration.quantize import QuantConfig, quantizable_layers
-    from edgekit.calibration.sensitivity import layer_sensitivity
+def recipe_for(row: Row, budget_bops: float | None, opts, qat_epochs: int):
+    """The :class:`QuantizeRecipe` a row stands for: the same recipe ``edgekit quantize`` runs."""
+    from edgekit.calibration.pipeline import QuantizeRecipe
 
-    task_loss, _ = default_losses(model)
-
-    def loss_fn(m, batch):
-        inputs, targets = batch
-        return task_loss(m(inputs), targets)
-
-    def estimate():
-        return layer_sensitivity(model, loss_fn, task.batches(batches), quantizable_layers(model, QuantConfig()),
-                                 method, probes=probes)
-    return estimate
+    searched, budgeted, sensitivity = row.method != "uniform", row.method in ("budget", "sensitivity"), \
+        row.method == "sensitivity"
+    tied = row.act_bits == "tied"
+    return QuantizeRecipe(
+        method=row.method, bit_widths=list(BITS) if searched else None,
+        threshold=GHOST_THRESHOLD if row.method == "ghost" else None,
+        budget_bops=budget_bops / 1e9 if budgeted else None,
+        weight_bits=row.weight_bits if not searched else None, act_bits_mode="tied" if tied else "fixed",
+        act_bits=None if tied else row.act_bits, first_last_bits=row.ends or 0, calib_batches=opts.calib_batches,
+        sens_method=row.sensitivity if sensitivity else None, sens_batches=opts.sens_batches if sensitivity else None,
+        sens_probes=opts.sens_probes if sensitivity else None, qat_epochs=qat_epochs if row.qat else 0,
+        progress=False)
 
 
 def run_row(task, row: Row, float_model, budget_bops: float | None, opts, workdir: Path) -> dict:
-    """Quantize a copy of ``float_model`` by ``row``, calibrate, optionally QAT; measure it."""
-    from edgekit.calibration.hq_search import config_from_search, search_bits
+    """Quantize ``float_model`` by ``row`` through the pipeline's one recipe; measure it."""
+    from edgekit.calibration.pipeline import quantize_model
     from edgekit.calibration.profiler import profile_model
     from edgekit.calibration.ptq import apply_fake_quant
-    from edgekit.calibration.quantize import QuantConfig, calibrate_activations, quant_spec_from_model, quantize
 
     record = {"key": row.key, "method": row.label, "search_seconds": 0.0, "sensitivity_seconds": 0.0,
               "qat_seconds": 0.0, "weight_bits": None}
@@ -287,36 +275,27 @@ def run_row(task, row: Row, float_model, budget_bops: float | None, opts, workdi
         report = profile_model(float_model, task.image_size)
         return {**record, **task.evaluate(float_model), "bops": report.totals["bops"],
                 "size_mb": report.totals["size_mb"]}
-    config = QuantConfig(weight_bits=row.weight_bits, act_bits=row.act_bits, first_layer_bits=row.ends,
-                         last_layer_bits=row.ends)
-    if row.method != "uniform":
-        sens = _sensitivity_fn(task, float_model, row.sensitivity, opts.sens_batches, opts.sens_probes) \
-            if row.method == "sensitivity" else None
-        search = search_bits(float_model, row.method, BITS, GHOST_THRESHOLD, budget_bops=None if row.method == "ghost"
-                             else budget_bops, act_bits=row.act_bits, config=config, image_size=task.image_size,
-                             sensitivity=sens)
-        config = config_from_search(search, config)
-        record.update(search_seconds=search.seconds, sensitivity_seconds=search.sensitivity_seconds,
-                      weight_bits=search.weight_bits, budget_bops=None if row.method == "ghost" else budget_bops)
-    from edgekit.calibration.quantize import default_example_input
-    qmodel = quantize(copy.deepcopy(float_model), config, example_input=default_example_input(float_model,
-                                                                                               task.image_size))
-    calibrate_activations(qmodel, task.batches(opts.calib_batches))
-    if row.qat:
+
+    def qat(teacher, qmodel):
         from edgekit.calibration.qat import qat_train
 
         data, collate = task.qat_data()
-        result = qat_train(float_model, qmodel, data, epochs=task.qat_epochs, lr=task.qat_lr,
-                           batch_size=task.qat_batch, image_size=task.image_size, out=workdir / row.key,
-                           progress=False, collate_fn=collate, model_name=task.name)
-        qmodel = result["student"].eval()
-        record.update(qat_seconds=result["qat_seconds"], qat_epochs=len(result["history"]), distillation=True)
+        return qat_train(teacher, qmodel, data, epochs=task.qat_epochs, lr=task.qat_lr, batch_size=task.qat_batch,
+                         image_size=task.image_size, out=workdir / row.key, progress=False, collate_fn=collate,
+                         model_name=task.name)
+
+    result = quantize_model(float_model, recipe_for(row, budget_bops, opts, task.qat_epochs), task.batches, model_name=task.name,
+                            image_size=task.image_size, qat=qat)
+    if result.search is not None:
+        record.update(search_seconds=result.search.seconds, sensitivity_seconds=result.search.sensitivity_seconds,
+                      weight_bits=result.search.weight_bits,
+                      budget_bops=None if row.method == "ghost" else budget_bops)
+    if result.qat:
+        record.update(qat_seconds=result.qat["qat_seconds"], qat_epochs=len(result.qat["history"]), distillation=True)
     # Scored and profiled through the quant spec (what export computes): the spec's fake
     # quantization gives the brevitas model's outputs (checked equal) at a quarter of the time.
-    spec = quant_spec_from_model(qmodel, task.name, source="qat" if row.qat else row.method,
-                                 observer="qat" if row.qat else "percentile")
-    report = profile_model(float_model, task.image_size, spec)
-    return {**record, **task.evaluate(apply_fake_quant(float_model, spec)), "bops": report.totals["bops"],
+    report = profile_model(float_model, task.image_size, result.spec)
+    return {**record, **task.evaluate(apply_fake_quant(float_model, result.spec)), "bops": report.totals["bops"],
             "size_mb": report.totals["size_mb"]}
 
 
@@ -346,7 +325,13 @@ def run_task(task, opts, workdir: Path) -> dict:
 # ---------------------------------------------------------------- floors
 
 def check_floors(rows: list, metric: str, search_floor: bool) -> list:
-    """Issue 4's floors: each with met, the margin (>= 0 when met; < 0: the miss) and the figures."""
+    """The targets of ``targets.json`` (in points: percentage points of top-1 or of mAP x 100),
+    each with met, the margin (>= 0 when met; < 0: the miss) and the figures."""
+    from edgekit.benchmarks.targets import load_targets
+
+    targets = load_targets("quantization")
+    HYBRID_DROP_MAX, HYBRID_GAIN_MIN = targets["hybrid_drop_max"], targets["hybrid_gain_min"]
+    W8A8_PTQ_DROP_MAX, SEARCH_SECONDS_MAX = targets["w8a8_ptq_drop_max"], targets["search_seconds_max"]
     by = {r["key"]: r for r in rows}
     fp32, w4a8 = by["fp32"][metric], by["w4a8_qat"][metric]
     floors = []
@@ -369,10 +354,10 @@ def check_floors(rows: list, metric: str, search_floor: bool) -> list:
         add(f"{r['method']}: beats W4A8 QAT by >= {HYBRID_GAIN_MIN} points", r[metric] - (w4a8 + HYBRID_GAIN_MIN),
             f"{r[metric]:.2f} vs W4A8 QAT {w4a8:.2f}")
     w3a8 = by["w3a8_all_qat"][metric]
-    # Beyond the issue: the same test where uniform bits cost accuracy.
+    # Beyond the targets: the same test where uniform bits cost accuracy.
     for key in ("budget3_qat", "sensitivity3_qat", "fisher3_qat"):
         r = by[key]
-        add(f"(beyond the issue) {r['method']}: beats every-layer W3A8 QAT by >= {HYBRID_GAIN_MIN} points",
+        add(f"(beyond the targets) {r['method']}: beats every-layer W3A8 QAT by >= {HYBRID_GAIN_MIN} points",
             r[metric] - (w3a8 + HYBRID_GAIN_MIN), f"{r[metric]:.2f} vs {w3a8:.2f} "
             f"({r['bops'] / 1e9:.4f} vs {by['w3a8_all_ptq']['bops'] / 1e9:.4f} GBOPs)")
     if search_floor:
@@ -386,29 +371,14 @@ def check_floors(rows: list, metric: str, search_floor: bool) -> list:
 
 # ---------------------------------------------------------------- report
 
-def environment(argv: list) -> dict:
-    import brevitas
-    import numpy
-    import sklearn
-    import torch
-
-    import edgekit
-    from edgekit.sysinfo import cpu_model
-
-    return {"command": " ".join(["python -m edgekit.benchmarks.quantization", *argv]),
-            "processor": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-            "brevitas": brevitas.__version__, "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
-            "edgekit": getattr(edgekit, "__version__", ""),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-
-
 def render_markdown(record: dict) -> str:
     env = record["environment"]
-    lines = ["# Quantization evidence (issue 4)", "",
-             f"Command: `{env['command']}`  ", f"Machine: {env['processor']}, {env['cpus']} CPUs "
-             f"({env['torch_threads']} torch threads), {env['machine']}; python {env['python']}, torch {env['torch']}, "
-             f"brevitas {env['brevitas']}, scikit-learn {env['scikit-learn']}; {env['date_utc']} UTC  ",
+    versions = env["versions"]
+    lines = ["# Quantization evidence", "",
+             f"Command: `{env['command']}`  ", f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), "
+             f"{env['cores']} CPUs ({env['torch_threads']} torch threads), {env['machine']}; python {env['python']}, "
+             f"torch {versions['torch']}, brevitas {versions['brevitas']}, scikit-learn {versions['scikit-learn']}; "
+             f"{env['date']}  ",
              f"Load average (1 min) at start {record['load'][0]:.2f}, at end {record['load'][1]:.2f}; "
              f"total {record['seconds']:.0f} s. {record['note']}", ""]
     for t in record["tasks"]:
@@ -470,42 +440,24 @@ def plot(record: dict, path: Path) -> Path:
     return path
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def quantization_suite(config) -> dict:
+    """The quantization evidence (a :class:`~edgekit.benchmarks.suites.QuantizationSuiteConfig`):
+    writes ``quantization.{md,json,png}`` under ``config.out``; returns the record."""
+    import types
 
-
-def main(argv: list | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m edgekit.benchmarks.quantization", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny data and seconds-long training (a smoke run, < 1 min)")
-    p.add_argument("--checkpoint", help="float rsdet checkpoint to reuse (with --data) instead of training one")
-    p.add_argument("--data", help="DOTA root (train/ and val/) of --checkpoint")
-    p.add_argument("--out", default=str(RESULTS), help="folder for quantization.{md,json,png}")
-    p.add_argument("--tasks", help="comma-separated: digits, rsdet_atto (default: both; --quick: digits, since a "
-                                   "quantized detector forward takes seconds on a small CPU)")
-    p.add_argument("--seed", type=int, default=None, help="data split / synthetic seed (default: random, recorded)")
-    p.add_argument("--qat-epochs", type=_positive, default=8, help="detector QAT epochs (default 8; --quick: 1)")
-    p.add_argument("--qat-images", type=_positive, default=64,
-                   help="detector training images per QAT epoch, drawn afresh (default 64; --quick: 4)")
-    p.add_argument("--quiet", action="store_true")
-    opts = p.parse_args(argv)
     import numpy as np
     import torch
 
-    from edgekit.fileio import write_json_atomic, write_text_atomic
+    from edgekit.fileio import make_dirs, write_json_atomic, write_text_atomic
+    from edgekit.sysinfo import environment
 
-    seed = opts.seed if opts.seed is not None else int(np.random.default_rng().integers(2**31))
+    seed = config.seed if config.seed is not None else int(np.random.default_rng().integers(2**31))
     torch.manual_seed(seed)
-    opts.calib_batches, opts.sens_batches, opts.sens_probes = (2, 1, 1) if opts.quick else (2, 4, 4)
-    opts.tasks = opts.tasks or ("digits" if opts.quick else "digits,rsdet_atto")
-    names = [n.strip() for n in opts.tasks.split(",") if n.strip()]
-    if not names or set(names) - {"digits", "rsdet_atto"}:
-        p.error(f"--tasks must name digits and/or rsdet_atto, got {opts.tasks!r}")
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    calib, sens_batches, probes = (2, 1, 1) if config.quick else (2, 4, 4)
+    opts = types.SimpleNamespace(calib_batches=calib, sens_batches=sens_batches, sens_probes=probes,
+                                 quiet=not config.progress)
+    names = config.tasks or (["digits"] if config.quick else ["digits", "rsdet_atto"])
+    out = make_dirs(config.out)
     start, load0 = time.perf_counter(), os.getloadavg()[0]
     print(f"seed {seed}", flush=True)
     tasks = []
@@ -516,18 +468,18 @@ def main(argv: list | None = None) -> int:
             if name == "digits":
                 # One thread: a model this small spends 2 threads' time waiting on each other.
                 torch.set_num_threads(1)
-                task = DigitsTask(opts.quick, seed, *((2, 1) if opts.quick else (12, 6)))
+                task = DigitsTask(config.quick, seed, *((2, 1) if config.quick else (12, 6)))
             else:
-                task = DetectorTask(opts.quick, seed, workdir / "det", 0.0 if opts.quick else 200.0,
-                                    1 if opts.quick else opts.qat_epochs, 4 if opts.quick else opts.qat_images,
-                                    checkpoint=opts.checkpoint, data=opts.data)
+                task = DetectorTask(config.quick, seed, workdir / "det", 0.0 if config.quick else 200.0,
+                                    1 if config.quick else config.qat_epochs, 4 if config.quick else config.qat_images,
+                                    checkpoint=config.checkpoint, data=config.data)
             tasks.append({**run_task(task, opts, workdir / name), "torch_threads": torch.get_num_threads()})
             torch.set_num_threads(threads)
-    record = {"format": "edgekit.bench-quantization/1", "quick": opts.quick, "seed": seed,
-              "environment": environment(argv), "load": [load0, os.getloadavg()[0]],
+    record = {"format": "edgekit.bench-quantization/1", "quick": config.quick, "seed": seed,
+              "environment": environment(), "load": [load0, os.getloadavg()[0]],
               "seconds": time.perf_counter() - start, "tasks": tasks,
               "note": ("QUICK smoke run: tiny data and ~1 s trainings; the figures say nothing about accuracy."
-                       if opts.quick else "Shared 2-core machine: timings include other users' load.")}
+                       if config.quick else "Shared 2-core machine: timings include other users' load.")}
     write_json_atomic(out / "quantization.json", record)
     write_text_atomic(out / "quantization.md", render_markdown(record))
     plot(record, out / "quantization.png")
@@ -536,8 +488,4 @@ def main(argv: list | None = None) -> int:
             print(f"[{t['task']}] {'MET ' if f['met'] else 'MISS'} {f['floor']}: margin {f['margin']:+.2f} "
                   f"({f['detail']})")
     print(f"wrote {out / 'quantization.md'} ({record['seconds']:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return record

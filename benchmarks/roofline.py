@@ -301,40 +301,27 @@ def validation_markdown(v: dict, machine: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m edgekit.benchmarks.roofline [--model rsdet_atto] [--image-size 256]``:
-    writes ``benchmarks/results/roofline_cpu.{json,md}``."""
-    import argparse
+def roofline_suite(config) -> dict:
+    """Validate the roofline predictor against eager latency on this CPU (a
+    :class:`~edgekit.benchmarks.suites.RooflineSuiteConfig`): writes ``roofline_cpu.{json,md}``."""
     from pathlib import Path
 
     import torch
 
-    from edgekit.benchmarks.harness import machine_info
     from edgekit.benchmarks.latency import time_callable, torch_threads
+    from edgekit.engine.checkpoint import load
     from edgekit.fileio import write_json_atomic, write_text_atomic
-    from edgekit.models import create_model
+    from edgekit.sysinfo import environment
 
-    p = argparse.ArgumentParser(description="validate the roofline predictor against eager latency on this CPU")
-    p.add_argument("--model", default="rsdet_atto")
-    p.add_argument("--image-size", dest="image_size", type=int, default=256)
-    p.add_argument("--duration", type=float, default=5.0)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = p.parse_args(argv)
-    model = create_model(args.model).eval()
-    x = torch.randn(1, 3, args.image_size, args.image_size)
+    model = load(config.model).model
+    x = torch.randn(1, 3, config.image_size, config.image_size)
     with torch_threads(None), torch.inference_mode():
-        t = time_callable(lambda: model(x), warmup_s=1.0, duration_s=args.duration, min_count=5, keep_values=False)
+        t = time_callable(lambda: model(x), warmup_s=1.0, duration_s=config.duration, min_count=5, keep_values=False)
     v = validate_on_cpu(model, x, t.latency["mean"])
-    v["model"], v["image_size"], v["measured_latency"] = args.model, args.image_size, t.latency
-    machine = machine_info()
-    out = Path(args.out)
+    v["model"], v["image_size"], v["measured_latency"] = config.model, config.image_size, t.latency
+    machine = environment()
+    out = Path(config.out)
     write_json_atomic(out / "roofline_cpu.json", {"machine": machine, **v})
     write_text_atomic(out / "roofline_cpu.md", validation_markdown(v, machine))
     print(f"predicted {v['predicted']['total_ms']:.2f} ms, measured {t.latency['mean']:.2f} ms -> {out / 'roofline_cpu.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
+    return v

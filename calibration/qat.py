@@ -241,8 +241,8 @@ def qat_train(model, quantized_model=None, data=None, *, epochs: int = 1, time_l
         if evaluate_fn is not None:
             result["val"] = evaluate_fn(student)
         elif val_loader is not None:
-            from edgekit.engine.evaluate import evaluate
-            result["val"] = evaluate(student, val_loader, classes, progress=progress)
+            from edgekit.engine.evaluate import evaluate_model
+            result["val"] = evaluate_model(student, val_loader, classes, progress=progress)
         write_json_atomic(out / "qat.json", result)
     dist.cleanup()
     return {**result, "student": student, "switch": switch}

@@ -8,36 +8,49 @@ report is markdown + JSON + a PNG of predictions on held-out images.
 
 from __future__ import annotations
 
-import os
-import platform
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from edgekit.config import StageConfig, require
 from edgekit.data.images import load_image
 from edgekit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
 from edgekit.demo_deploy import deploy_stages, render_deploy
-from edgekit.engine.checkpoint import load_model
-from edgekit.engine.config import make_config
+from edgekit.engine.checkpoint import load
+from edgekit.engine.config import TrainConfig
 from edgekit.engine.predict import detect_array, draw_detections
 from edgekit.engine.train import train
-from edgekit.fileio import temp_path, write_json_atomic, write_text_atomic
-from edgekit.sysinfo import cpu_model
+from edgekit.fileio import atomic_target, check_output_dir, make_dirs, write_json_atomic, write_text_atomic
+from edgekit.sysinfo import environment
 
 FULL = {"num_train": 480, "num_val": 120, "image_size": 256, "epochs": 40, "batch_size": 8}
 GRID_SCORE_THRESHOLD = 0.4  # the picture shows confident boxes; mAP uses every score
 QUICK = {"num_train": 16, "num_val": 8, "image_size": 128, "epochs": 1, "batch_size": 8}
 
 
-def run_demo(out: Path, time_limit: float = 330.0, quick: bool = False, progress: bool = True) -> dict:
-    """Run the demo into ``out``; returns the report dict (also written as report.json)."""
+@dataclass
+class DemoConfig(StageConfig):
+    out: str = "demo_out"
+    time_limit: float = 330.0   # training budget in seconds
+    quick: bool = False         # a tiny run that checks the plumbing in about a minute
+    progress: bool = True
+
+    def check(self) -> None:
+        require(0 < self.time_limit <= 86_400, "time_limit", self.time_limit, "in (0, 86400] seconds")
+
+
+def run_demo(config: DemoConfig | None = None) -> dict:
+    """Run every stage on the built-in data into ``config.out``; returns the report dict
+    (also written as report.json, with report.md and predictions.png)."""
+    config = config or DemoConfig()
+    out, time_limit, quick, progress = Path(config.out), config.time_limit, config.quick, config.progress
+    check_output_dir(out)
     t0 = time.perf_counter()
     plan = QUICK if quick else FULL
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     stages = {}
 
     t = time.perf_counter()
@@ -47,28 +60,26 @@ def run_demo(out: Path, time_limit: float = 330.0, quick: bool = False, progress
     stages["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cfg = make_config({"data": str(data), "out": str(out / "train"), "model": "rsdet_atto",
-                       "classes": list(SYNTHETIC_CLASSES), "image_size": plan["image_size"],
-                       "epochs": plan["epochs"], "batch_size": plan["batch_size"],
-                       "time_limit": 0.0 if quick else time_limit, "progress": progress})
+    cfg = TrainConfig(data=str(data), out=str(out / "train"), model="rsdet_atto", classes=list(SYNTHETIC_CLASSES),
+                      image_size=plan["image_size"], epochs=plan["epochs"], batch_size=plan["batch_size"],
+                      time_limit=0.0 if quick else time_limit, progress=progress)
     result = train(cfg)
     stages["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model, info = load_model(result["checkpoint"])
+    model = load(result.checkpoint).model
     grid = out / "predictions.png"
     _prediction_grid(model, sorted((data / "val" / "images").iterdir())[:8], plan["image_size"],
                      list(SYNTHETIC_CLASSES), grid)
     stages["predict"] = time.perf_counter() - t
 
-    deploy, deploy_seconds = deploy_stages(Path(result["checkpoint"]), data, out / "deploy", quick=quick,
-                                           quiet=not progress)
+    deploy, deploy_seconds = deploy_stages(result.checkpoint, data, out / "deploy", quick=quick, quiet=not progress)
     stages.update(deploy_seconds)
 
     report = {
-        "val": result["val"], "classes": list(SYNTHETIC_CLASSES), "plan": plan, "time_limit": time_limit,
-        "epochs_run": len(result["history"]), "history": result["history"], "stage_seconds": stages,
-        "total_seconds": time.perf_counter() - t0, "checkpoint": result["checkpoint"],
+        "val": result.val, "classes": list(SYNTHETIC_CLASSES), "plan": plan, "time_limit": time_limit,
+        "epochs_run": len(result.history), "history": result.history, "stage_seconds": stages,
+        "total_seconds": time.perf_counter() - t0, "checkpoint": str(result.checkpoint),
         "environment": environment(), "deploy": deploy,
     }
     write_json_atomic(out / "report.json", report)
@@ -85,21 +96,18 @@ def _prediction_grid(model, paths, image_size, classes, target: Path, columns: i
     rows = [np.concatenate(tiles[i:i + columns], axis=1) for i in range(0, len(tiles), columns)]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    tmp = temp_path(target)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
-    tmp.replace(target)
-
-
-def environment() -> dict:
-    import edgekit
-
-    return {"command": " ".join(["edgekit"] + sys.argv[1:]) if sys.argv else "", "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "processor": cpu_model(), "edgekit": getattr(edgekit, "__version__", "")}
+    with atomic_target(target) as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
 
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _environment_line(env: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    return (f"Environment: `{env['command']}` on {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores, "
+            f"{env['torch_threads']} torch threads, python {env['python']}; {versions}; {env['date']}.")
 
 
 def render_report(r: dict) -> str:
@@ -118,6 +126,6 @@ def render_report(r: dict) -> str:
         f"Predictions (score >= {GRID_SCORE_THRESHOLD}) on held-out images: `predictions.png`. "
         f"Checkpoint: `{r['checkpoint']}`.", "",
         *render_deploy(r["deploy"]),
-        "Environment: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items()), "",
+        _environment_line(r["environment"]), "",
     ]
     return "\n".join(lines)

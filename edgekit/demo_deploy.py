@@ -1,82 +1,68 @@
-"""The demo's deployment stages: quantize -> calibrate -> export (parity, bundle) -> bench.
-
-Each stage runs the real ``edgekit`` sub-command, exactly as a user would type it, and the
-demo reads back the files the command wrote. So the demo exercises the same code paths,
-checks and error handling as the CLI, and the report quotes the commands' own results.
+"""The demo's deployment stages: profile -> quantize -> calibrate -> export (parity,
+bundle) -> bench, each through its Python API function with its config object, as a user's
+script would run them; the report quotes the functions' own results.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from edgekit.errors import EdgekitError
-
 # ONNX Runtime's x86 int8 kernels without VNNI can saturate with 8-bit weights; the
-# calibrate command recommends 7-bit weights there (see `edgekit calibrate --help`).
+# calibrate stage recommends 7-bit weights there (see `edgekit calibrate --help`).
 PTQ_WEIGHT_BITS = 7
 CALIBRATION_BATCHES = 8
 
 
-def run_command(argv: list[str]) -> None:
-    """Run one ``edgekit`` sub-command in-process; a failure stops the demo with its command line."""
-    from edgekit.cli import main
-
-    code = main(argv)
-    if code != 0:
-        raise EdgekitError(f"demo stage `edgekit {' '.join(argv)}` failed with exit status {code}")
-
-
-def _read(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 def deploy_stages(checkpoint: Path, data: Path, out: Path, *, quick: bool, quiet: bool) -> tuple[dict, dict]:
     """Run every deployment stage on ``checkpoint``; returns (results, stage seconds)."""
-    quiet_flag = ["--quiet"] if quiet else []
-    ckpt, val, train = str(checkpoint), str(data / "val"), str(data / "train")
-    results, seconds = {}, {}
+    from edgekit.benchmarks.model_bench import BenchConfig, bench
+    from edgekit.calibration.pipeline import (CalibrateConfig, QuantizeRecipe, calibrate_checkpoint,
+                                              profile, quantize_checkpoint)
+    from edgekit.export.pipeline import ExportConfig, export
 
-    def stage(name: str, argv: list[str]) -> None:
+    val, train = str(data / "val"), str(data / "train")
+    results, seconds, calls = {}, {}, {}
+
+    def stage(name: str, call: str, fn):
         t = time.perf_counter()
-        run_command(argv)
+        value = fn()
         seconds[name] = time.perf_counter() - t
-        results.setdefault("commands", {})[name] = "edgekit " + " ".join(argv)
+        calls[name] = call
+        return value
 
-    stage("profile", ["profile", ckpt, "--json", str(out / "profile_fp32.json")])
-    results["fp32_profile"] = _read(out / "profile_fp32.json")["totals"]
+    results["fp32_profile"] = stage("profile", "profile(checkpoint)", lambda: profile(checkpoint)).totals
 
-    ghost = out / "ghost"
-    stage("quantize", ["quantize", ckpt, "--method", "ghost", "--act-bits-mode", "tied", "--data", train,
-                       "--out", str(ghost), *quiet_flag])
-    results["ghost"] = _read(ghost / "search.json")
+    recipe = QuantizeRecipe(method="ghost", act_bits_mode="tied", progress=not quiet)
+    ghost = stage("quantize", f"quantize_checkpoint(checkpoint, {recipe!r}, data=train)",
+                  lambda: quantize_checkpoint(checkpoint, recipe, data=train, out=out / "ghost"))
+    results["ghost"] = {"totals": ghost.totals, "search": ghost.search.to_dict() if ghost.search else None}
 
-    spec = out / "ptq_spec.json"
-    stage("calibrate", ["calibrate", ckpt, "--data", train, "--batches", str(2 if quick else CALIBRATION_BATCHES),
-                        "--observer", "percentile", "--weight-bits", str(PTQ_WEIGHT_BITS), "--out", str(spec),
-                        *quiet_flag])
+    calibration = CalibrateConfig(observer="percentile", batches=2 if quick else CALIBRATION_BATCHES,
+                                  weight_bits=PTQ_WEIGHT_BITS, progress=not quiet)
+    ptq = stage("calibrate", f"calibrate_checkpoint(checkpoint, train, {calibration!r})",
+                lambda: calibrate_checkpoint(checkpoint, train, calibration, out=out / "ptq_spec.json"))
 
-    exports = {"fp32": ("onnx", []), "int8": ("onnx-int8", ["--calibration", str(spec)]),
-               "ghost": ("onnx-mixed", ["--calibration", str(ghost / "quant_spec.json")])}
-    bundle = out / "bundle"
+    exports = {"fp32": ExportConfig(format="onnx", out=str(out / "onnx_fp32"), data=val, bundle=str(out / "bundle")),
+               "int8": ExportConfig(format="onnx-int8", out=str(out / "onnx_int8"), data=val,
+                                    calibration=str(ptq.path)),
+               "ghost": ExportConfig(format="onnx-mixed", out=str(out / "onnx_ghost"), data=val,
+                                     calibration=str(out / "ghost" / "quant_spec.json"))}
     results["exports"] = {}
-    for name, (fmt, extra) in exports.items():
-        target = out / f"onnx_{name}"
-        bundle_args = ["--bundle", str(bundle)] if name == "fp32" else []
-        stage(f"export {name}", ["export", ckpt, "--format", fmt, "--out", str(target), "--data", val,
-                                 *extra, *bundle_args])
-        parity = _read(target / "parity.json")
-        results["exports"][name] = {"file": str(target / parity["onnx"]), "parity": parity,
-                                    "size_mb": (target / parity["onnx"]).stat().st_size / 1e6}
-    results["bundle"] = str(bundle)
+    for name, config in exports.items():
+        done = stage(f"export {name}", f"export(checkpoint, {config!r})",
+                     lambda config=config: export(checkpoint, config))
+        results["exports"][name] = {"file": str(done.target), "parity": done.parity,
+                                    "size_mb": done.target.stat().st_size / 1e6}
+    results["bundle"] = str(out / "bundle")
 
     # The checkpoint's "ort" row is the FP32 export; the quantized files run as written.
     quantized = [results["exports"][name]["file"] for name in ("int8", "ghost")]
-    bench = out / "bench"
-    stage("bench", ["bench", ckpt, *quantized, "--backends", "eager,ort", "--duration", "1" if quick else "4",
-                    "--threads", "2", "--data", val, "--no-roofline", "--out", str(bench)])
-    results["bench"] = _read(bench / "bench.json")
+    settings = BenchConfig(backends=["eager", "ort"], duration=1.0 if quick else 4.0, threads=2, data=val,
+                           roofline=False, out=str(out / "bench"))
+    results["bench"] = stage("bench", f"bench([checkpoint, *quantized], {settings!r})",
+                             lambda: bench([str(checkpoint), *quantized], settings)).record
+    results["commands"] = calls
     return results, seconds
 
 
@@ -112,5 +98,6 @@ def render_deploy(r: dict) -> list[str]:
         acc = (row.get("accuracy") or {}).get("map50")
         lines.append(f"| {row['model']} | {row['format']} | {row['ms_per_img']:.1f} | {row['fps']:.1f} | "
                      f"{'n/a' if acc is None else f'{acc:.3f}'} |")
-    lines += ["", "Commands the demo ran:", "", *[f"- `{c}`" for c in r["commands"].values()], ""]
+    lines += ["", "API calls the demo made (edgekit.api; each stage's CLI verb maps its flags to the same config):",
+              "", *[f"- `{c}`" for c in r["commands"].values()], ""]
     return lines

@@ -15,3 +15,10 @@ class EdgekitError(Exception):
 
 class BackendUnavailableError(EdgekitError):
     """A kernel backend was requested that cannot run on this machine."""
+
+
+class CheckError(EdgekitError):
+    """A check on valid input failed (export parity, a benchmark's correctness check):
+    exit status 1, as a failed test, not 2 as bad input."""
+
+    exit_code = 1

@@ -17,7 +17,7 @@ Runtime's CPU provider on sample inputs:
   activations (forward hooks) and the ONNX graph's intermediate tensors (exposed as extra
   outputs of a copy of the graph).
 
-Reports are plain dicts (JSON-ready); the CLI writes them as ``parity.json``.
+Reports are plain dicts (JSON-ready); the export stage writes them as ``<model>.parity.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import CheckError, EdgekitError
 
 # Per precision, an element passes when |onnx - torch| <= atol * max(scale, 1) + rtol * |torch|,
 # scale = max |torch| of that output: boxes are in pixels (their atol grows with the image),
@@ -54,12 +54,15 @@ TOLERANCES: dict[str, dict[str, float]] = {
 SQNR_CAP_DB = 200.0  # reported for bit-identical tensors (infinite SQNR is not valid JSON)
 
 
-class ParityError(EdgekitError):
+class ParityError(CheckError):
     """The exported graph's outputs are further from the torch model's than the precision allows.
 
-    Exit status 1, not 2: the input was valid, the result is not (as a failed test)."""
+    Exit status 1, not 2: the input was valid, the result is not (as a failed test).
+    ``result`` holds what was written (an :class:`~edgekit.export.pipeline.ExportResult`)."""
 
-    exit_code = 1
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 def _tolerance(precision: str) -> dict:

@@ -8,7 +8,7 @@
 # none that the image lacks). Then, each step's log kept:
 #   1. environment.txt  nvidia-smi, python, torch/CUDA and the relevant package versions;
 #   2. pytest.txt       tests/test_kernels_gpu.py: both GPU backends against float64 references;
-#   3. suite.txt        python -m edgekit.benchmarks.kernels_gpu: kernels_gpu.{json,md};
+#   3. suite.txt        edgekit bench kernels-gpu: kernels_gpu.{json,md};
 #   4. build.txt        last, the CPU-side nvcc build of every .cu for every target arch (the
 #                       image's nvcc), so a slow step cannot cost the GPU results.
 # Each step has its own time limit, inside the device tool's 600 s per call (the simulator
@@ -37,7 +37,7 @@ fi
 
 timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py --junitxml "$out/junit.xml" \
     > "$out/pytest.txt" 2>&1 || status=1
-timeout 330 "$py" -m edgekit.benchmarks.kernels_gpu "$@" --out "$out" > "$out/suite.txt" 2>&1 || status=1
+timeout 330 "$py" -m edgekit.cli bench kernels-gpu "$@" --out "$out" > "$out/suite.txt" 2>&1 || status=1
 timeout 60 "$py" scripts/check_cuda_build.py > "$out/build.txt" 2>&1 || status=1
 
 echo "== pytest"; tail -n 6 "$out/pytest.txt"

@@ -22,11 +22,11 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory):
     """(train result, output folder) of a one-epoch run on the tiny set."""
-    from edgekit.engine.config import make_config
+    from edgekit.engine.config import TrainConfig
     from edgekit.engine.train import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = make_config({"data": str(tiny_data), "out": str(out), "image_size": 128, "epochs": 1, "batch_size": 4,
+    cfg = TrainConfig.from_options({"data": str(tiny_data), "out": str(out), "image_size": 128, "epochs": 1, "batch_size": 4,
                        "progress": False})
     return train(cfg), out
 

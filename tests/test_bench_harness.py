@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgekit.benchmarks.harness import measure, measure_interleaved, ratio_of_rounds
+from edgekit.benchmarks.latency import measure, measure_interleaved, ratio_of_rounds
 
 
 def test_interleaved_rounds_call_every_function_once_in_turn():

@@ -28,11 +28,11 @@ def assert_one_line_error(code, err, needle):
 
 def test_eval_and_predict_on_the_tiny_checkpoint(capsys, tiny_run, tiny_data, tmp_path):
     result, _ = tiny_run
-    code, out, _ = run(capsys, "eval", "--checkpoint", result["checkpoint"], "--data", str(tiny_data / "val"),
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(result.checkpoint), "--data", str(tiny_data / "val"),
                        "--out", str(tmp_path / "m.json"), "--quiet")
     assert code == 0 and "mAP@.5" in out
     assert json.loads((tmp_path / "m.json").read_text())["num_images"] == 4
-    code, out, _ = run(capsys, "predict", str(tiny_data / "val" / "images"), "--checkpoint", result["checkpoint"],
+    code, out, _ = run(capsys, "predict", str(tiny_data / "val" / "images"), "--checkpoint", str(result.checkpoint),
                        "--out", str(tmp_path / "pred"), "--score-threshold", "0.0", "--quiet")
     assert code == 0
     preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
@@ -43,7 +43,7 @@ def test_eval_and_predict_on_the_tiny_checkpoint(capsys, tiny_run, tiny_data, tm
 def test_predict_tiles_a_real_dota_image(capsys, tiny_run, tmp_path):
     result, _ = tiny_run
     image = DOTA_EXAMPLE / "images" / "P0706.png"
-    code, _, _ = run(capsys, "predict", str(image), "--checkpoint", result["checkpoint"], "--out", str(tmp_path),
+    code, _, _ = run(capsys, "predict", str(image), "--checkpoint", str(result.checkpoint), "--out", str(tmp_path),
                      "--score-threshold", "0.05", "--quiet")
     assert code == 0
     entry = json.loads((tmp_path / "predictions.json").read_text())[str(image)]
@@ -68,21 +68,24 @@ def corrupt_image(tmp_path):
 
 
 def test_bad_inputs_give_one_line_and_status_2(capsys, tiny_run, tiny_data, tmp_path, corrupt_image):
-    ckpt = tiny_run[0]["checkpoint"]
+    ckpt = str(tiny_run[0].checkpoint)
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("learning_rate: 0.1\n")
     cases = [
         (("train", "--data", str(tmp_path / "nowhere")), "not found"),
         (("train", "--data", str(tiny_data), "--model", "resnet50"), "unknown model 'resnet50'"),
         (("train", "--data", str(tiny_data), "--model", "convnextv2_atto"), "is not a detector"),
-        (("train", "--data", str(tiny_data), "--config", str(bad_cfg)), "unknown config key 'learning_rate'"),
-        (("train", "--data", str(tiny_data), "--epochs", "0"), "epochs=0 is invalid"),
+        (("train", "--data", str(tiny_data), "--config", str(bad_cfg)), "unknown key 'learning_rate'"),
+        (("train", "--data", str(tiny_data), "--epochs", "0"), "--epochs must be an integer in [1, 100000], got 0"),
+        (("train", "--data", str(tiny_data), "--image-size", "32000"), "between 32 and 4096"),
+        (("train", "--data", str(tiny_data), "--lr", "inf"), "--lr must be a finite number"),
+        (("train", "--data", str(tiny_data), "--epochs", "two"), "argument --epochs: invalid int value"),
         (("eval", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", str(tiny_data / "val")), "not found"),
         (("eval", "--checkpoint", str(corrupt_image), "--data", str(tiny_data / "val")), "not a readable safetensors"),
         (("predict", str(tmp_path / "missing.png"), "--checkpoint", ckpt), "missing.png"),
         (("predict", str(corrupt_image), "--checkpoint", ckpt, "--out", str(tmp_path / "p")), "broken.png"),
         (("predict", str(corrupt_image), "--checkpoint", ckpt, "--score-threshold", "2"), "--score-threshold"),
-        (("convert", str(tiny_data / "val"), str(tmp_path / "x"), "--from", "dota", "--to", "voc"), "voc"),
+        (("convert", str(tiny_data / "val"), str(tmp_path / "x"), "--from", "dota", "--to", "kitti"), "kitti"),
     ]
     for argv, needle in cases:
         code, _, err = run(capsys, *argv)
@@ -119,7 +122,7 @@ def test_large_images_must_be_tiled_before_eval(capsys, tiny_run, tmp_path):
     (src / "images").mkdir(parents=True)
     shutil.copytree(DOTA_EXAMPLE / "labelTxt", src / "labelTxt")
     shutil.copy(DOTA_EXAMPLE / "images" / "P1888.png", src / "images")
-    ckpt = tiny_run[0]["checkpoint"]
+    ckpt = str(tiny_run[0].checkpoint)
     code, _, err = run(capsys, "eval", "--checkpoint", ckpt, "--data", str(src), "--quiet")
     assert_one_line_error(code, err, "tile the data set first")
     code, out, _ = run(capsys, "tile", str(src), str(tmp_path / "tiles"), "--tile-size", "128", "--overlap", "32",

@@ -247,7 +247,7 @@ def test_quantize_command_with_qat(capsys, tiny_run, tiny_data, tmp_path):
     """--qat-epochs hands the quantized model to calibration.qat and exports its trained scales."""
     result, _ = tiny_run
     out = tmp_path / "qat"
-    code, _, err = run_cli(capsys, "quantize", result["checkpoint"], "--method", "uniform", "--weight-bits", "4",
+    code, _, err = run_cli(capsys, "quantize", str(result.checkpoint), "--method", "uniform", "--weight-bits", "4",
                            "--calib-batches", "1", "--qat-epochs", "1", "--qat-data", str(tiny_data),
                            "--out", str(out), "--quiet")
     assert code == 0, err

@@ -17,7 +17,7 @@ from pathlib import Path
 from edgekit.data.dota import DotaAnnotation, DotaObject
 from edgekit.data.images import image_size
 from edgekit.errors import EdgekitError
-from edgekit.fileio import write_json_atomic
+from edgekit.fileio import confined_path, write_json_atomic
 
 ANNOTATIONS = "annotations.json"
 
@@ -103,7 +103,7 @@ def read_coco_dataset(root: str | Path, classes=None) -> tuple[list[str], list[t
     classes, entries = coco_to_annotations(read_coco_json(path), classes, source=str(path))
     items = []
     for file_name, _, _, annotation in entries:
-        image = images_dir / file_name
+        image = confined_path(images_dir, file_name, str(path))
         if not image.is_file():
             raise EdgekitError(f"{path}: image '{file_name}' not found in {images_dir}")
         items.append((image, annotation))

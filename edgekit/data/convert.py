@@ -1,4 +1,4 @@
-"""Convert a labelled image folder between the DOTA, YOLO and COCO layouts.
+"""Convert a labelled image folder between the DOTA, YOLO, YOLO-OBB, COCO and Pascal VOC layouts.
 
 Every format is read into the same in-memory form, (image path, DotaAnnotation with pixel
 polygons), and written from it: DOTA polygons become horizontal boxes in YOLO/COCO,
@@ -6,23 +6,31 @@ YOLO/COCO boxes become axis-aligned 4-point polygons in DOTA. The output folder 
 under a temporary name next to ``dst`` and renamed into place when complete.
 
 Layouts: DOTA root/images + root/labelTxt; YOLO root/images + root/labels +
-root/classes.txt; COCO root/images + root/annotations.json.
+root/classes.txt (YOLO-OBB: the same, with ``class x1 y1 ... x4 y4`` lines); COCO
+root/images + root/annotations.json; VOC root/images + root/annotations/*.xml (read also
+from the classic JPEGImages/ + Annotations/). Oriented polygons survive DOTA and YOLO-OBB;
+YOLO, COCO and VOC hold their enclosing horizontal boxes.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.data.coco import ANNOTATIONS, annotations_to_coco, coco_items, read_coco_dataset, write_coco_json
 from edgekit.data.dota import (DOTA_V1_CLASSES, DOTA_V15_CLASSES, DOTA_V2_CLASSES, read_dota_dataset,
                                write_dota_labels)
 from edgekit.data.images import image_size
+from edgekit.data.voc import read_voc_dataset, write_voc_labels
 from edgekit.data.yolo import annotation_to_yolo, read_yolo_dataset, write_yolo_classes, write_yolo_labels
+from edgekit.data.yolo_obb import read_yolo_obb_dataset, write_yolo_obb_labels
+from edgekit.config import StageConfig, require
 from edgekit.errors import EdgekitError
+from edgekit.fileio import check_output_dir
 
-FORMATS = ("dota", "yolo", "coco")
+FORMATS = ("dota", "yolo", "yolo-obb", "coco", "voc")
 
 
 def _check_format(name, role: str) -> str:
@@ -42,6 +50,10 @@ def read_dataset(root, fmt: str, classes=None) -> tuple[list[str], list]:
         return read_yolo_dataset(root, classes)
     if fmt == "coco":
         return read_coco_dataset(root, classes)
+    if fmt == "voc":
+        return read_voc_dataset(root, classes)
+    if fmt == "yolo-obb":
+        return read_yolo_obb_dataset(root, classes)
     items = read_dota_dataset(root, classes)
     return (list(classes) if classes is not None else default_dota_classes(items)), items
 
@@ -78,6 +90,10 @@ def write_dataset(root, fmt: str, classes, items, link: bool = False):
             h, w = image_size(image)
             write_yolo_labels(root / "labels" / f"{image.stem}.txt",
                               annotation_to_yolo(annotation, classes, h, w, path=image))
+    elif fmt == "voc":
+        write_voc_labels(root, classes, items)
+    elif fmt == "yolo-obb":
+        write_yolo_obb_labels(root, classes, items)
     else:
         write_coco_json(root / ANNOTATIONS, annotations_to_coco(coco_items(items), classes))
 
@@ -90,6 +106,27 @@ def _transfer(src: Path, dst: Path, link: bool):
         except OSError:
             pass  # another file system or no hard links: fall back to a copy
     shutil.copy2(src, dst)
+
+
+@dataclass
+class ConvertConfig(StageConfig):
+    src_format: str = "dota"
+    dst_format: str = "coco"
+    classes: list[str] | None = None   # fixes the class list and its order (YOLO ids, COCO category ids)
+    link: bool = False                 # hard-link images instead of copying
+
+    def check(self) -> None:
+        _check_format(self.src_format, "source")
+        _check_format(self.dst_format, "destination")
+        if self.classes is not None:
+            require(bool(self.classes) and len(set(self.classes)) == len(self.classes), "classes", self.classes,
+                    "a non-empty list of distinct class names")
+
+
+def convert(src, dst, config: ConvertConfig) -> dict:
+    """The convert stage: :func:`convert_dataset` with a checked config; returns the summary."""
+    check_output_dir(Path(dst).parent, "destination")
+    return convert_dataset(src, dst, config.src_format, config.dst_format, config.classes, config.link)
 
 
 def convert_dataset(src, dst, src_format: str, dst_format: str, classes=None, link: bool = False) -> dict:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,9 @@ from tqdm import tqdm
 from edgekit.boxes import batched_nms
 from edgekit.data.dota import DotaAnnotation, DotaObject, read_dota_dataset, write_dota_labels
 from edgekit.data.images import load_image, save_image
+from edgekit.config import StageConfig, require
 from edgekit.errors import EdgekitError
+from edgekit.fileio import check_output_dir
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
 
@@ -194,6 +197,27 @@ def split_annotation(annotation: DotaAnnotation, window: Window, min_visible: fl
 def tile_name(stem: str, window: Window) -> str:
     """The devkit's tile naming, ``P0706__1__512___0`` (name, scale, x0, y0), so its merge tools apply."""
     return f"{stem}__1__{window[0]}___{window[1]}"
+
+
+@dataclass
+class TileConfig(StageConfig):
+    tile_size: int = 1024
+    overlap: int = 200
+    min_visible: float = 0.7     # objects less visible than this in a tile are kept but marked difficult
+    skip_empty: bool = False     # leave out tiles without any object
+    progress: bool = True
+
+    def check(self) -> None:
+        require(32 <= self.tile_size <= 1 << 15, "tile_size", self.tile_size, "an integer in [32, 32768]")
+        require(0 <= self.overlap < self.tile_size, "overlap", self.overlap, "in [0, --tile-size)")
+        require(0 <= self.min_visible <= 1, "min_visible", self.min_visible, "a fraction in [0, 1]")
+
+
+def tile(src, dst, config: TileConfig) -> dict:
+    """The tile stage: :func:`tile_dataset` with a checked config; returns the summary."""
+    check_output_dir(Path(dst).parent, "destination")
+    return tile_dataset(src, dst, config.tile_size, config.overlap, config.min_visible,
+                        skip_empty=config.skip_empty, progress=config.progress)
 
 
 def tile_dataset(src_root, dst_root, tile_size: int = 1024, overlap: int = 200, min_visible: float = 0.7,

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from tqdm import tqdm
+
+from edgekit.config import StageConfig, require
+from edgekit.errors import EdgekitError
 
 
 def coco_ground_truth(targets: list[dict], class_names: list[str]) -> dict:
@@ -80,7 +85,7 @@ def scale_and_clip(boxes, scale: float, size) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, class_names: list[str], score_threshold: float = 0.01, progress: bool = True) -> dict:
+def evaluate_model(model, loader, class_names: list[str], score_threshold: float = 0.01, progress: bool = True) -> dict:
     """Run ``model.predict`` over a loader of (images, targets) and score it against COCO mAP."""
     model.eval()
     all_targets, all_preds = [], []
@@ -90,3 +95,65 @@ def evaluate(model, loader, class_names: list[str], score_threshold: float = 0.0
             all_preds.append(to_original_coordinates(p, t))
             all_targets.append({**t, "boxes": t["boxes"] / float(t["scale"])})
     return coco_map(all_targets, all_preds, class_names)
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    batch_size: int = 16
+    score_threshold: float = 0.01   # detections below it are not scored (COCO keeps up to 100 per image)
+    progress: bool = True
+
+    def check(self) -> None:
+        require(1 <= self.batch_size <= 1024, "batch_size", self.batch_size, "an integer in [1, 1024]")
+        require(0 <= self.score_threshold < 1, "score_threshold", self.score_threshold, "in [0, 1)")
+
+
+@dataclass
+class Metrics:
+    """COCO-style scores of one evaluation: mAP@[.5:.95], mAP@.5, per class (None for a
+    class absent from the split), over ``num_images`` images."""
+
+    map: float
+    map50: float
+    per_class: dict
+    num_images: int
+
+    def to_dict(self) -> dict:
+        return {"map": self.map, "map50": self.map50, "per_class": self.per_class, "num_images": self.num_images}
+
+    def table(self) -> str:
+        """The text the eval command prints: totals, then one line per class."""
+        def fmt(value) -> str:
+            return "  n/a " if value is None else f"{value:.4f}"
+
+        lines = [f"mAP@[.5:.95] {self.map:.4f}  mAP@.5 {self.map50:.4f}  ({self.num_images} images)"]
+        lines += [f"  {name:<20} AP {fmt(m['ap'])}  AP50 {fmt(m['ap50'])}" for name, m in self.per_class.items()]
+        return "\n".join(lines)
+
+
+def evaluate(checkpoint, data, config: EvalConfig | None = None, out=None) -> Metrics:
+    """Score a detector checkpoint on a DOTA-format split (images/ + labelTxt/); with
+    ``out``, also write the metrics there as JSON. A split without any labelled object is
+    refused: its mAP would be a meaningless 0."""
+    from torch.utils.data import DataLoader
+
+    from edgekit.data.dataset import DetectionDataset, collate_detection
+    from edgekit.engine.checkpoint import load
+    from edgekit.fileio import check_output_file, write_json_atomic
+
+    config = config or EvalConfig()
+    if out is not None:
+        check_output_file(out, "--out")
+    loaded = load(checkpoint)
+    classes = loaded.detector_classes()
+    dataset = DetectionDataset(Path(data), classes, image_size=loaded.image_size)
+    if not sum(len(labels) for labels in dataset.labels):
+        raise EdgekitError(f"{data}: no labelled object of the model's classes ({', '.join(classes)}) in this split; "
+                           f"mAP needs ground truth: check the labelTxt folder and the class names")
+    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate_detection)
+    raw = evaluate_model(loaded.model, loader, classes, score_threshold=config.score_threshold,
+                         progress=config.progress)
+    metrics = Metrics(raw["map"], raw["map50"], raw["per_class"], raw["num_images"])
+    if out is not None:
+        write_json_atomic(out, metrics.to_dict())
+    return metrics

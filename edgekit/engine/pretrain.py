@@ -18,10 +18,12 @@ classifier or a detector backbone with :func:`edgekit.models.fcmae.load_pretrain
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,7 @@ class PretrainConfig(StageConfig):
     ema_decay: float = 0.999
     seed: int = 0
     workers: int = 0
+    device: str = "auto"               # auto (a GPU when there is one), cpu, cuda or cuda:N
     time_limit: float = 0.0            # seconds; 0: no limit
     resume: str | None = None          # a last.state.pt to continue from
     progress: bool = True
@@ -111,6 +114,8 @@ class PretrainConfig(StageConfig):
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0: no clipping)")
         require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "in [0, 1)")
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device,
+                "auto, cpu, cuda or cuda:N")
         require(0 <= self.workers <= 256, "workers", self.workers, "an integer in [0, 256]")
         require(self.time_limit >= 0, "time_limit", self.time_limit, ">= 0 seconds")
         require(0 <= self.reconstructions <= 64, "reconstructions", self.reconstructions, "an integer in [0, 64]")
@@ -189,7 +194,7 @@ def epoch_crops(images: ImageSet, crop: int, crops_per_image: int, seed: int, ep
             tops = rng.integers(0, h - crop + 1, count)
             lefts = rng.integers(0, w - crop + 1, count)
             flips = rng.random(count) < 0.5
-            group += [(int(i), int(t), int(l), bool(f)) for t, l, f in zip(tops, lefts, flips)]
+            group += [(int(i), int(top), int(left), bool(flip)) for top, left, flip in zip(tops, lefts, flips)]
         crops += [group[j] for j in rng.permutation(len(group))]
     return crops
 
@@ -256,6 +261,23 @@ def _shard(crops: list, rank: int, world: int) -> list:
     return crops[:len(crops) // world * world][rank::world]
 
 
+def resolve_device(name: str, rank: int = 0, world: int = 1) -> torch.device:
+    """``auto`` -> a GPU when torch sees one, else the CPU; under torchrun each rank takes
+    its LOCAL_RANK GPU. Asking for a GPU that is not there is one line."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise EdgekitError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+    device = torch.device(name)
+    if world > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    if (device.index or 0) >= torch.cuda.device_count():
+        raise EdgekitError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible; pick one of them")
+    return device
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -268,10 +290,11 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     check_output_dir(cfg.out)
     images = find_images(cfg.folders, cfg.input_size)
     rank, world = dist.init_distributed()
+    device = resolve_device(cfg.device, rank, world)
     grid = mask_grid(cfg.input_size, cfg.patch_size, cfg.mask_ratio, where=flag("mask_ratio"))
     model_name = f"fcmae_{cfg.model}"
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = FCMAE(encoder_name=cfg.model, **cfg.model_kwargs())
+    model = FCMAE(encoder_name=cfg.model, **cfg.model_kwargs()).to(device)
     seed_everything(cfg.seed + rank)
     mask_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     state = _read_resume(cfg.resume, model_name) if cfg.resume else None
@@ -298,7 +321,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         start_epoch, history = state["epoch"], state["history"]
         total_epochs = state["total_epochs"] if cfg.epochs == state["config_epochs"] else cfg.epochs
         schedule.total_steps = total_epochs * steps_per_epoch
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    train_model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     out = Path(cfg.out)
     if dist.is_main_process():
         make_dirs(out)
@@ -308,13 +332,14 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     while epoch < total_epochs:
         crops = _shard(epoch_crops(images, cfg.input_size, cfg.crops_per_image, cfg.seed, epoch), rank, world)
         loader = DataLoader(CropDataset(images, crops, cfg.input_size), batch_size=cfg.batch_size,
-                            num_workers=cfg.workers)
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda")
         train_model.train()
         t_epoch, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{total_epochs}", leave=False, dynamic_ncols=True,
                    disable=not (cfg.progress and dist.is_main_process()))
         for imgs in bar:
-            masks = generate_masks(cfg.masking, imgs.shape[0], grid, cfg.mask_ratio, cfg.views, mask_rng)
+            imgs = imgs.to(device, non_blocking=True)
+            masks = generate_masks(cfg.masking, imgs.shape[0], grid, cfg.mask_ratio, cfg.views, mask_rng, device)
             inputs = imgs.repeat_interleave(cfg.views, dim=0) if cfg.views > 1 else imgs
             loss, _, _ = train_model(inputs, masks)
             if not torch.isfinite(loss):
@@ -331,7 +356,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             if first_step_seconds is None:
                 first_step_seconds = time.perf_counter() - t_epoch
             steps, seen, loss_sum = steps + 1, seen + imgs.shape[0], loss_sum + float(loss.detach())
-            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", img_s=f"{seen * world / (time.perf_counter() - t_epoch):.1f}")
+            rate = seen * world / (time.perf_counter() - t_epoch)
+            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", img_s=f"{rate:.1f}")
         epoch += 1
         seconds = dist.all_reduce_mean(time.perf_counter() - t_epoch)
         record = {"epoch": epoch, "loss": dist.all_reduce_mean(loss_sum / max(1, steps)), "steps": steps,
@@ -399,9 +425,11 @@ def save_reconstructions(path: Path, model: FCMAE, images: ImageSet, crop: int, 
         h, w = images.sizes[i]
         top, left = (h - crop) // 2, (w - crop) // 2
         crops.append(to_tensor(load_image(images.paths[i])[top:top + crop, left:left + crop]))
-    imgs = torch.stack(crops)
+    device = next(model.parameters()).device
+    imgs = torch.stack(crops).to(device)
     grid = mask_grid(crop, model.patch_size, model.mask_ratio)
-    masks = generate_masks("random", len(crops), grid, model.mask_ratio, generator=torch.Generator().manual_seed(seed))
+    masks = generate_masks("random", len(crops), grid, model.mask_ratio, generator=torch.Generator().manual_seed(seed),
+                           device=device)
     recon = model.reconstruct(imgs, masks)
     hidden = mask_to_map(masks, grid, model.patch_size).bool().expand_as(imgs)
     masked = imgs.masked_fill(hidden, 0.0)  # 0 in normalised space: the mean colour
@@ -413,3 +441,117 @@ def save_reconstructions(path: Path, model: FCMAE, images: ImageSet, crop: int, 
             sheet[y:y + crop, x:x + crop] = to_pixels(image)
     model.train(was_training)
     return save_image(path, sheet)
+
+
+# --- disjoint vs random masking -----------------------------------------------------------
+
+@dataclass
+class MaskingCurve:
+    """One masking setting's run: the held-out reconstruction loss after each block of steps."""
+
+    masking: str
+    views: int
+    steps: list = field(default_factory=list)       # optimisation steps done at each evaluation
+    seconds: list = field(default_factory=list)     # training time so far (evaluations and data loading excluded)
+    eval_loss: list = field(default_factory=list)   # masked-patch loss on the held-out crops (fixed random masks)
+    train_loss: list = field(default_factory=list)  # mean training loss over the steps since the last evaluation
+
+    def add(self, step: int, seconds: float, eval_loss: float, train_loss: float | None) -> None:
+        self.steps.append(step)
+        self.seconds.append(seconds)
+        self.eval_loss.append(eval_loss)
+        self.train_loss.append(train_loss)
+
+
+def _split_held_out(images: ImageSet) -> tuple[ImageSet, ImageSet, bool]:
+    """Every fourth image held out for evaluation when there are four or more; otherwise the
+    evaluation crops come from the training images (at other random positions)."""
+    if len(images.paths) < 4:
+        return images, images, False
+    def pick(keep) -> ImageSet:
+        chosen = [i for i in range(len(images.paths)) if keep(i)]
+        return ImageSet([images.paths[i] for i in chosen], [images.sizes[i] for i in chosen], images.skipped)
+
+    return pick(lambda i: i % 4 != 3), pick(lambda i: i % 4 == 3), True
+
+
+def _batches(images: ImageSet, cfg: PretrainConfig):
+    """Training batches forever, epoch after epoch, the same sequence for every setting."""
+    for epoch in itertools.count():
+        crops = epoch_crops(images, cfg.input_size, cfg.crops_per_image, cfg.seed, epoch)
+        loader = DataLoader(CropDataset(images, crops, cfg.input_size), batch_size=cfg.batch_size,
+                            num_workers=cfg.workers, drop_last=len(crops) >= cfg.batch_size)
+        yield from loader
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _held_out_loss(model: FCMAE, imgs: torch.Tensor, masks: torch.Tensor, batch: int) -> float:
+    model.eval()
+    total = sum(float(model(imgs[i:i + batch], masks[i:i + batch])[0]) * len(imgs[i:i + batch])
+                for i in range(0, len(imgs), batch))
+    model.train()
+    return total / len(imgs)  # every mask removes the same number of patches: a plain mean
+
+
+def compare_masking(data, settings=(("random", 1), ("random", 2), ("disjoint", 2)), steps: int = 200,
+                    eval_every: int = 20, eval_crops: int = 32, warmup_steps: int = 20, **options) -> dict:
+    """Train one FCMAE per masking setting ``(masking, views)`` from the same initial
+    weights on the same sequence of crops with the same schedule, and record the held-out
+    reconstruction loss (single random view, the same fixed masks for every setting)
+    against optimisation steps and against training seconds. ``options`` are
+    :class:`PretrainConfig` fields (model, input_size, mask_ratio, batch_size, lr, seed,
+    device, decoder_dim, ...); returns a JSON-ready record."""
+    require(steps >= 1, "steps", steps, ">= 1")
+    require(eval_every >= 1, "eval_every", eval_every, ">= 1")
+    base = PretrainConfig(**{"data": data, "reconstructions": 0, **options})
+    configs = [base.replace(masking=m, views=v) for m, v in settings]  # each setting checked
+    images = find_images(base.folders, base.input_size)
+    train_images, eval_images, held_out = _split_held_out(images)
+    device = resolve_device(base.device)
+    grid = mask_grid(base.input_size, base.patch_size, base.mask_ratio)
+    per_image = math.ceil(eval_crops / len(eval_images.paths))
+    eval_crops_list = epoch_crops(eval_images, base.input_size, per_image, base.seed + 1, 0)[:eval_crops]
+    eval_set = CropDataset(eval_images, eval_crops_list, base.input_size)
+    eval_imgs = torch.stack([eval_set[i] for i in range(len(eval_set))]).to(device)
+    eval_masks = generate_masks("random", len(eval_imgs), grid, base.mask_ratio,
+                                generator=torch.Generator().manual_seed(base.seed + 2), device=device)
+    curves = []
+    for cfg in configs:
+        torch.manual_seed(cfg.seed)
+        model = FCMAE(encoder_name=cfg.model, **cfg.model_kwargs()).to(device)
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, CosineWithWarmup(steps, min(warmup_steps, steps), cfg.min_lr_ratio))
+        mask_rng = torch.Generator().manual_seed(cfg.seed)
+        curve = MaskingCurve(cfg.masking, cfg.views)
+        curve.add(0, 0.0, _held_out_loss(model, eval_imgs, eval_masks, cfg.batch_size), None)
+        clock, since = 0.0, []
+        batches = _batches(train_images, cfg)
+        bar = tqdm(range(1, steps + 1), desc=f"{cfg.masking} x{cfg.views}", leave=False, disable=not cfg.progress)
+        for step in bar:
+            imgs = next(batches).to(device)
+            _sync(device)
+            t = time.perf_counter()
+            masks = generate_masks(cfg.masking, imgs.shape[0], grid, cfg.mask_ratio, cfg.views, mask_rng, device)
+            loss = model(imgs.repeat_interleave(cfg.views, dim=0), masks)[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            _sync(device)
+            clock += time.perf_counter() - t
+            since.append(float(loss.detach()))
+            if step % eval_every == 0 or step == steps:
+                eval_loss = _held_out_loss(model, eval_imgs, eval_masks, cfg.batch_size)
+                curve.add(step, clock, eval_loss, float(np.mean(since)))
+                bar.set_postfix(eval_loss=f"{curve.eval_loss[-1]:.4f}")
+                since = []
+        curves.append(curve)
+    return {"config": base.to_dict(), "steps": steps, "eval_every": eval_every, "eval_crops": len(eval_imgs),
+            "held_out_images": held_out, "train_images": len(train_images.paths), "device": str(device),
+            "curves": [asdict(c) for c in curves]}

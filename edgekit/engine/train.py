@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,9 @@ from edgekit.engine import distributed as dist
 from edgekit.engine.checkpoint import load_training_state, save_checkpoint, save_training_state
 from edgekit.engine.config import TrainConfig
 from edgekit.engine.ema import ModelEMA
-from edgekit.engine.evaluate import evaluate
+from edgekit.engine.evaluate import evaluate_model
 from edgekit.errors import EdgekitError
-from edgekit.fileio import write_json_atomic
+from edgekit.fileio import check_output_dir, make_dirs, write_json_atomic
 from edgekit.models import create_model, list_models
 
 
@@ -77,11 +78,49 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train a detector as ``cfg`` says; returns (and writes to out/train.json) the record."""
+@dataclass
+class TrainResult:
+    """What a training run produced: the checkpoint, the final validation scores (None on
+    the non-zero ranks of a multi-process run), the per-epoch history and the record file."""
+
+    checkpoint: Path
+    out: Path
+    val: dict | None
+    history: list
+    classes: list
+    seconds: float
+    world_size: int = 1
+    record: Path | None = None
+
+
+RESUME_FIELDS = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "history": list,
+                 "total_epochs": int, "config_epochs": int}
+
+
+def _check_resume_state(state, path) -> dict:
+    """A resume state of the shape train() writes, or one line naming the bad field."""
+    if not isinstance(state, dict):
+        raise EdgekitError(f"{path} is not an edgekit training state (got {type(state).__name__}); start without "
+                           f"--resume")
+    for key, kind in RESUME_FIELDS.items():
+        if key not in state:
+            raise EdgekitError(f"{path} lacks the field {key!r}; it was not written by edgekit train, start without "
+                               f"--resume")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise EdgekitError(f"{path}: field {key!r} should be {kind.__name__}, got {type(state[key]).__name__}; "
+                               f"start without --resume")
+    if not 0 <= state["epoch"] <= state["total_epochs"]:
+        raise EdgekitError(f"{path}: epoch {state['epoch']} is outside the run's 0..{state['total_epochs']}; start "
+                           f"without --resume")
+    return state
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a detector as ``cfg`` says; returns the result and writes out/train.json."""
+    check_output_dir(cfg.out)
+    train_dir, val_dir = split_dirs(cfg.data)
     rank, world = dist.init_distributed()
     seed_everything(cfg.seed + rank)
-    train_dir, val_dir = split_dirs(cfg.data)
     classes = cfg.classes or discover_classes(train_dir)
     train_ds = DetectionDataset(train_dir, classes, image_size=cfg.image_size, augment=cfg.augment)
     val_ds = DetectionDataset(val_dir, classes, image_size=cfg.image_size, augment=False)
@@ -112,7 +151,7 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     start_epoch, history, total_epochs = 0, [], cfg.epochs
     if cfg.resume:
-        state = load_training_state(cfg.resume)
+        state = _check_resume_state(load_training_state(cfg.resume), cfg.resume)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -127,7 +166,7 @@ def train(cfg: TrainConfig) -> dict:
         total_epochs = state["total_epochs"] if cfg.epochs == state["config_epochs"] else cfg.epochs
         schedule.total_steps = total_epochs * len(loader)
     if dist.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
 
     t_start = time.perf_counter()
     first_step_seconds = None  # the run's first step compiles kernels (Numba JIT, lazy inits)
@@ -179,7 +218,7 @@ def train(cfg: TrainConfig) -> dict:
                 ema.decay = ema_decay_for(cfg.ema_decay, schedule.total_steps)
         final_model = ema.module if ema is not None else model
         if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < total_epochs and dist.is_main_process():
-            record["val"] = _summary(evaluate(final_model, val_loader, classes, progress=False))
+            record["val"] = _summary(evaluate_model(final_model, val_loader, classes, progress=False))
         history.append(record)
         if dist.is_main_process():
             _log(cfg, record)
@@ -191,13 +230,14 @@ def train(cfg: TrainConfig) -> dict:
                 "epoch": epoch, "history": history, "total_epochs": total_epochs, "config_epochs": cfg.epochs})
         dist.barrier()
 
-    result = {"config": {k: v for k, v in vars(cfg).items()}, "classes": list(classes), "history": history,
+    record = {"config": cfg.to_dict(), "classes": list(classes), "history": history,
               "train_seconds": time.perf_counter() - t_start, "world_size": world,
               "checkpoint": str(out / "last.safetensors")}
+    result = TrainResult(out / "last.safetensors", out, None, history, list(classes), record["train_seconds"], world)
     if dist.is_main_process():
         final_model = ema.module if ema is not None else model
-        result["val"] = evaluate(final_model, val_loader, classes, progress=cfg.progress)
-        write_json_atomic(out / "train.json", result)
+        result.val = record["val"] = evaluate_model(final_model, val_loader, classes, progress=cfg.progress)
+        result.record = write_json_atomic(out / "train.json", record)
     dist.cleanup()
     return result
 

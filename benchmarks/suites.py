@@ -1,0 +1,142 @@
+"""The benchmark suites ``edgekit bench SUITE`` runs, each with its config.
+
+A suite is a function taking one of these configs and writing its result files under
+``out`` (``benchmarks/results/`` by default) with the machine, versions and command. The
+configs live here, apart from the suites' code, so that the command line can list them
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgekit.config import StageConfig, check_image_size, require
+
+RESULTS = str(Path(__file__).resolve().parent / "results")
+
+
+def _help(text: str):
+    return field(default=None, metadata={"help": text})
+
+
+@dataclass
+class ModelSuiteConfig(StageConfig):
+    """The committed model benchmark: the default detector (or a given checkpoint) on every
+    backend; ``quick``: a one-minute CPU run at 128 px without torch.compile."""
+
+    quick: bool = field(default=False, metadata={"help": "short run (about a minute)"})
+    model: str = field(default="rsdet_atto", metadata={"help": "model name or checkpoint"})
+    data: str | None = _help("DOTA split folder for mAP")
+    out: str = RESULTS
+    threads: int | None = _help("threads (default: every core)")
+
+    def check(self) -> None:
+        require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
+
+
+@dataclass
+class KernelSuiteConfig(StageConfig):
+    """GRN and deformable convolution on the CPU: Numba vs the eager reference, torch.compile,
+    ONNX Runtime, a dense conv and the copy-bandwidth limit."""
+
+    quick: bool = field(default=False, metadata={"help": "a few configurations, short budgets"})
+    only: str | None = _help("grn | dcn: one op (a quicker run)")
+    out: str = RESULTS
+
+    def check(self) -> None:
+        require(self.only in (None, "grn", "dcn"), "only", self.only, "grn | dcn")
+
+
+@dataclass
+class GpuKernelSuiteConfig(StageConfig):
+    quick: bool = field(default=False, metadata={"help": "two GRN configurations and one DCN one"})
+    plumbing_cpu: bool = field(default=False, metadata={
+        "help": "run the suite's code on the CPU with the numba backend (checks the script only)"})
+    out: str = RESULTS
+
+
+@dataclass
+class QuantizationSuiteConfig(StageConfig):
+    """Accuracy vs BOPs of every quantization recipe, on scikit-learn's digits and on the
+    built-in detector."""
+
+    quick: bool = field(default=False, metadata={"help": "tiny data and seconds-long training (a smoke run)"})
+    checkpoint: str | None = _help("float rsdet checkpoint to reuse (with --data) instead of training one")
+    data: str | None = _help("DOTA root (train/ and val/) of --checkpoint")
+    out: str = RESULTS
+    tasks: list[str] | None = _help("digits and/or rsdet_atto (default both; quick: digits)")
+    seed: int | None = _help("data split / synthetic seed (default: random, recorded)")
+    qat_epochs: int = field(default=8, metadata={"help": "detector QAT epochs (quick: 1)"})
+    qat_images: int = field(default=64, metadata={"help": "detector images per QAT epoch, drawn afresh (quick: 4)"})
+    progress: bool = True
+
+    def check(self) -> None:
+        require(not self.tasks or set(self.tasks) <= {"digits", "rsdet_atto"}, "tasks", self.tasks,
+                "digits and/or rsdet_atto")
+        require(self.qat_epochs >= 1, "qat_epochs", self.qat_epochs, ">= 1")
+        require(self.qat_images >= 1, "qat_images", self.qat_images, ">= 1")
+        if self.checkpoint and not self.data:
+            from edgekit.errors import EdgekitError
+
+            raise EdgekitError("--checkpoint needs --data (the DOTA root it was trained on, with train/ and val/)")
+
+
+@dataclass
+class QdqSuiteConfig(StageConfig):
+    """INT8 QDQ placements of the detector in ONNX Runtime against its FP32 export."""
+
+    image_size: int = 256
+    rounds: int = 20
+    threads: int = field(default=2, metadata={"help": "ORT intra-op threads"})
+    out: str = RESULTS
+
+    def check(self) -> None:
+        check_image_size(self.image_size)
+        require(self.rounds >= 1 and self.threads >= 1, "rounds", self.rounds, ">= 1 (and --threads >= 1)")
+
+
+@dataclass
+class RooflineSuiteConfig(StageConfig):
+    model: str = "rsdet_atto"
+    image_size: int = 256
+    duration: float = 5.0
+    out: str = RESULTS
+
+    def check(self) -> None:
+        check_image_size(self.image_size)
+        require(self.duration > 0, "duration", self.duration, "> 0 seconds")
+
+
+@dataclass
+class OverheadSuiteConfig(StageConfig):
+    duration: float = 3.0
+    out: str = RESULTS
+
+    def check(self) -> None:
+        require(self.duration > 0, "duration", self.duration, "> 0 seconds")
+
+
+SUITES = {  # name: (config, "module:function", what it measures)
+    "model": (ModelSuiteConfig, "model_bench:model_suite",
+              "latency, throughput, memory and accuracy of a model on every backend"),
+    "kernels": (KernelSuiteConfig, "kernels:kernel_suite",
+                "GRN and deformable-convolution kernels on the CPU against their baselines"),
+    "kernels-gpu": (GpuKernelSuiteConfig, "kernels_gpu:gpu_kernel_suite",
+                    "the CUDA kernels against torchvision and the device's copy bandwidth (needs a GPU)"),
+    "quantization": (QuantizationSuiteConfig, "quantization:quantization_suite",
+                     "accuracy vs BOPs of every quantization recipe (the quantization evidence)"),
+    "qdq": (QdqSuiteConfig, "qdq_ort:qdq_suite", "INT8 QDQ placements in ONNX Runtime against FP32"),
+    "roofline": (RooflineSuiteConfig, "roofline:roofline_suite",
+                 "the roofline latency predictor against measured eager latency on this CPU"),
+    "overhead": (OverheadSuiteConfig, "latency:overhead_suite", "the timing harness's own overhead"),
+}
+
+
+def run_suite(name: str, config=None):
+    """Run one suite (its default config unless given); returns what the suite returns."""
+    config_class, target, _ = SUITES[name]
+    module, function = target.split(":")
+    run = getattr(importlib.import_module(f"edgekit.benchmarks.{module}"), function)
+    return run(config if config is not None else config_class())

@@ -1,0 +1,45 @@
+"""``edgekit export``: checkpoint -> ONNX / TensorRT, validated right after it is written."""
+
+from __future__ import annotations
+
+from edgekit.cli.options import config_from_args
+
+
+def add_commands(sub) -> None:
+    from edgekit.export.pipeline import DEFORM_MODES, FORMATS
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX / TensorRT and check runtime parity")
+    p.add_argument("checkpoint", help="edgekit checkpoint (.safetensors) written by edgekit train or quantize")
+    p.add_argument("--format", required=True, help=" | ".join(FORMATS))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--nms", action="store_true", default=None,
+                   help="end-to-end graph: output detections [M, 7] after NMS")
+    p.add_argument("--score-threshold", type=float, help="--nms / --bundle: default 0.25")
+    p.add_argument("--iou-threshold", type=float, help="--nms / --bundle: default 0.6")
+    p.add_argument("--max-detections", type=int, help="--nms / --bundle: default 100")
+    p.add_argument("--deform", help=" | ".join(DEFORM_MODES) + " (default native: ONNX DeformConv)")
+    p.add_argument("--calibration", help="quant spec JSON (edgekit calibrate / quantize) for int8, mixed, tensorrt")
+    p.add_argument("--weight-storage",
+                   help="packed (bit planes below 8 bits: the file follows the bits; default) | native (ONNX "
+                        "INT4/INT8 only; the default for tensorrt, whose parser has no BitShift)")
+    p.add_argument("--data", help="DOTA split folder: also compare torch vs exported mAP on it")
+    p.add_argument("--bundle", help="also write a deploy bundle folder here")
+    p.add_argument("--no-parity", dest="parity", action="store_false", default=None, help="skip the parity check")
+    p.add_argument("--sqnr", action="store_true", default=None,
+                   help="debug quantized exports: per-layer SQNR (dB) against torch, written to sqnr.json")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from edgekit.export.parity import summary_line
+    from edgekit.export.pipeline import ExportConfig, export
+
+    config = config_from_args(ExportConfig, args)
+    result = export(args.checkpoint, config)
+    print(f"exported {config.format} -> {result.target} ({result.target.stat().st_size / 1e6:.1f} MB, "
+          f"{len(result.files)} files)")
+    print(summary_line(result.parity) if result.parity is not None else "parity: skipped (--no-parity)")
+    if result.bundle:
+        print(f"bundle -> {result.bundle}")
+    return 0

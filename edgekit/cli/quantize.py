@@ -1,0 +1,105 @@
+"""``edgekit profile``, ``quantize`` and ``calibrate``: the quantization stage's commands."""
+
+from __future__ import annotations
+
+from edgekit.cli.options import add_quiet, config_from_args, int_list
+
+
+def add_commands(sub) -> None:
+    from edgekit.calibration.pipeline import CALIBRATION_OBSERVERS, METHODS
+
+    p = sub.add_parser("profile", help="per-layer params, MACs, bits, BOPs and packed size of a model")
+    p.add_argument("model", help="checkpoint (.safetensors) or model name (see `edgekit models`)")
+    p.add_argument("--image-size", type=int, help="input side (default: the checkpoint's or 256)")
+    p.add_argument("--spec", help="quant spec or qconfig JSON (default: the checkpoint's own, else float)")
+    p.add_argument("--json", dest="json_out", help="also write the profile as JSON here")
+    p.set_defaults(func=_profile)
+
+    q = sub.add_parser("quantize", help="choose per-layer bit widths and build a quantized model")
+    q.add_argument("checkpoint", help="float checkpoint (.safetensors) or model name (random weights)")
+    q.add_argument("--method", required=True, choices=METHODS)
+    q.add_argument("--bit-widths", help="searched methods: widths the search may use (default 2,3,4,5,6,7,8)")
+    q.add_argument("--threshold", type=float, help="ghost: relative weight error to stay under (default 0.01)")
+    q.add_argument("--metric", choices=("kmeans", "uniform"),
+                   help="searched methods: weight error by k-means (ghost default) or the real uniform quantizer "
+                        "(budget default)")
+    budget = q.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bops", type=float, help="budget/sensitivity: total GBOPs")
+    budget.add_argument("--budget-mb", type=float, help="budget/sensitivity: model size in MB")
+    q.add_argument("--weight-bits", type=int, help="uniform: weight bits (default 8)")
+    q.add_argument("--act-bits-mode", choices=("tied", "fixed"),
+                   help="tied: an input gets its producing layer's weight bits (GHOST); fixed (default): --act-bits")
+    q.add_argument("--act-bits", type=int, help="fixed mode: activation bits (default 8)")
+    q.add_argument("--first-last-bits", type=int, help="bits of the first and last layers (default 8; 0: no policy)")
+    q.add_argument("--image-size", type=int, help="input side (default: the checkpoint's or 256)")
+    q.add_argument("--data", help="DOTA split folder for calibration/sensitivity (default: built-in synthetic)")
+    q.add_argument("--calib-batches", type=int)
+    q.add_argument("--no-conv-outputs", dest="conv_outputs", action="store_false", default=None,
+                   help="leave conv outputs float in quant_spec.json (by default they get 8-bit grids, observed "
+                        "through the fake-quantized model, so that ONNX Runtime runs the convs as integer kernels)")
+    q.add_argument("--sens-batches", type=int,
+                   help="sensitivity: batches for the estimate (default 4; fewer: noisy traces)")
+    q.add_argument("--sens-method", choices=("hutchinson", "fisher"), help="sensitivity: default hutchinson")
+    q.add_argument("--sens-probes", type=int, help="sensitivity: Hutchinson probes per batch (default 4)")
+    q.add_argument("--sens-confidence", type=float,
+                   help="sensitivity: traces are used at this many standard errors above their mean (default 2; an "
+                        "upper bound, so a layer whose estimate is noise is not taken for insensitive); 0: the mean")
+    q.add_argument("--qat-epochs", type=int, help="then train with guided self-distillation for this many epochs")
+    q.add_argument("--qat-data", help="QAT: DOTA root holding train/ and val/")
+    q.add_argument("--qat-time-limit", type=float, help="QAT: seconds")
+    q.add_argument("--out", required=True, help="output folder")
+    add_quiet(q)
+    q.set_defaults(func=_quantize)
+
+    c = sub.add_parser("calibrate", help="post-training calibration: observe data, write a quant spec (JSON)")
+    c.add_argument("checkpoint", help="model checkpoint written by edgekit train")
+    c.add_argument("--data", required=True, help="DOTA split folder (images/ + labelTxt/) to calibrate on")
+    c.add_argument("--batches", type=int, help="number of batches to observe (default 16)")
+    c.add_argument("--batch-size", type=int, help="default 8")
+    c.add_argument("--observer", help=f"activation range: {' | '.join(CALIBRATION_OBSERVERS)} (default minmax)")
+    c.add_argument("--weight-bits", type=int,
+                   help="2-8 (default 8); use 7 for ONNX Runtime on x86 CPUs without VNNI, whose int8 kernels "
+                        "can saturate with 8-bit weights")
+    c.add_argument("--act-bits", type=int, help="default 8")
+    c.add_argument("--per-tensor", dest="per_channel", action="store_false", default=None,
+                   help="one weight scale per layer instead of one per output channel")
+    c.add_argument("--out", default="quant_spec.json", help="spec file to write (default quant_spec.json)")
+    add_quiet(c)
+    c.set_defaults(func=_calibrate)
+
+
+def _profile(args) -> int:
+    from edgekit.calibration.pipeline import ProfileConfig, profile
+    from edgekit.fileio import check_output_file
+
+    if args.json_out:
+        check_output_file(args.json_out, "--json")
+    report = profile(args.model, config_from_args(ProfileConfig, args))
+    print(report.to_table())
+    if args.json_out:
+        report.to_json(args.json_out)
+    return 0
+
+
+def _quantize(args) -> int:
+    from edgekit.calibration.pipeline import QuantizeRecipe, quantize_checkpoint
+
+    widths = int_list(args.bit_widths, "--bit-widths") if args.bit_widths else None
+    recipe = config_from_args(QuantizeRecipe, args, bit_widths=widths)
+    result = quantize_checkpoint(args.checkpoint, recipe, data=args.data, out=args.out,
+                                 log=lambda line: print(line, flush=True))
+    t = result.totals
+    seconds = result.search.seconds if result.search else 0.0
+    print(f"{result.model_name}: {t['bops'] / 1e9:.3f} GBOPs, {t['size_mb']:.4f} MB, search {seconds:.2f} s "
+          f"-> {result.out}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from edgekit.calibration.pipeline import CalibrateConfig, calibrate_checkpoint
+
+    config = config_from_args(CalibrateConfig, args)
+    result = calibrate_checkpoint(args.checkpoint, args.data, config, out=args.out)
+    print(f"calibrated {len(result.spec['layers'])} layers on {result.images} images ({config.observer}, "
+          f"W{config.weight_bits}A{config.act_bits}) -> {result.path}")
+    return 0

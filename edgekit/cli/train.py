@@ -1,0 +1,79 @@
+"""``edgekit train``, ``eval`` and ``predict``: flags -> config -> stage function -> print."""
+
+from __future__ import annotations
+
+from edgekit.cli.options import add_quiet, config_from_args
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a detector on a DOTA-format data set")
+    p.add_argument("--data", help="DOTA root holding train/ and val/")
+    p.add_argument("--config", help="YAML file of training options (flags override it)")
+    p.add_argument("--out", help="output folder (default runs/train)")
+    p.add_argument("--model", help="model name, e.g. rsdet_atto (see `edgekit models`)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--time-limit", type=float, help="seconds; fits the epoch count to it")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", help="last.state.pt of an interrupted run")
+    p.add_argument("--no-ema", dest="ema", action="store_false", default=None)
+    p.add_argument("--no-deformable", dest="deformable", action="store_false", default=None)
+    add_quiet(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="COCO mAP of a checkpoint on a DOTA-format split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="DOTA split folder (images/ + labelTxt/)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", dest="json_out", help="write the metrics as JSON here")
+    add_quiet(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="detect objects in images (large ones are tiled)")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", help="output folder (default runs/predict)")
+    p.add_argument("--score-threshold", type=float)
+    p.add_argument("--iou-threshold", type=float)
+    p.add_argument("--no-draw", dest="draw", action="store_false", default=None)
+    add_quiet(p)
+    p.set_defaults(func=_predict)
+
+
+def _train(args) -> int:
+    from edgekit.engine.config import TrainConfig
+    from edgekit.engine.train import train
+
+    result = train(config_from_args(TrainConfig, args, yaml_path=args.config))
+    if result.val is None:  # a non-zero rank under torchrun: rank 0 reports
+        return 0
+    print(f"mAP@[.5:.95] {result.val['map']:.4f}  mAP@.5 {result.val['map50']:.4f}  checkpoint {result.checkpoint}")
+    return 0
+
+
+def _eval(args) -> int:
+    from edgekit.engine.evaluate import EvalConfig, evaluate
+
+    metrics = evaluate(args.checkpoint, args.data, config_from_args(EvalConfig, args), out=args.json_out)
+    print(metrics.table())
+    return 0
+
+
+def _predict(args) -> int:
+    from edgekit.engine.predict import PredictConfig, predict
+
+    result = predict(args.checkpoint, args.images, config_from_args(PredictConfig, args))
+    print(f"{result.detections} detections in {len(result.images)} images -> {result.out / 'predictions.json'}")
+    if result.failed:
+        import sys
+
+        for path, reason in result.failed.items():
+            print(f"edgekit predict: skipped {path}: {reason}", file=sys.stderr)
+        print(f"edgekit predict: error: {len(result.failed)} of {len(result.failed) + len(result.images)} images "
+              f"could not be read (listed above); the others' results are in {result.out / 'predictions.json'}",
+              file=sys.stderr)
+        return 2
+    return 0
