@@ -475,7 +475,7 @@ def quantization_suite(config) -> dict:
                                     checkpoint=config.checkpoint, data=config.data)
             tasks.append({**run_task(task, opts, workdir / name), "torch_threads": torch.get_num_threads()})
             torch.set_num_threads(threads)
-    record = {"format": "edgekit.bench-quantization/1", "quick": config.quick, "seed": seed,
+    record = {"format": "edgekit.bench-quantization/1", "quick": config.quick, "seed": seed, "config": config.to_dict(),
               "environment": environment(), "load": [load0, os.getloadavg()[0]],
               "seconds": time.perf_counter() - start, "tasks": tasks,
               "note": ("QUICK smoke run: tiny data and ~1 s trainings; the figures say nothing about accuracy."

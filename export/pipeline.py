@@ -110,10 +110,6 @@ def _check_paths(config: ExportConfig) -> None:
         from edgekit.export.bundle import check_destination
 
         check_destination(config.bundle)
-    if config.format == "tensorrt":
-        from edgekit.export.tensorrt import require_tensorrt
-
-        require_tensorrt()
 
 
 def _load_spec(config: ExportConfig) -> dict | None:
@@ -152,12 +148,11 @@ def _check_spec_fits(spec: dict, model, where) -> None:
                            f"another model: calibrate this checkpoint (edgekit calibrate)")
 
 
-def _model_and_spec(source, config: ExportConfig):
+def _model_and_spec(source, config: ExportConfig, spec):
     """(LoadedModel with float weights, the spec or None): a quantized checkpoint (edgekit
-    quantize) carries its own spec; ``calibration`` overrides it."""
+    quantize) carries its own spec; ``calibration`` (``spec``) overrides it."""
     from edgekit.engine.checkpoint import LoadedModel, load, read_checkpoint
 
-    spec = _load_spec(config)
     if isinstance(source, LoadedModel):
         loaded = source
     elif Path(source).is_file() and "quant_config" in read_checkpoint(source)[3]:
@@ -274,7 +269,12 @@ def export(source, config: ExportConfig | None = None) -> ExportResult:
 
     config = config or ExportConfig()
     _check_paths(config)
-    loaded, spec = _model_and_spec(source, config)
+    spec = _load_spec(config)
+    if config.format == "tensorrt":
+        from edgekit.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    loaded, spec = _model_and_spec(source, config, spec)
     classes = loaded.detector_classes()
     image_size = config.image_size or loaded.image_size
     check_image_size(image_size)

@@ -65,7 +65,8 @@ def test_bad_inputs_are_one_line_errors(capsys, tmp_path):
         (("rsdet_atto", "--batch-sizes", "1,x"), "--batch-sizes"),
         (("rsdet_atto", "--threads", "0"), "--threads"),
         (("rsdet_atto", "--duration", "0"), "--duration"),
-        (("no_such_model_or_file",), "neither a file nor a model name"),
+        (("no_such_model_or_file",), "neither a checkpoint file nor a model name"),
+        (("rsdet_atto", "--image-size", "32000"), "between 32 and 4096"),
         ((str(tmp_path / "missing.onnx"),), "not found"),
         (("rsdet_atto", "--data", str(tmp_path / "nope")), "--data"),
         (("--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")), "not found"),
@@ -228,8 +229,28 @@ def test_static_batch_graph_with_only_other_batch_sizes_is_a_skipped_row(capsys,
     out = tmp_path / "out"
     code, stdout, err = run(capsys, "bench", str(static), "--backends", "ort", "--batch-sizes", "1,4",
                             "--image-size", "64", "--out", str(out), *FAST)
-    assert code == 0, err
+    # nothing measured is a failure (exit 2), but the record saying why is written
+    assert_one_line_error(code, err, "no measurement succeeded")
     row = json.loads((out / "bench.json").read_text())["rows"][0]
     assert row["status"] == "skipped" and "static batch of 2" in row["reason"] and "1, 4" in row["reason"]
     assert set(row["skipped_batches"]) == {"1", "4"} and "latency" not in row
-    assert "skipped" in stdout
+
+
+def test_a_failed_row_makes_the_command_exit_1(capsys, tmp_path, tiny_onnx, monkeypatch):
+    from edgekit.benchmarks import backends
+
+    real, made = backends.make_runner, []
+
+    def broken(backend, **kwargs):  # the first runner fails, the second works
+        runner = real(backend, **kwargs)
+        made.append(backend)
+        if len(made) == 1:
+            def fail(x):
+                raise RuntimeError("planted failure")
+            runner.fn = fail
+        return runner
+
+    monkeypatch.setattr(backends, "make_runner", broken)
+    code, stdout, err = run(capsys, "bench", str(tiny_onnx), str(tiny_onnx), "--backends", "ort", "--image-size",
+                            "64", "--out", str(tmp_path / "o"), *FAST)
+    assert code == 1 and "1 of 2 rows failed" in err and "planted failure" in stdout

@@ -8,15 +8,20 @@ import json
 import pytest
 import torch
 
-from edgekit.benchmarks import kernels_gpu
+from edgekit.benchmarks.suites import GpuKernelSuiteConfig, run_suite
+from edgekit.errors import CheckError, EdgekitError
 from edgekit.kernels import numba_cpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_refuses_without_a_gpu(tmp_path, capsys):
-    assert kernels_gpu.main(["--quick", "--out", str(tmp_path)]) == 2
+    from edgekit.cli import main
+
+    with pytest.raises(EdgekitError, match="no CUDA GPU"):
+        run_suite("kernels-gpu", GpuKernelSuiteConfig(quick=True, out=str(tmp_path)))
+    assert main(["bench", "kernels-gpu", "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
+    assert len(err.splitlines()) == 1 and "edgekit bench kernels-gpu: error: no CUDA GPU" in err
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -31,7 +36,10 @@ def test_plumbing_run_reports_wrong_and_failing_kernels(tmp_path, monkeypatch):
 
     monkeypatch.setattr(numba_cpu, "grn", lambda *a, **k: real_grn(*a, **k) * (1 + 1e-3))
     monkeypatch.setattr(numba_cpu, "deform_conv2d", broken_deform)
-    assert kernels_gpu.main(["--quick", "--plumbing-cpu", "--out", str(tmp_path)]) == 1
+    with pytest.raises(CheckError, match="timed outputs differ from the float64 reference.*implementation runs "
+                                         "failed") as failed:
+        run_suite("kernels-gpu", GpuKernelSuiteConfig(quick=True, plumbing_cpu=True, out=str(tmp_path)))
+    assert failed.value.exit_code == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_gpu_plumbing_quick.json",
                                                           "kernels_gpu_plumbing_quick.md"]
     record = json.loads((tmp_path / "kernels_gpu_plumbing_quick.json").read_text())

@@ -6,12 +6,13 @@ import math
 import pytest
 
 from edgekit.benchmarks import quantization as Q
+from edgekit.benchmarks.suites import QuantizationSuiteConfig, run_suite
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("qbench")
-    assert Q.main(["--quick", "--quiet", "--out", str(out)]) == 0
+    run_suite("quantization", QuantizationSuiteConfig(quick=True, progress=False, out=str(out)))
     record = json.loads((out / "quantization.json").read_text())
     print("seed", record["seed"])  # the data split; rerun with --seed to reproduce
     return out, record
@@ -21,7 +22,7 @@ def test_files_written_and_every_row_reported(quick_run):
     out, record = quick_run
     md = (out / "quantization.md").read_text()
     assert (out / "quantization.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert record["environment"]["command"].endswith("--quick --quiet --out " + str(out))
+    assert record["config"]["quick"] is True and record["config"]["out"] == str(out) and record["environment"]["cpu"]
     (task,) = record["tasks"]
     assert task["task"] == "digits"
     assert [r["key"] for r in task["rows"]] == [row.key for row in Q.ROWS]
@@ -84,7 +85,7 @@ def test_floors_margins_and_misses():
     assert floors["sensitivity_qat: beats W4A8 QAT by >= 2.0 points"]["margin"] == pytest.approx(-0.5)
     assert not floors["sensitivity_qat: beats W4A8 QAT by >= 2.0 points"]["met"]
     assert floors["fisher_qat: beats W4A8 QAT by >= 2.0 points"]["margin"] == pytest.approx(2.0)
-    beyond = "(beyond the issue) {}: beats every-layer W3A8 QAT by >= 2.0 points"
+    beyond = "(beyond the targets) {}: beats every-layer W3A8 QAT by >= 2.0 points"
     assert floors[beyond.format("budget3_qat")]["margin"] == pytest.approx(1.0)
     assert floors[beyond.format("sensitivity3_qat")]["margin"] == pytest.approx(0.5)
     assert floors[beyond.format("fisher3_qat")]["margin"] == pytest.approx(-1.0)

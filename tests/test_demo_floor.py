@@ -6,11 +6,11 @@ benchmarks/results/demo/, not a test condition on a shared machine.
 
 import pytest
 
-from edgekit.demo import run_demo
+from edgekit.demo import DemoConfig, run_demo
 
 
 @pytest.mark.slow
 def test_full_demo_reaches_the_map_floor(tmp_path):
-    report = run_demo(tmp_path / "demo", progress=False)
+    report = run_demo(DemoConfig(out=str(tmp_path / "demo"), progress=False))
     assert report["val"]["map50"] >= 0.5, report["val"]
     assert report["val"]["num_images"] == report["plan"]["num_val"]

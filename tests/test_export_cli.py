@@ -71,9 +71,9 @@ def check_onnx_nms_and_bundle(checkpoint, tmp_path, capsys):
     code, stdout, err = run_cli([checkpoint, "--format", "onnx", "--out", out, "--nms", "--score-threshold",
                                  "0.05", "--max-detections", "30", "--bundle", bundle], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "parity.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.parity.json"]
     assert leftovers(tmp_path) == []
-    report = json.loads((out / "parity.json").read_text())
+    report = json.loads((out / "model.parity.json").read_text())
     assert report["passed"] and report["precision"] == "fp32"
     assert report["nms"]["passed"] and report["nms"]["matched"] == report["nms"]["expected"] > 0
     model = onnx.load(str(out / "model.onnx"))
@@ -122,7 +122,7 @@ def test_int8_and_mixed_qdq_formats(files, tmp_path, capsys, fast_export):
     code, stdout, err = run_cli([files["plain"], "--format", "onnx-int8", "--calibration", int8, "--out",
                                  tmp_path / "q8", "--nms", "--score-threshold", "0.05"], capsys)
     assert code == 0, err
-    report = json.loads((tmp_path / "q8" / "parity.json").read_text())
+    report = json.loads((tmp_path / "q8" / "model_int8.parity.json").read_text())
     assert report["precision"] == "int8" and report["passed"] and report["nms"]["matched"] > 0, report
     graph = onnx.load(str(tmp_path / "q8" / "model_int8.onnx")).graph
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == len(convs)  # weight-only: one per layer
@@ -135,14 +135,14 @@ def test_int8_and_mixed_qdq_formats(files, tmp_path, capsys, fast_export):
     code, _, err = run_cli([files["plain"], "--format", "onnx-mixed", "--calibration", mixed, "--out",
                             tmp_path / "mixed", "--sqnr"], capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "mixed" / "parity.json").read_text())["precision"] == "mixed"
+    assert json.loads((tmp_path / "mixed" / "model_mixed.parity.json").read_text())["precision"] == "mixed"
     sqnr = json.loads((tmp_path / "mixed" / "sqnr.json").read_text())
     layers = [m for m in ckpt_model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert sqnr["unmapped"] == [] and len(sqnr["layers"]) == len(layers)  # Linear layers found by value
     # 6-bit backbone weights are noisier than the 8-bit head's own quantization alone.
     first = sqnr["layers"]["backbone.downsample_layers.0.0"]["sqnr_db"]
     assert 10 < first < 60, first
-    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["model_mixed.onnx", "parity.json", "sqnr.json"]
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["model_mixed.onnx", "model_mixed.parity.json", "sqnr.json"]
 
 
 def test_tensorrt_format_with_a_stand_in_tensorrt(files, tmp_path, capsys, fast_export, monkeypatch):
@@ -158,14 +158,14 @@ def test_tensorrt_format_with_a_stand_in_tensorrt(files, tmp_path, capsys, fast_
     code, stdout, err = run_cli([files["plain"], "--format", "tensorrt", "--out", out, "--nms"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["model.engine", "model.engine.timing.cache",
-                                                     "model.engine.trtexec.sh", "model.onnx", "parity.json"]
+                                                     "model.engine.trtexec.sh", "model.onnx", "model.parity.json"]
     assert stdout.startswith(f"exported tensorrt -> {out / 'model.engine'}")
     # The script runs in its own folder and names the files there: it survives the move out of staging.
     lines = (out / "model.engine.trtexec.sh").read_text().splitlines()
     assert lines[2] == 'cd "$(dirname "$0")" || exit 1'
     assert shlex.split(lines[3])[:4] == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine", "--fp16"]
     assert "--timingCacheFile=model.engine.timing.cache" in lines[3]
-    assert json.loads((out / "parity.json").read_text())["precision"] == "fp32"  # the FP32 graph TensorRT 10 reads
+    assert json.loads((out / "model.parity.json").read_text())["precision"] == "fp32"  # the graph TensorRT 10 reads
 
 
 def test_parity_failure_exits_1_and_keeps_the_files(files, tmp_path, capsys, fast_export, monkeypatch):
@@ -180,25 +180,59 @@ def test_parity_failure_exits_1_and_keeps_the_files(files, tmp_path, capsys, fas
     assert code == 1
     assert err.count("\n") == 1 and "parity FAILED (fp32" in err and "files kept in" in err
     assert "no bundle written" in err and not bundle.exists()
-    report = json.loads((out / "parity.json").read_text())
+    report = json.loads((out / "model.parity.json").read_text())
     assert report["passed"] is False and report["map"]["num_images"] == 3
     assert (out / "model.onnx").is_file()
 
 
 def test_python_api_same_stage(files, tmp_path, fast_export, monkeypatch):
+    from edgekit.api import ExportConfig, ParityError, export
     from edgekit.export import parity
-    from edgekit.export.cli import export_checkpoint
-    from edgekit.export.parity import ParityError
 
-    result = export_checkpoint(files["plain"], tmp_path / "a", format="onnx")
-    assert result["target"] == tmp_path / "a" / "model.onnx" and result["parity"]["passed"]
-    assert sorted(p.name for p in result["files"]) == ["model.onnx", "parity.json"] and result["bundle"] is None
-    with pytest.raises(EdgekitError, match="--max-detections must be an integer"):
-        export_checkpoint(files["plain"], tmp_path / "b", max_detections=2.5)
+    result = export(files["plain"], ExportConfig(format="onnx", out=str(tmp_path / "a")))
+    assert result.target == tmp_path / "a" / "model.onnx" and result.parity["passed"]
+    assert sorted(p.name for p in result.files) == ["model.onnx", "model.parity.json"] and result.bundle is None
+    with pytest.raises(EdgekitError, match="--max-detections must be an integer, got 2.5"):
+        ExportConfig(nms=True, max_detections=2.5)
+    with pytest.raises(EdgekitError, match="--max-detections applies with --nms or --bundle"):
+        ExportConfig(max_detections=5)
     monkeypatch.setitem(parity.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0, "min_cosine": 1.5, "max_map_drop": 0})
-    with pytest.raises(ParityError, match="parity FAILED"):  # the CLI's exit 1 is this exception
-        export_checkpoint(files["plain"], tmp_path / "c")
-    assert (tmp_path / "c" / "model.onnx").is_file()
+    with pytest.raises(ParityError, match="parity FAILED") as failed:  # the CLI's exit 1 is this exception
+        export(files["plain"], ExportConfig(out=str(tmp_path / "c")))
+    assert (tmp_path / "c" / "model.onnx").is_file() and failed.value.result.target == tmp_path / "c" / "model.onnx"
+
+
+def test_consecutive_exports_to_one_folder_keep_each_parity_report(files, tmp_path, capsys, fast_export):
+    from edgekit.api import ExportConfig, export
+
+    export(files["plain"], ExportConfig(format="onnx", out=str(tmp_path)))
+    export(files["plain"], ExportConfig(format="onnx", out=str(tmp_path), nms=True))  # replaces model.onnx
+    int8 = tmp_path / "spec.json"
+    from edgekit.api import CalibrateConfig, calibrate_checkpoint
+
+    calibrate_checkpoint(files["plain"], files["data"], CalibrateConfig(batches=1, batch_size=2, progress=False),
+                         out=int8)
+    export(files["plain"], ExportConfig(format="onnx-int8", out=str(tmp_path), calibration=str(int8)))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["model.onnx", "model.parity.json", "model_int8.onnx", "model_int8.parity.json", "spec.json"]
+    assert json.loads((tmp_path / "model.parity.json").read_text())["format"] == "onnx"
+    assert json.loads((tmp_path / "model_int8.parity.json").read_text())["format"] == "onnx-int8"
+
+
+def test_a_spec_without_layers_or_for_another_model_is_refused(files, tmp_path, capsys):
+    from edgekit.calibration.spec import new_spec, save_spec
+
+    empty = save_spec(new_spec("rsdet_atto", "uniform"), tmp_path / "empty.json")
+    code, _, err = run_cli([files["plain"], "--format", "onnx-int8", "--calibration", empty, "--out",
+                            tmp_path / "o"], capsys)
+    assert code == 2 and "quantizes no layer" in err and not (tmp_path / "o").exists()
+    foreign = new_spec("other", "uniform")
+    foreign["layers"]["encoder.layer9"] = {"type": "Conv2d", "input": None, "weight": {
+        "bits": 8, "signed": True, "axis": 0, "scale": [0.1], "zero_point": [0]}}
+    foreign = save_spec(foreign, tmp_path / "foreign.json")
+    code, _, err = run_cli([files["plain"], "--format", "onnx-int8", "--calibration", foreign, "--out",
+                            tmp_path / "o"], capsys)
+    assert code == 2 and "names layers this model lacks (e.g. encoder.layer9)" in err and not (tmp_path / "o").exists()
 
 
 def test_no_parity_writes_only_the_model(files, tmp_path, capsys, fast_export):
@@ -221,14 +255,16 @@ def _bad_cases(files, tmp):
     return {
         "missing checkpoint": ([tmp / "nope.safetensors", "--format", "onnx"], "not found"),
         "corrupt checkpoint": ([corrupt, "--format", "onnx"], "not a readable safetensors file"),
-        "unknown format": ([ck, "--format", "tflite"], "unknown --format 'tflite'"),
-        "unknown deform": ([ck, "--format", "onnx", "--deform", "bilinear"], "unknown --deform"),
-        "score range": ([ck, "--format", "onnx", "--score-threshold", "1.5"], "--score-threshold must be in"),
-        "score text": ([ck, "--format", "onnx", "--score-threshold", "abc"], "--score-threshold must be a number"),
-        "iou zero": ([ck, "--format", "onnx", "--iou-threshold", "0"], "--iou-threshold must be in"),
-        "max det": ([ck, "--format", "onnx", "--max-detections", "0"], "--max-detections must be >= 1"),
-        "max det text": ([ck, "--format", "onnx", "--max-detections", "2.5"], "must be an integer"),
+        "unknown format": ([ck, "--format", "tflite"], "--format must be onnx | onnx-fp16"),
+        "unknown deform": ([ck, "--format", "onnx", "--deform", "bilinear"], "--deform must be native | decompose"),
+        "score range": ([ck, "--format", "onnx", "--nms", "--score-threshold", "1.5"], "--score-threshold must be in"),
+        "score text": ([ck, "--format", "onnx", "--score-threshold", "abc"], "--score-threshold: invalid float"),
+        "score without nms": ([ck, "--format", "onnx", "--score-threshold", "0.5"], "applies with --nms or --bundle"),
+        "iou zero": ([ck, "--format", "onnx", "--nms", "--iou-threshold", "0"], "--iou-threshold must be in"),
+        "max det": ([ck, "--format", "onnx", "--nms", "--max-detections", "0"], "--max-detections must be an integer"),
+        "max det text": ([ck, "--format", "onnx", "--max-detections", "2.5"], "invalid int value: '2.5'"),
         "image size": ([ck, "--format", "onnx", "--image-size", "100"], "multiple of 32"),
+        "huge image size": ([ck, "--format", "onnx", "--image-size", "32000"], "between 32 and 4096"),
         "int8 no spec": ([ck, "--format", "onnx-int8"], "needs --calibration"),
         "spec with onnx": ([ck, "--format", "onnx", "--calibration", bad_spec], "--calibration applies to"),
         "corrupt spec": ([ck, "--format", "onnx-mixed", "--calibration", bad_spec], "not valid JSON"),
@@ -236,7 +272,7 @@ def _bad_cases(files, tmp):
         "bundle not empty": ([ck, "--format", "onnx", "--bundle", full], "exists and is not empty"),
         "bundle is a file": ([ck, "--format", "onnx", "--bundle", bundle_file], "is a file, not a folder"),
         "sqnr without spec": ([ck, "--format", "onnx", "--sqnr"], "--sqnr debugs quantized exports"),
-        "unknown storage": ([ck, "--format", "tensorrt", "--weight-storage", "int2"], "unknown --weight-storage"),
+        "unknown storage": ([ck, "--format", "tensorrt", "--weight-storage", "int2"], "--weight-storage must be"),
         "storage with onnx": ([ck, "--format", "onnx", "--weight-storage", "native"], "--weight-storage applies to"),
         "packed for tensorrt": ([ck, "--format", "tensorrt", "--weight-storage", "packed"],
                                 "TensorRT's ONNX parser lacks"),
@@ -244,7 +280,8 @@ def _bad_cases(files, tmp):
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "corrupt checkpoint", "unknown format", "unknown deform",
-                                  "score range", "score text", "iou zero", "max det", "max det text", "image size",
+                                  "score range", "score text", "score without nms", "iou zero", "max det",
+                                  "max det text", "image size", "huge image size",
                                   "int8 no spec", "spec with onnx", "corrupt spec", "data missing",
                                   "bundle not empty", "bundle is a file", "sqnr without spec", "unknown storage",
                                   "storage with onnx", "packed for tensorrt"])
@@ -254,6 +291,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, capsy
     code, stdout, err = run_cli([*args, "--out", out], capsys)
     assert code == 2
     assert err.startswith("edgekit export: error: ") and err.count("\n") == 1 and match in err, err
+    assert "Traceback" not in err
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -272,7 +310,7 @@ def test_real_fp16_export(files, tmp_path, capsys):
     code, _, err = run_cli([files["deformable"], "--format", "onnx-fp16", "--out", tmp_path / "h",
                             "--data", files["data"]], capsys)
     assert code == 0, err
-    report = json.loads((tmp_path / "h" / "parity.json").read_text())
+    report = json.loads((tmp_path / "h" / "model_fp16.parity.json").read_text())
     assert report["precision"] == "fp16" and report["passed"] and "map" in report
 
 
@@ -283,7 +321,7 @@ def test_real_decomposed_deform_export(files, tmp_path, capsys):
     assert code == 0, err
     graph = onnx.load(str(tmp_path / "d" / "model.onnx")).graph
     assert not any(n.op_type == "DeformConv" for n in graph.node)
-    assert json.loads((tmp_path / "d" / "parity.json").read_text())["passed"]
+    assert json.loads((tmp_path / "d" / "model.parity.json").read_text())["passed"]
 
 
 def test_a_quantized_checkpoint_exports_its_own_weights_and_scales(files, fast_export, capsys, tmp_path):
@@ -307,7 +345,7 @@ def test_a_quantized_checkpoint_exports_its_own_weights_and_scales(files, fast_e
     assert code == 2 and "onnx-mixed" in err and not (tmp_path / "bad").exists()
     code, _, err = run_cli([ckpt, "--format", "onnx-mixed", "--out", tmp_path / "mixed"], capsys)
     assert code == 0, err
-    report = json.loads((tmp_path / "mixed" / "parity.json").read_text())
+    report = json.loads((tmp_path / "mixed" / "model_mixed.parity.json").read_text())
     assert report["passed"] and report["precision"] == "mixed"
 
 

@@ -108,6 +108,6 @@ def test_profile_command_with_a_broken_spec_is_one_line(tmp_path, capsys, damage
     path = tmp_path / "spec.json"
     path.write_text(json.dumps({"format": "edgekit.quant-spec/1", "model": None, "source": "uniform",
                                 "layers": {"stem.0": layer}}))
-    code = main(["profile", "convnextv2_atto", "--image-size", "32", "--bits", str(path)])
+    code = main(["profile", "convnextv2_atto", "--image-size", "32", "--spec", str(path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and str(path) in err and "'stem.0'" in err and len(err.splitlines()) == 1

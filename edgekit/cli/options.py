@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from edgekit.errors import EdgekitError
-
-
 def config_from_args(config_class, args, *, yaml_path=None, **fixed):
     """``config_class`` built from the flags of ``args`` that name its fields (None: not
     given), an optional YAML file under them, and ``fixed`` values the command sets itself."""
@@ -21,13 +18,16 @@ def config_from_args(config_class, args, *, yaml_path=None, **fixed):
 
 
 def int_list(text: str, flag: str) -> list[int]:
-    """``"1,4,8"`` -> [1, 4, 8]; one line for anything else."""
+    """``"1,4,8"`` -> [1, 4, 8]; one line for anything else (an argparse type error, so
+    that it reads like every other bad flag value)."""
+    import argparse
+
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise EdgekitError(f"{flag} must be a comma list of integers such as 1,4,8, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers such as 1,4,8, got {text!r}") from None
     if not values:
-        raise EdgekitError(f"{flag} must name at least one integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must name at least one integer, got {text!r}")
     return values
 
 

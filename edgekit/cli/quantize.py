@@ -18,7 +18,8 @@ def add_commands(sub) -> None:
     q = sub.add_parser("quantize", help="choose per-layer bit widths and build a quantized model")
     q.add_argument("checkpoint", help="float checkpoint (.safetensors) or model name (random weights)")
     q.add_argument("--method", required=True, choices=METHODS)
-    q.add_argument("--bit-widths", help="searched methods: widths the search may use (default 2,3,4,5,6,7,8)")
+    q.add_argument("--bit-widths", type=lambda t: int_list(t, "--bit-widths"),
+                   help="searched methods: widths the search may use (default 2,3,4,5,6,7,8)")
     q.add_argument("--threshold", type=float, help="ghost: relative weight error to stay under (default 0.01)")
     q.add_argument("--metric", choices=("kmeans", "uniform"),
                    help="searched methods: weight error by k-means (ghost default) or the real uniform quantizer "
@@ -84,8 +85,7 @@ def _profile(args) -> int:
 def _quantize(args) -> int:
     from edgekit.calibration.pipeline import QuantizeRecipe, quantize_checkpoint
 
-    widths = int_list(args.bit_widths, "--bit-widths") if args.bit_widths else None
-    recipe = config_from_args(QuantizeRecipe, args, bit_widths=widths)
+    recipe = config_from_args(QuantizeRecipe, args)
     result = quantize_checkpoint(args.checkpoint, recipe, data=args.data, out=args.out,
                                  log=lambda line: print(line, flush=True))
     t = result.totals
