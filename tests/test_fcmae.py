@@ -93,14 +93,16 @@ def sparse_depthwise(x, conv):
 
 def sparse_downsample(x, norm, conv):
     """LayerNorm per row, then a 2x2 stride-2 conv whose outputs exist where any input does."""
-    normed = Sparse(x.coords, [F.layer_norm(f, f.shape[1:], norm.weight, norm.bias, norm.eps) for f in x.feats], x.shape)
+    rows = [F.layer_norm(f, f.shape[1:], norm.weight, norm.bias, norm.eps) for f in x.feats]
+    normed = Sparse(x.coords, rows, x.shape)
     coords, feats = [], []
     for n, c in enumerate(x.coords):
         out_coords = torch.unique(c // 2, dim=0)
         out = conv.bias.expand(len(out_coords), -1).clone()
         for a in range(2):
             for b in range(2):
-                out = out + normed.gather(n, 2 * out_coords[:, 0] + a, 2 * out_coords[:, 1] + b) @ conv.weight[:, :, a, b].T
+                inputs = normed.gather(n, 2 * out_coords[:, 0] + a, 2 * out_coords[:, 1] + b)
+                out = out + inputs @ conv.weight[:, :, a, b].T
         coords.append(out_coords)
         feats.append(out)
     return Sparse(coords, feats, (x.shape[0] // 2, x.shape[1] // 2))
@@ -273,7 +275,7 @@ def test_disjoint_views_do_not_overlap_and_keep_the_ratio(grid, ratio):
 
 
 def test_too_many_disjoint_views_overlap_as_little_as_possible():
-    num, ratio, views = 20, 0.6, 3  # 3 views x 12 masked > 20 patches
+    ratio, views = 0.6, 3  # 3 views x 12 masked > 20 patches
     masks = disjoint_masks(50, (4, 5), ratio, views)
     assert torch.all(masks.sum(-1) == 12)
     counts = masks.sum(1)  # times each patch is masked
@@ -355,7 +357,8 @@ def official_fcmae_state(model):
             b = f"encoder.stages.{i}.{j}"
             state[f"{b}.dwconv.kernel"] = minkowski_kernel(dense[f"{b}.dwconv.weight"])
             state[f"{b}.dwconv.bias"] = dense[f"{b}.dwconv.bias"][None, :]
-            state[f"{b}.norm.ln.weight"], state[f"{b}.norm.ln.bias"] = dense[f"{b}.norm.weight"], dense[f"{b}.norm.bias"]
+            state[f"{b}.norm.ln.weight"] = dense[f"{b}.norm.weight"]
+            state[f"{b}.norm.ln.bias"] = dense[f"{b}.norm.bias"]
             for lin in ("pwconv1", "pwconv2"):
                 state[f"{b}.{lin}.linear.weight"] = dense[f"{b}.{lin}.weight"]
                 state[f"{b}.{lin}.linear.bias"] = dense[f"{b}.{lin}.bias"]

@@ -295,7 +295,7 @@ def encoder_state_dict(fcmae_state: Mapping) -> dict[str, torch.Tensor]:
     for key, value in _unwrap(fcmae_state).items():
         if key.split(".")[0] in DECODER_PARTS:
             continue
-        key = key[len("encoder."):] if key.startswith("encoder.") else key
+        key = key.removeprefix("encoder.")
         key, value = dense_from_minkowski(key, value)
         if key.split(".")[0] in ENCODER_PARTS:
             encoder[key] = value
