@@ -21,6 +21,12 @@ def level_ranges(strides) -> list[tuple[float, float]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def point_ranges(strides, pstrides) -> torch.Tensor:
+    """Each point's size range [P, 2] (its level's entry of :func:`level_ranges`)."""
+    ranges = torch.tensor(level_ranges(strides), device=pstrides.device)
+    return torch.cat([ranges[i].expand(int((pstrides == s).sum()), 2) for i, s in enumerate(strides)])
+
+
 def assign_targets(points, pstrides, ranges, gt_boxes, gt_labels, num_classes, center_radius=1.5):
     """Targets for one image: labels [P] (num_classes = background), ltrb [P, 4] in pixels."""
     num_points = points.shape[0]
@@ -70,19 +76,25 @@ def centerness_target(ltrb):
                       * (tb.min(1).values / tb.max(1).values.clamp(min=1e-6)))
 
 
+def classification_loss(cls, labels, focal_alpha=0.25, focal_gamma=2.0):
+    """Focal loss of logits [B, P, K] against labels [B, P] (K = background), over the
+    number of positives; returns (loss, positive mask, number of positives)."""
+    num_classes = cls.shape[-1]
+    pos = labels < num_classes
+    num_pos = max(float(pos.sum()), 1.0)
+    onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes].to(cls.dtype)
+    return sigmoid_focal_loss(cls, onehot, focal_alpha, focal_gamma).sum() / num_pos, pos, num_pos
+
+
 def fcos_loss(outputs, targets, strides, focal_alpha=0.25, focal_gamma=2.0):
     """Sum of the three FCOS losses, each normalised by the number of positives."""
     cls, box, ctr, points, pstrides = flatten_levels(outputs, strides)
     num_classes = cls.shape[-1]
-    ranges = torch.tensor(level_ranges(strides), device=points.device)
-    ranges = torch.cat([ranges[i].expand((pstrides == s).sum(), 2) for i, s in enumerate(strides)])
+    ranges = point_ranges(strides, pstrides)
     all_labels, all_ltrb = zip(*(assign_targets(points, pstrides, ranges, t["boxes"].to(points.device),
                                                 t["labels"].to(points.device), num_classes) for t in targets))
     labels, ltrb = torch.stack(all_labels), torch.stack(all_ltrb)
-    pos = labels < num_classes
-    num_pos = max(float(pos.sum()), 1.0)
-    onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes].to(cls.dtype)
-    loss_cls = sigmoid_focal_loss(cls, onehot, focal_alpha, focal_gamma).sum() / num_pos
+    loss_cls, pos, num_pos = classification_loss(cls, labels, focal_alpha, focal_gamma)
     if pos.any():
         strides_pos = pstrides.expand_as(labels)[pos][:, None]
         target = ltrb[pos] / strides_pos

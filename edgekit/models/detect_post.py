@@ -27,10 +27,12 @@ def flatten_levels(outputs, strides):
         pts.append(p)
         pstrides.append(torch.full((p.shape[0],), float(s), device=c.device))
 
-    def flat(maps):
-        return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+    return flatten_maps(cls), flatten_maps(box), flatten_maps(ctr), torch.cat(pts), torch.cat(pstrides)
 
-    return flat(cls), flat(box), flat(ctr), torch.cat(pts), torch.cat(pstrides)
+
+def flatten_maps(maps) -> torch.Tensor:
+    """Per-level [B, C, H, W] maps -> [B, P, C], points in :func:`flatten_levels`' order."""
+    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
 
 
 def decode_predictions(outputs, strides):
@@ -46,20 +48,26 @@ def postprocess(boxes, scores, score_threshold=0.05, iou_threshold=0.6, max_dete
                 pre_nms_top_k=1000, image_size=None):
     """Per image: threshold, keep the top-k (box, class) pairs, class-aware NMS, cap detections."""
     results = []
-    num_classes = scores.shape[-1]
     for b, s in zip(boxes, scores):
         if image_size is not None:
             h, w = image_size
             b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1)
-        flat = s.flatten()
-        keep = flat > score_threshold
-        idx = keep.nonzero().squeeze(1)
-        flat = flat[idx]
-        if flat.numel() > pre_nms_top_k:
-            flat, top = flat.topk(pre_nms_top_k)
-            idx = idx[top]
-        box_idx, labels = idx // num_classes, idx % num_classes
+        box_idx, labels, flat = top_candidates(s, score_threshold, pre_nms_top_k)
         cand = b[box_idx]
         kept = batched_nms(cand, flat, labels, iou_threshold)[:max_detections]
         results.append({"boxes": cand[kept], "scores": flat[kept], "labels": labels[kept]})
     return results
+
+
+def top_candidates(scores, score_threshold: float, pre_nms_top_k: int):
+    """One image's (point index, label, score) pairs above the threshold, at most the top k.
+
+    ``scores`` is [P, K]; every (point, class) pair is a candidate, as in FCOS."""
+    num_classes = scores.shape[-1]
+    flat = scores.flatten()
+    idx = (flat > score_threshold).nonzero().squeeze(1)
+    flat = flat[idx]
+    if flat.numel() > pre_nms_top_k:
+        flat, top = flat.topk(pre_nms_top_k)
+        idx = idx[top]
+    return idx // num_classes, idx % num_classes, flat

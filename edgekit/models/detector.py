@@ -6,6 +6,14 @@ each branch can be a modulated deformable convolution. Everything is plain torch
 it trains and exports anywhere; box decoding and class-aware NMS live in
 :mod:`edgekit.models.detect_post` so that export can reuse them.
 
+``obb=True`` adds an angle branch (one 3x3 conv on the regression tower) and makes the
+model oriented: ``forward`` returns (cls, box, ctr, angle), the loss is
+:func:`edgekit.models.obb_loss.obb_loss` and ``predict`` gives rotated boxes
+(:mod:`edgekit.models.obb_post`). A keyword rather than ``rsdet_*_obb`` names: the flag
+lands in the checkpoint's constructor kwargs and in ``model.config``, so every path that
+rebuilds a model from those (checkpoints, export, QAT) builds the oriented one unchanged,
+and horizontal models keep their names, weights and outputs.
+
 Why FCOS-style: no anchors to tune per data set (DOTA object sizes vary by orders of
 magnitude), a single dense output per level, and trivial ONNX export.
 """
@@ -22,6 +30,8 @@ from edgekit.models.convnextv2 import ConvNeXtV2, VARIANTS
 from edgekit.models.deform import DeformConv2dPack
 from edgekit.models.detect_loss import fcos_loss
 from edgekit.models.detect_post import decode_predictions, postprocess
+from edgekit.models.obb_loss import obb_loss
+from edgekit.models.obb_post import decode_rotated_predictions, postprocess_rotated
 from edgekit.models.registry import register_model
 
 INF = 1e8
@@ -72,10 +82,11 @@ class Scale(nn.Module):
 
 
 class FCOSHead(nn.Module):
-    """Shared head: a classification tower and a regression tower (boxes + centerness)."""
+    """Shared head: a classification tower and a regression tower (boxes + centerness, and
+    with ``angle=True`` the rotated box's angle logit)."""
 
     def __init__(self, channels: int, num_classes: int, num_levels: int, num_convs: int = 2,
-                 deformable: bool = True, prior_prob: float = 0.01):
+                 deformable: bool = True, prior_prob: float = 0.01, angle: bool = False):
         super().__init__()
 
         def tower():
@@ -89,31 +100,37 @@ class FCOSHead(nn.Module):
         self.box_out = nn.Conv2d(channels, 4, 3, padding=1)
         self.ctr_out = nn.Conv2d(channels, 1, 3, padding=1)
         self.scales = nn.ModuleList(Scale() for _ in range(num_levels))
-        for conv in (self.cls_out, self.box_out, self.ctr_out):
+        self.angle_out = nn.Conv2d(channels, 1, 3, padding=1) if angle else None
+        for conv in (self.cls_out, self.box_out, self.ctr_out, self.angle_out):
+            if conv is None:
+                continue
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats: list[torch.Tensor]):
-        cls, box, ctr = [], [], []
+        cls, box, ctr, angle = [], [], [], []
         for level, x in enumerate(feats):
             c, r = self.cls_tower(x), self.reg_tower(x)
             cls.append(self.cls_out(c))
             # Distances in units of the level's stride, positive by construction.
             box.append(torch.exp(self.scales[level](self.box_out(r)).clamp(max=8.0)))
             ctr.append(self.ctr_out(r))
-        return cls, box, ctr
+            if self.angle_out is not None:
+                angle.append(self.angle_out(r))  # a logit; obb_post.angle_from_logits maps it to radians
+        return (cls, box, ctr, angle) if self.angle_out is not None else (cls, box, ctr)
 
 
 class RSDet(nn.Module):
     """ConvNeXt V2 + FPN + FCOS-style head. ``forward`` returns raw per-level outputs;
-    :meth:`loss` trains them and :meth:`predict` turns them into boxes."""
+    :meth:`loss` trains them and :meth:`predict` turns them into boxes (rotated ones too
+    with ``obb=True``)."""
 
     strides = (8, 16, 32)
 
     def __init__(self, backbone: str = "atto", num_classes: int = 15, neck_channels: int | None = None,
                  head_convs: int = 2, deformable: bool = True, drop_path_rate: float = 0.0,
-                 class_names: list[str] | None = None, grn_backend: str = "auto"):
+                 class_names: list[str] | None = None, grn_backend: str = "auto", obb: bool = False):
         super().__init__()
         if backbone not in VARIANTS:
             from edgekit.errors import EdgekitError
@@ -123,23 +140,40 @@ class RSDet(nn.Module):
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
         self.config = dict(backbone=backbone, num_classes=num_classes, neck_channels=neck_channels,
-                           head_convs=head_convs, deformable=deformable, class_names=self.class_names)
+                           head_convs=head_convs, deformable=deformable, class_names=self.class_names,
+                           obb=bool(obb))
+        self.obb = bool(obb)
         self.backbone = ConvNeXtV2(**VARIANTS[backbone], features_only=True, out_indices=(1, 2, 3),
                                    drop_path_rate=drop_path_rate, grn_backend=grn_backend)
         in_channels = [info["channels"] for info in self.backbone.feature_info]
         channels = neck_channels or max(64, in_channels[0])
         self.neck = FPNNeck(in_channels, channels)
-        self.head = FCOSHead(channels, num_classes, len(self.strides), head_convs, deformable)
+        self.head = FCOSHead(channels, num_classes, len(self.strides), head_convs, deformable, angle=self.obb)
 
     def forward(self, images: torch.Tensor):
         return self.head(self.neck(self.backbone(images)))
 
     def loss(self, outputs, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Training losses; the oriented model needs ``rboxes`` in each target."""
+        if self.obb:
+            return obb_loss(outputs, targets, self.strides)
         return fcos_loss(outputs, targets, self.strides)
+
+    def decode(self, outputs):
+        """Raw outputs -> (boxes [B, P, 4] xyxy, or rboxes [B, P, 5] when oriented; scores [B, P, K])."""
+        if self.obb:
+            return decode_rotated_predictions(outputs, self.strides)
+        return decode_predictions(outputs, self.strides)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, score_threshold: float = 0.05, iou_threshold: float = 0.6,
                 max_detections: int = 100) -> list[dict[str, torch.Tensor]]:
+        """Per image a dict: ``boxes`` [M, 4], ``scores``, ``labels``; oriented models add
+        ``rboxes`` [M, 5] (``boxes`` are then their enclosing horizontal boxes)."""
+        if self.obb:
+            rboxes, scores = self.decode(self(images))
+            return postprocess_rotated(rboxes, scores, score_threshold, iou_threshold, max_detections,
+                                       image_size=images.shape[-2:])
         boxes, scores = decode_predictions(self(images), self.strides)
         return postprocess(boxes, scores, score_threshold, iou_threshold, max_detections,
                            image_size=images.shape[-2:])
