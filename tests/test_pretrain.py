@@ -71,7 +71,8 @@ def test_images_are_found_recursively_and_crops_cover_large_scenes(image_folder)
 def test_tiny_run_writes_checkpoint_record_and_reconstructions_then_resumes(image_folder, tmp_path):
     out = tmp_path / "run"
     cfg = PretrainConfig(data=str(image_folder), out=str(out), input_size=64, batch_size=4, epochs=1,
-                         crops_per_image=2, masking="disjoint", views=2, mask_ratio=0.5, reconstructions=3, **FAST)
+                         crops_per_image=2, masking="disjoint", views=2, mask_ratio=0.5, reconstructions=3, ema=True,
+                         **FAST)
     result = pretrain(cfg)
     assert result.checkpoint == out / "last.safetensors" and result.images == 4
     assert [h["epoch"] for h in result.history] == [1] and result.history[0]["steps"] == 2
@@ -99,6 +100,15 @@ def test_tiny_run_writes_checkpoint_record_and_reconstructions_then_resumes(imag
     assert [h["epoch"] for h in resumed.history] == [1, 2] and resumed.history[0] == result.history[0]
     _, info = load_model(resumed.checkpoint)
     assert info["epoch"] == 2
+    state = torch.load(again / "last.state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["ema"]["updates"] == 4  # the EMA went on counting from the saved state
+
+
+def test_time_limit_ends_the_run_early_with_a_checkpoint(image_folder, tmp_path):
+    cfg = PretrainConfig(data=str(image_folder), out=str(tmp_path / "run"), input_size=64, batch_size=4, epochs=50,
+                         crops_per_image=1, time_limit=0.01, reconstructions=0, **FAST)
+    result = pretrain(cfg)
+    assert len(result.history) == 1 and load_model(result.checkpoint)[1]["epoch"] == 1
 
 
 def all_masks_loss(model, image):
@@ -136,6 +146,7 @@ def test_loss_decreases_on_a_fixed_image(tmp_path, rng):
     ({"masking": "disjoint", "views": 1}, "needs --views >= 2"),
     ({"masking": "blocks"}, "--masking must be random or disjoint"),
     ({"input_size": 64, "mask_ratio": 0.9}, "leaves 0 visible"),
+    ({"extra": {"decoder_width": 3}}, "unknown: ['decoder_width']"),
 ])
 def test_bad_options_are_one_line(options, message, tmp_path):
     with pytest.raises(EdgekitError) as info:

@@ -45,6 +45,7 @@ from edgekit.models.masking import MASKINGS, generate_masks, mask_grid, mask_to_
 # ImageNet statistics, as the official pretraining normalises its inputs.
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+EXTRA_KEYS = ("drop_path_rate", "grn_backend")  # FCMAE keywords a config may pass through
 DECODED_CACHE = 4  # decoded images held per loader process; an epoch visits images in groups of this size
 
 
@@ -118,6 +119,8 @@ class PretrainConfig(StageConfig):
                 "auto, cpu, cuda or cuda:N")
         require(0 <= self.workers <= 256, "workers", self.workers, "an integer in [0, 256]")
         require(self.time_limit >= 0, "time_limit", self.time_limit, ">= 0 seconds")
+        unknown = sorted(set(self.extra) - set(EXTRA_KEYS))
+        require(not unknown, "extra", self.extra, f"a mapping of {' and '.join(EXTRA_KEYS)} only (unknown: {unknown})")
         require(0 <= self.reconstructions <= 64, "reconstructions", self.reconstructions, "an integer in [0, 64]")
 
     def model_kwargs(self) -> dict:
@@ -363,8 +366,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         record = {"epoch": epoch, "loss": dist.all_reduce_mean(loss_sum / max(1, steps)), "steps": steps,
                   "lr": scheduler.get_last_lr()[0], "seconds": seconds, "crops_per_s": seen * world / seconds}
         if cfg.time_limit:
-            total_epochs = _fit_epochs(cfg, epoch, start_epoch, total_epochs, steps_per_epoch, t_start,
-                                       first_step_seconds or 0.0)
+            total_epochs = _fit_epochs(cfg, epoch, start_epoch, steps_per_epoch, t_start, first_step_seconds or 0.0)
             schedule.total_steps = total_epochs * steps_per_epoch
             if ema is not None:
                 ema.decay = ema_decay_for(cfg.ema_decay, schedule.total_steps)
@@ -396,7 +398,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     return result
 
 
-def _fit_epochs(cfg, epoch, start_epoch, total_epochs, steps_per_epoch, t_start, first_step) -> int:
+def _fit_epochs(cfg, epoch, start_epoch, steps_per_epoch, t_start, first_step) -> int:
     """Epochs that fit the time limit from the mean step time so far (the first step,
     which compiles kernels, counts against the budget but not in the rate), as train does."""
     elapsed = dist.all_reduce_mean(time.perf_counter() - t_start)
