@@ -242,3 +242,53 @@ def test_quant_config_for_skips_float_layers():
     config = ac.quant_config_for({"conv1": 4, "conv2": FLOAT}, QuantConfig(act_bits=8, skip=("x*",)))
     assert config.weight_bits == {"conv1": 4} and config.skip == ("x*", "conv2")
     assert list(quantizable_layers(model, config)) == ["conv1"]
+
+
+@pytest.mark.slow
+def test_real_model_fidelity_bound(fresh_torch_seed):
+    """The loop on a real network, convnextv2_atto (random init): the metric is the cosine
+    similarity of the logits to the float model's with every layer's weight fake-quantized
+    at its width (the spec's per-channel symmetric grid, ``ptq.weight_qparams`` +
+    ``spec.fake_quantize``; float layers untouched). Start at W2 everywhere, climb (4, 8)
+    with a proxy (uniform-quantizer relative weight error saved by the move) on the top 4
+    moves, BOPs as the cost. The returned assignment is re-evaluated from scratch."""
+    from edgekit.calibration.hq_search import layer_errors
+    from edgekit.calibration.ptq import weight_qparams
+    from edgekit.calibration.quantize import QuantConfig, quantizable_layers
+    from edgekit.calibration.spec import fake_quantize
+    from edgekit.models import create_model
+
+    model = create_model("convnextv2_atto").eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x).flatten().double()
+    layers = quantizable_layers(model, QuantConfig(first_layer_bits=None, last_layer_bits=None))
+    originals = {p: m.weight.detach().clone() for p, m in layers.items()}
+    errors = layer_errors(layers, bits=(2, 4, 8))
+
+    def fidelity(bits):
+        try:
+            with torch.no_grad():
+                for path, b in bits.items():
+                    if b != FLOAT:
+                        q = weight_qparams(originals[path], b)
+                        layers[path].weight.copy_(fake_quantize(originals[path], q["scale"], q["zero_point"], b,
+                                                                True, axis=0, narrow=True))
+                out = model(x).flatten().double()
+        finally:
+            with torch.no_grad():
+                for path, w in originals.items():
+                    layers[path].weight.copy_(w)
+        return float(torch.nn.functional.cosine_similarity(out, reference, dim=0))
+
+    def proxy(layer, bits_from, bits_to):
+        return errors[layer].relative(bits_from) - errors[layer].relative(bits_to)
+
+    start = {p: 2 for p in layers}
+    res = restore_until_bound(start, fidelity, ac.bops_cost(model, 32), {p: (4, 8) for p in layers},
+                              max_drop=0.01, baseline=1.0, proxy=proxy, top_n=4)
+    print(f"initial cosine {res.initial_metric:.4f}, final {res.metric:.4f} after {res.steps_applied} steps "
+          f"({res.evaluations} evaluations, {res.stop}); widths {sorted(res.bits.values())}")
+    assert res.path and all(s.tried <= 4 for s in res.path)
+    assert res.metric == pytest.approx(fidelity(res.bits), abs=1e-12)  # the returned state is what was measured
+    assert res.feasible and 1.0 - res.metric <= 0.01 < res.initial_drop  # all-8-bit weights keep cosine > 0.99
