@@ -192,6 +192,9 @@ def test_compare_masking_starts_every_setting_alike_and_records_curves(image_fol
     assert random_curve["eval_loss"][1:] != disjoint_curve["eval_loss"][1:]
     with pytest.raises(EdgekitError, match="needs --views >= 2"):
         compare_masking(str(image_folder), settings=(("disjoint", 1),), input_size=64, **FAST)
+    with pytest.raises(EdgekitError, match="compare_masking: ema do not apply"):
+        compare_masking(str(image_folder), input_size=64, ema=True, **FAST)
+    assert "epochs" not in result["config"] and result["config"]["mask_ratio"] == 0.5
 
 
 def test_device_choice():

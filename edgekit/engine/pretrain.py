@@ -500,6 +500,12 @@ def _held_out_loss(model: FCMAE, imgs: torch.Tensor, masks: torch.Tensor, batch:
     return total / len(imgs)  # every mask removes the same number of patches: a plain mean
 
 
+# The PretrainConfig fields a masking comparison uses; the rest (epochs, EMA, output...) do not apply.
+COMPARE_KEYS = ("model", "input_size", "crops_per_image", "mask_ratio", "patch_size", "decoder_dim", "decoder_depth",
+                "norm_pix_loss", "grn_stats", "batch_size", "lr", "weight_decay", "min_lr_ratio", "seed", "device",
+                "workers", "progress", "extra")
+
+
 def compare_masking(data, settings=(("random", 1), ("random", 2), ("disjoint", 2)), steps: int = 200,
                     eval_every: int = 20, eval_crops: int = 32, warmup_steps: int = 20, **options) -> dict:
     """Train one FCMAE per masking setting ``(masking, views)`` from the same initial
@@ -509,6 +515,9 @@ def compare_masking(data, settings=(("random", 1), ("random", 2), ("disjoint", 2
     :class:`PretrainConfig` fields (model, input_size, mask_ratio, batch_size, lr, seed,
     device, decoder_dim, ...); returns a JSON-ready record."""
     require(steps >= 1, "steps", steps, ">= 1")
+    unknown = sorted(set(options) - set(COMPARE_KEYS))
+    if unknown:
+        raise EdgekitError(f"compare_masking: {', '.join(unknown)} do not apply; it takes {', '.join(COMPARE_KEYS)}")
     require(eval_every >= 1, "eval_every", eval_every, ">= 1")
     base = PretrainConfig(**{"data": data, "reconstructions": 0, **options})
     configs = [base.replace(masking=m, views=v) for m, v in settings]  # each setting checked
@@ -554,6 +563,7 @@ def compare_masking(data, settings=(("random", 1), ("random", 2), ("disjoint", 2
                 bar.set_postfix(eval_loss=f"{curve.eval_loss[-1]:.4f}")
                 since = []
         curves.append(curve)
-    return {"config": base.to_dict(), "steps": steps, "eval_every": eval_every, "eval_crops": len(eval_imgs),
-            "held_out_images": held_out, "train_images": len(train_images.paths), "device": str(device),
-            "curves": [asdict(c) for c in curves]}
+    config = {key: value for key, value in base.to_dict().items() if key in COMPARE_KEYS + ("data",)}
+    return {"config": config, "settings": [list(s) for s in settings], "steps": steps, "warmup_steps": warmup_steps,
+            "eval_every": eval_every, "eval_crops": len(eval_imgs), "held_out_images": held_out,
+            "train_images": len(train_images.paths), "device": str(device), "curves": [asdict(c) for c in curves]}
