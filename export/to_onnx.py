@@ -218,8 +218,7 @@ def _strip_prefix(model, prefix: str) -> None:
     rename_values(model, renames)
 
 
-def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dict | None,
-              form: str = "training") -> dict:
+def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dict | None, form: str) -> dict:
     import edgekit
     from edgekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -311,13 +310,11 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
     ops (``decompose``). ``form="deploy"`` (default) exports
     :func:`edgekit.export.deploy_form.to_deploy_form` of the model (same outputs to float
     rounding, same initializer names and shapes; GELU is one ``Gelu`` node from opset 20
-    on, the Erf formula below it), ``"training"`` the modules as written. ``metadata`` entries are added to the file's metadata (any
-    JSON-able values); ``model_name`` overrides the recorded model name. Returns the path
-    written (atomically).
+    on, the Erf formula below it), ``"training"`` the modules as written. ``metadata``
+    entries are added to the file's metadata (any JSON-able values); ``model_name``
+    overrides the recorded model name. Returns the path written (atomically).
     """
-    from edgekit.export import onnx_checks
-
-    from edgekit.export import graph_passes
+    from edgekit.export import graph_passes, onnx_checks
     from edgekit.export.deploy_form import to_deploy_form
 
     _check_options(image_size, precision, deform, opset, form)
