@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from edgekit.errors import EdgekitError
-from edgekit.models import ConvNeXtV2, create_model
-from edgekit.models.fcmae import (FCMAE, dense_from_minkowski, encoder_state_dict, fcmae_state_from_official,
-                                  load_fcmae_state, load_pretrained_encoder, masked_encoder_forward)
+from edgekit.models import ConvNeXtV2, create_model, list_models
+from edgekit.models.fcmae import (FCMAE, dense_from_minkowski, encoder_state_dict, fcmae_from_name,
+                                  fcmae_state_from_official, load_fcmae_state, load_pretrained_encoder,
+                                  masked_encoder_forward)
 from edgekit.models.masking import (disjoint_masks, generate_masks, mask_grid, mask_to_map, max_disjoint_views,
                                     num_masked, random_mask)
 from reference_convnextv2_official import official_model
@@ -397,7 +398,10 @@ def test_official_fcmae_layout_loads(tmp_path):
     assert "not found" in one_line_error(load_pretrained_encoder, classifier, tmp_path / "missing.safetensors")
 
 
-def test_registered_fcmae_models_rebuild_from_name():
-    model = create_model("fcmae_convnextv2_atto", decoder_dim=16, mask_ratio=0.5)
-    assert isinstance(model, FCMAE) and model.config()["mask_ratio"] == 0.5
-    assert "accepted keywords" in one_line_error(create_model, "fcmae_convnextv2_atto", decoder_width=3)
+def test_fcmae_rebuilds_from_its_name_and_stays_out_of_the_registry():
+    model = fcmae_from_name("fcmae_convnextv2_atto", decoder_dim=16, mask_ratio=0.5)
+    assert isinstance(model, FCMAE) and model.config()["mask_ratio"] == 0.5 and model.encoder_name == "convnextv2_atto"
+    assert not list_models("fcmae*")  # not a deployable model: the registry's stages do not apply
+    assert "decoder_width" in one_line_error(fcmae_from_name, "fcmae_convnextv2_atto", decoder_width=3)
+    assert "not an FCMAE name" in one_line_error(fcmae_from_name, "convnextv2_atto")
+    assert "no FCMAE form" in one_line_error(fcmae_from_name, "fcmae_rsdet_atto")

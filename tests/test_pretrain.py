@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from edgekit.data.images import load_image
-from edgekit.engine.checkpoint import load_model
-from edgekit.engine.pretrain import (PretrainConfig, compare_masking, epoch_crops, find_images, pretrain,
-                                     resolve_device, to_tensor)
+from edgekit.engine.checkpoint import save_checkpoint
+from edgekit.engine.pretrain import (PretrainConfig, compare_masking, epoch_crops, find_images,
+                                     load_fcmae_checkpoint, pretrain, resolve_device, to_tensor)
 from edgekit.errors import EdgekitError
 from edgekit.models import create_model
 from edgekit.models.fcmae import FCMAE, load_pretrained_encoder
@@ -76,7 +76,7 @@ def test_tiny_run_writes_checkpoint_record_and_reconstructions_then_resumes(imag
     result = pretrain(cfg)
     assert result.checkpoint == out / "last.safetensors" and result.images == 4
     assert [h["epoch"] for h in result.history] == [1] and result.history[0]["steps"] == 2
-    model, info = load_model(result.checkpoint)
+    model, info = load_fcmae_checkpoint(result.checkpoint)
     assert isinstance(model, FCMAE) and info["model"] == "fcmae_convnextv2_atto" and info["image_size"] == 64
     assert model.config()["mask_ratio"] == 0.5 and model.config()["decoder_dim"] == 32
     classifier = create_model("convnextv2_atto", grn_backend="torch").eval()
@@ -98,17 +98,26 @@ def test_tiny_run_writes_checkpoint_record_and_reconstructions_then_resumes(imag
     again = tmp_path / "resumed"
     resumed = pretrain(cfg.replace(out=str(again), epochs=2, resume=str(out / "last.state.pt")))
     assert [h["epoch"] for h in resumed.history] == [1, 2] and resumed.history[0] == result.history[0]
-    _, info = load_model(resumed.checkpoint)
+    _, info = load_fcmae_checkpoint(resumed.checkpoint)
     assert info["epoch"] == 2
     state = torch.load(again / "last.state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["ema"]["updates"] == 4  # the EMA went on counting from the saved state
+
+
+def test_only_fcmae_checkpoints_load_as_fcmae(tmp_path):
+    other = save_checkpoint(tmp_path / "classifier.safetensors", create_model("convnextv2_atto"), "convnextv2_atto", {})
+    with pytest.raises(EdgekitError, match="is a convnextv2_atto checkpoint, not an FCMAE pretraining one"):
+        load_fcmae_checkpoint(other)
+    odd = save_checkpoint(tmp_path / "odd.safetensors", FCMAE(decoder_dim=8), "fcmae_convnextv2_atto", {"width": 3})
+    with pytest.raises(EdgekitError, match="odd.safetensors: fcmae_convnextv2_atto: .*width"):
+        load_fcmae_checkpoint(odd)
 
 
 def test_time_limit_ends_the_run_early_with_a_checkpoint(image_folder, tmp_path):
     cfg = PretrainConfig(data=str(image_folder), out=str(tmp_path / "run"), input_size=64, batch_size=4, epochs=50,
                          crops_per_image=1, time_limit=0.01, reconstructions=0, **FAST)
     result = pretrain(cfg)
-    assert len(result.history) == 1 and load_model(result.checkpoint)[1]["epoch"] == 1
+    assert len(result.history) == 1 and load_fcmae_checkpoint(result.checkpoint)[1]["epoch"] == 1
 
 
 def all_masks_loss(model, image):
@@ -130,8 +139,8 @@ def test_loss_decreases_on_a_fixed_image(tmp_path, rng):
     result = pretrain(cfg)
     assert sum(h["steps"] for h in result.history) == 50
     image = to_tensor(pixels)[None]
-    trained = all_masks_loss(load_model(result.checkpoint)[0], image)
-    untrained = all_masks_loss(FCMAE(**load_model(result.checkpoint)[1]["kwargs"]), image)
+    trained = all_masks_loss(load_fcmae_checkpoint(result.checkpoint)[0], image)
+    untrained = all_masks_loss(FCMAE(**load_fcmae_checkpoint(result.checkpoint)[1]["kwargs"]), image)
     print(f"loss before {untrained:.3f}, after 50 steps {trained:.3f}; per epoch {result.history}")
     # 14 runs gave 0.40-0.72 of the untrained loss (mean 0.55); a model that does not learn stays near 1
     assert trained < 0.85 * untrained

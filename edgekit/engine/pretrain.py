@@ -9,8 +9,8 @@ record. The run reuses the detector training engine: AdamW (betas 0.9/0.95, as o
 linear warm-up then cosine, optional EMA, atomic checkpoints every epoch, resume, a time
 limit, tqdm progress and DDP under torchrun.
 
-Outputs in ``out``: ``last.safetensors`` (the FCMAE weights, model ``fcmae_<encoder>`` so
-:func:`edgekit.engine.checkpoint.load_model` rebuilds it; the encoder loads into a
+Outputs in ``out``: ``last.safetensors`` (the FCMAE weights, model ``fcmae_<encoder>``;
+:func:`load_fcmae_checkpoint` rebuilds it; the encoder loads into a
 classifier or a detector backbone with :func:`edgekit.models.fcmae.load_pretrained_encoder`),
 ``last.state.pt`` (resume), ``pretrain.json`` (the record) and ``reconstructions.png``
 (input / masked input / reconstruction for a few images).
@@ -34,12 +34,13 @@ from tqdm import tqdm
 from edgekit.config import StageConfig, check_image_size, flag, require
 from edgekit.data.images import IMAGE_SUFFIXES, image_size, load_image, save_image
 from edgekit.engine import distributed as dist
-from edgekit.engine.checkpoint import load_training_state, save_checkpoint, save_training_state
+from edgekit.engine.checkpoint import (load_state_strict, load_training_state, read_checkpoint, save_checkpoint,
+                                       save_training_state)
 from edgekit.engine.ema import ModelEMA
 from edgekit.engine.train import CosineWithWarmup, ema_decay_for, seed_everything
 from edgekit.errors import EdgekitError
 from edgekit.fileio import check_output_dir, make_dirs, write_json_atomic
-from edgekit.models.fcmae import ENCODER_STRIDE, FCMAE, GRN_STATS, fcmae_encoder_size
+from edgekit.models.fcmae import ENCODER_STRIDE, FCMAE, FCMAE_PREFIX, GRN_STATS, fcmae_encoder_size, fcmae_from_name
 from edgekit.models.masking import MASKINGS, generate_masks, mask_grid, mask_to_map, max_disjoint_views
 
 # ImageNet statistics, as the official pretraining normalises its inputs.
@@ -295,7 +296,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     rank, world = dist.init_distributed()
     device = resolve_device(cfg.device, rank, world)
     grid = mask_grid(cfg.input_size, cfg.patch_size, cfg.mask_ratio, where=flag("mask_ratio"))
-    model_name = f"fcmae_{cfg.model}"
+    model_name = FCMAE_PREFIX + cfg.model
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = FCMAE(encoder_name=cfg.model, **cfg.model_kwargs()).to(device)
     seed_everything(cfg.seed + rank)
@@ -396,6 +397,19 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             "seconds": result.seconds, "images": len(images.paths), "skipped": images.skipped, "world_size": world})
     dist.cleanup()
     return result
+
+
+def load_fcmae_checkpoint(path: str | Path) -> tuple[FCMAE, dict]:
+    """(model, info) of a pretraining checkpoint (``last.safetensors``), rebuilt and loaded strictly."""
+    state, name, kwargs, info = read_checkpoint(path)
+    if not name.startswith(FCMAE_PREFIX):
+        raise EdgekitError(f"{path} is a {name} checkpoint, not an FCMAE pretraining one (written by edgekit pretrain)")
+    try:
+        model = fcmae_from_name(name, **kwargs)
+    except EdgekitError as exc:
+        raise EdgekitError(f"checkpoint {path}: {exc}") from None
+    load_state_strict(model, state, f"checkpoint {path}")
+    return model.eval(), {"model": name, "kwargs": kwargs, **info}
 
 
 def _fit_epochs(cfg, epoch, start_epoch, steps_per_epoch, t_start, first_step) -> int:

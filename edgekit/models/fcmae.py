@@ -16,6 +16,9 @@ image over its visible positions, so an image's features do not depend on its ba
 (nor on the other views of a disjoint-masked batch); ``grn_stats="batch"`` reproduces the
 official pooling exactly.
 
+Checkpoints name the model ``fcmae_<encoder>`` (:func:`fcmae_from_name` rebuilds it);
+FCMAE is kept out of the model registry, whose every entry is a deployable model.
+
 State-dict keys are the official FCMAE names (``encoder.*``, ``proj``, ``mask_token``,
 ``decoder.*``, ``pred``) with the encoder in dense ConvNeXt V2 layout, so
 ``encoder_state_dict`` strips ``encoder.`` and loads into ``convnextv2_*`` or a detector
@@ -43,7 +46,6 @@ import torch.nn.functional as F
 from edgekit.errors import EdgekitError
 from edgekit.models.convnextv2 import STAGE_STRIDES, VARIANTS, Block, ConvNeXtV2, _init_weights, backbone_state_dict
 from edgekit.models.masking import mask_grid, mask_to_map, random_mask
-from edgekit.models.registry import register_model
 
 ENCODER_STRIDE = STAGE_STRIDES[-1]  # one decoder cell per 32x32 pixels
 STEM_STRIDE = STAGE_STRIDES[0]
@@ -51,6 +53,7 @@ GRN_STATS = ("sample", "batch")
 DECODER_PARTS = ("proj", "mask_token", "decoder", "pred")
 ENCODER_PARTS = ("downsample_layers", "stages")
 FCMAE_ENCODERS = tuple(f"convnextv2_{size}" for size in VARIANTS)
+FCMAE_PREFIX = "fcmae_"  # checkpoint model names: fcmae_<encoder>
 
 
 def fcmae_encoder_size(encoder_name: str) -> str:
@@ -366,20 +369,15 @@ def load_pretrained_encoder(model: nn.Module, source: str | Path | Mapping) -> i
     return len(weights)
 
 
-def _fcmae_signature() -> inspect.Signature:
-    params = [p for n, p in inspect.signature(FCMAE.__init__).parameters.items() if n not in ("self", "encoder_name")]
-    return inspect.Signature(params)
-
-
-def _register(size: str) -> None:
-    def build(**kwargs) -> FCMAE:
-        return FCMAE(encoder_name=f"convnextv2_{size}", **kwargs)
-
-    build.__name__ = build.__qualname__ = f"fcmae_convnextv2_{size}"
-    build.__doc__ = f"FCMAE pretraining model around a ConvNeXt V2 {size} encoder."
-    build.__signature__ = _fcmae_signature()
-    register_model(build.__name__)(build)
-
-
-for _size in VARIANTS:
-    _register(_size)
+def fcmae_from_name(name: str, **kwargs) -> FCMAE:
+    """Rebuild an FCMAE from its checkpoint name ``fcmae_<encoder>`` and keywords. FCMAE
+    is a pretraining model, not a deployable one, so it stays out of the model registry
+    (whose every entry is built, exported and benchmarked)."""
+    if not str(name).startswith(FCMAE_PREFIX):
+        raise EdgekitError(f"{name!r} is not an FCMAE name; expected {FCMAE_PREFIX}<encoder>, "
+                           f"e.g. fcmae_convnextv2_atto")
+    try:
+        inspect.signature(FCMAE).bind(encoder_name=name[len(FCMAE_PREFIX):], **kwargs)
+    except TypeError as exc:
+        raise EdgekitError(f"{name}: {exc}; FCMAE takes {', '.join(inspect.signature(FCMAE).parameters)}") from None
+    return FCMAE(encoder_name=name[len(FCMAE_PREFIX):], **kwargs)
