@@ -4,6 +4,7 @@ masked-patch loss against a per-patch float64 reference, patch masking (random a
 disjoint), and the encoder's weights loading into ConvNeXt V2 models and from the
 official checkpoint layouts."""
 
+import argparse
 import math
 
 import numpy as np
@@ -392,6 +393,9 @@ def test_official_fcmae_layout_loads(tmp_path):
     with torch.no_grad():
         assert torch.equal(classifier.forward_stages(imgs)[-1], source.encoder(imgs)[0])
     assert isinstance(classifier, ConvNeXtV2)
+    with_args = tmp_path / "checkpoint-799.pth"  # what the official main_pretrain.py saves
+    torch.save({"model": official, "args": argparse.Namespace(mask_ratio=0.6), "epoch": 799}, with_args)
+    assert "holds more than tensors" in one_line_error(load_pretrained_encoder, classifier, with_args)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
     assert "cannot read pretrained weights" in one_line_error(load_pretrained_encoder, classifier, bad)

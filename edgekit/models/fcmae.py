@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -328,6 +329,14 @@ def read_state_file(path: str | Path) -> Mapping:
             from safetensors.torch import load_file
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # torch's words for a pickled non-tensor object
+            raise EdgekitError(f"cannot read pretrained weights {path}: not a torch or safetensors file; pass "
+                               f"edgekit pretrain's last.safetensors") from None
+        raise EdgekitError(f"{path} holds more than tensors (official training checkpoints keep their argparse "
+                           f"'args'), which a weights-only load refuses; if you trust the file, keep its weights: "
+                           f"torch.save({{'model': torch.load(path, weights_only=False)['model']}}, 'weights.pt')") \
+            from None
     except Exception as exc:  # safetensors and torch.load raise many types for foreign files
         raise EdgekitError(f"cannot read pretrained weights {path} ({type(exc).__name__}: "
                            f"{' '.join(str(exc).split())[:160]}); pass a .safetensors file or a torch file "
