@@ -28,7 +28,9 @@ converts that layout first, as the official ``utils.remap_checkpoint_keys`` does
 
 Initialisation follows ConvNeXt V2's truncated normal (std 0.02) for every conv and
 linear layer; the official ``FCMAE._init_weights`` calls timm's ``trunc_normal_`` without
-``std`` (std 1) on its own convs, which gives outputs ~20x too large at the start.
+``std`` (std 1) on its own convs: on random 128 px inputs that gave predictions of
+standard deviation ~100 and a first loss of ~23 against unit-variance targets (0.12 and
+1.01 with this initialisation; measured on atto, decoder 512).
 """
 
 from __future__ import annotations
