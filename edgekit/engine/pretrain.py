@@ -67,7 +67,7 @@ class PretrainConfig(StageConfig):
     grn_stats: str = "sample"          # sample | batch (the official MinkowskiGRN's pooling)
     epochs: int = 100
     batch_size: int = 16               # crops per step (each seen in `views` masked views)
-    lr: float = 1e-3
+    lr: float = 1e-3                   # absolute; the official 1.5e-4 * batch / 256 assumes batches of thousands
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0
