@@ -315,7 +315,7 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
     overrides the recorded model name. Returns the path written (atomically).
     """
     from edgekit.export import graph_passes, onnx_checks
-    from edgekit.export.deploy_form import to_deploy_form
+    from edgekit.export.deploy_form import deployed_layers, to_deploy_form
 
     _check_options(image_size, precision, deform, opset, form)
     path = Path(path)
@@ -342,6 +342,7 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
         meta["model"] = model_name
     onnx_checks.check(proto, output_names)
     if form == "deploy":  # before onnxslim, so that it folds what they free; after, for what it exposes
+        meta["deployed_layers"] = deployed_layers(model)
         passes = graph_passes.deploy_passes(proto)
         onnx_checks.check(proto, output_names)
     if simplify:

@@ -185,6 +185,7 @@ def test_small_convnext_exports_a_deploy_graph_with_parity(fresh_torch_seed, tmp
     _census(proto, model)
     meta = read_metadata(proto)
     assert meta["form"] == "deploy" and meta["opset"] == 20 and meta["simplified"].startswith("yes")
+    assert meta["deployed_layers"] == {"Block": 5}
     assert set(meta["graph_passes"]) == {"constants_to_initializers", "castlike_resolved",
                                          "batch_reshapes_made_constant", "dead_nodes_removed"}
     for batch in (1, 3):
