@@ -4,8 +4,9 @@ GHOST's HQ rule asks the same question through a hand-set threshold on the k-mea
 (:func:`edgekit.calibration.hq_search.threshold_bits`). Here no threshold: each layer's
 weights (1-D values; at most ``max_samples`` of them, a fixed-seed draw) are split in two
 halves; 1-D k-means is fitted on one half for every k = 2..2^max(bits), the other half is
-partitioned by those centres and scored by a validity index, the best k wins and the
-layer gets ``ceil(log2 k)`` bits, raised to the nearest allowed width.
+partitioned by those centres and scored by a validity index; the smallest k within one
+standard error of the best score wins (:func:`best_cluster_count`) and the layer gets
+``ceil(log2 k)`` bits, raised to the nearest allowed width.
 
 Why held out: scored on the points it was fitted to, the silhouette rewards splitting
 random sampling gaps once clusters hold a few dozen points, and on unimodal weights it
@@ -63,9 +64,9 @@ def held_out_segments(fit_sorted: np.ndarray, eval_sorted: np.ndarray, k: int) -
     return np.unique(np.concatenate(([0], cuts, [eval_sorted.size])))  # empty clusters collapse
 
 
-def silhouette_1d(sorted_values: np.ndarray, bounds: np.ndarray) -> float:
-    """Mean silhouette (scikit-learn's definition, Euclidean) of sorted values partitioned
-    into contiguous runs ``bounds``.
+def silhouette_samples_1d(sorted_values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Per-value silhouettes (scikit-learn's definition, Euclidean) of sorted values
+    partitioned into contiguous runs ``bounds``.
 
     In 1-D with contiguous clusters the nearest other cluster of a point is an adjacent
     one (every point of a farther cluster is farther than every point of the adjacent
@@ -95,39 +96,53 @@ def silhouette_1d(sorted_values: np.ndarray, bounds: np.ndarray) -> float:
         b = np.minimum(lower, upper)
         s = np.nan_to_num((b - a) / np.maximum(a, b))
     s[size == 1] = 0.0
-    return float(np.mean(s))
+    return s
 
 
-def score_partition(sorted_values: np.ndarray, bounds: np.ndarray, index: str) -> float:
-    """The validity ``index`` of the contiguous partition ``bounds`` of sorted values."""
+def silhouette_1d(sorted_values: np.ndarray, bounds: np.ndarray) -> float:
+    """Mean of :func:`silhouette_samples_1d` (``sklearn.metrics.silhouette_score``)."""
+    return float(np.mean(silhouette_samples_1d(sorted_values, bounds)))
+
+
+def score_partition(sorted_values: np.ndarray, bounds: np.ndarray, index: str) -> tuple[float, float]:
+    """(validity ``index`` of the contiguous partition ``bounds`` of sorted values, its
+    standard error): the silhouette is a mean over values, so its standard error is theirs
+    (std / sqrt(n)); the other indices are not means and get 0."""
     if index == "silhouette":
-        return silhouette_1d(sorted_values, bounds)
+        s = silhouette_samples_1d(sorted_values, bounds)
+        return float(np.mean(s)), float(np.std(s, ddof=1) / np.sqrt(s.size))
     from sklearn import metrics
 
     labels = np.repeat(np.arange(bounds.size - 1), np.diff(bounds))
     score = metrics.davies_bouldin_score if index == "davies_bouldin" else metrics.calinski_harabasz_score
-    return float(score(sorted_values.reshape(-1, 1), labels))
+    return float(score(sorted_values.reshape(-1, 1), labels)), 0.0
 
 
 def best_cluster_count(fit_sorted: np.ndarray, eval_sorted: np.ndarray, max_k: int,
                        index: str = "silhouette") -> tuple[int, dict]:
-    """(best k, ``{k: score or None}``) over k = 2..max_k, each k scored on the held-out
+    """(chosen k, ``{k: score or None}``) over k = 2..max_k, each k scored on the held-out
     values partitioned by the k-means fitted on ``fit_sorted``. None marks a k that is not
-    realised on the held-out values (an empty cluster, or k >= their number). Ties go to
-    the smaller k; with no scorable k the answer is k = 1."""
+    realised on the held-out values (an empty cluster, or k >= their number).
+
+    The choice is the one-standard-error rule (Breiman et al.'s, also the gap statistic's):
+    the smallest k scoring within one standard error of the best score, so that a larger
+    k must beat a smaller one by more than the sampling noise of the score (small layers:
+    1960 Gaussian weights once picked k = 5 over k = 2 by 0.0004, standard error 0.008).
+    With no scorable k the answer is k = 1.
+    """
     _check_index(index)
-    scores, best, best_score = {}, 1, None
-    higher = _HIGHER_IS_BETTER[index]
+    scores, errors = {}, {}
     for k in range(2, max_k + 1):
         bounds = held_out_segments(fit_sorted, eval_sorted, k) if k <= eval_sorted.size - 1 else None
         if bounds is None or bounds.size - 1 < k:
             scores[k] = None
             continue
-        score = score_partition(eval_sorted, bounds, index)
-        scores[k] = score
-        if best_score is None or (score > best_score if higher else score < best_score):
-            best, best_score = k, score
-    return best, scores
+        scores[k], errors[k] = score_partition(eval_sorted, bounds, index)
+    if not errors:
+        return 1, scores
+    sign = 1.0 if _HIGHER_IS_BETTER[index] else -1.0
+    best = max(errors, key=lambda k: (sign * scores[k], -k))
+    return min(k for k in errors if sign * scores[k] >= sign * scores[best] - errors[best]), scores
 
 
 def bits_for_clusters(k: int, bits) -> int:
