@@ -10,8 +10,8 @@ it trains and exports anywhere; box decoding and class-aware NMS live in
 model oriented: ``forward`` returns (cls, box, ctr, angle), the loss is
 :func:`edgekit.models.obb_loss.obb_loss` and ``predict`` gives rotated boxes
 (:mod:`edgekit.models.obb_post`). A keyword rather than ``rsdet_*_obb`` names: the flag
-lands in the checkpoint's constructor kwargs and in ``model.config``, so every path that
-rebuilds a model from those (checkpoints, export, QAT) builds the oriented one unchanged,
+travels with the constructor kwargs a checkpoint stores and with ``model.config``, so a
+path that rebuilds a model from those builds the oriented one without knowing about it,
 and horizontal models keep their names, weights and outputs.
 
 Why FCOS-style: no anchors to tune per data set (DOTA object sizes vary by orders of
