@@ -146,10 +146,14 @@ def read_dota_dataset(root: str | Path, classes=None) -> list[tuple[Path, DotaAn
     images_dir, labels_dir = root / "images", root / "labelTxt"
     if not images_dir.is_dir():
         raise EdgekitError(f"{images_dir} not found; a DOTA folder holds images/ and labelTxt/")
+    images = list_images(images_dir)
+    if not images:
+        raise EdgekitError(f"{images_dir} holds no images (.png, .jpg, .jpeg, .tif, .tiff, .bmp); put the data set's "
+                           f"images there")
     if not labels_dir.is_dir():
         raise EdgekitError(f"{labels_dir} not found; a DOTA folder holds images/ and labelTxt/")
     items = []
-    for image in list_images(images_dir):
+    for image in images:
         label = labels_dir / f"{image.stem}.txt"
         items.append((image, read_dota_labels(label, classes) if label.is_file() else DotaAnnotation()))
     return items

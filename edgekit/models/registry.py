@@ -54,5 +54,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
         # A builder taking **kwargs only finds a bad keyword when it calls its class.
         if "keyword argument" not in str(exc):
             raise
-        raise EdgekitError(f"model {name!r}: {str(exc).splitlines()[0]}; "
-                           f"check the keyword arguments passed to create_model") from None
+        raise EdgekitError(f"model {name!r}: {str(exc).splitlines()[0]}; remove that keyword (it is not an "
+                           f"option of {name})") from None
