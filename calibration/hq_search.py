@@ -30,6 +30,7 @@ import numpy as np
 from edgekit.errors import EdgekitError
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
+SEARCH_METHODS = ("ghost", "cluster", "budget", "sensitivity")
 
 
 EXACT_CHUNKS = 256    # the optimal segmentation cuts between at most this many equal-count runs
@@ -218,21 +219,25 @@ class SearchResult:
     seconds: float                      # the search itself
     sensitivity_seconds: float = 0.0    # estimating the sensitivities, when search_bits did it
     unused: list = dataclasses.field(default_factory=list)  # quantizable layers the forward pass never calls
+    clusters: dict | None = None        # cluster method: path -> the cluster count the index chose
 
     def to_dict(self) -> dict:
         return {"method": self.method, "metric": self.metric, "weight_bits": self.weight_bits,
                 "fixed_bits": self.fixed_bits, "seconds": self.seconds,
                 "sensitivity_seconds": self.sensitivity_seconds,
                 "relative_error": {p: {b: e.relative(b) for b in e.mse} for p, e in self.errors.items()},
-                "sensitivity": self.sensitivity, "unused": self.unused}
+                "sensitivity": self.sensitivity, "unused": self.unused, "clusters": self.clusters}
 
 
 def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: float = 0.01, metric: str | None = None,
                 budget_bops: float | None = None, budget_bytes: float | None = None, act_bits: int | str = 8,
-                config=None, image_size=256, sensitivity: dict | None = None, progress: bool = False) -> SearchResult:
+                config=None, image_size=256, sensitivity: dict | None = None, progress: bool = False,
+                cluster_index: str = "silhouette") -> SearchResult:
     """Per-layer weight bits for ``model`` (float) by ``method``:
 
-    ``ghost``: threshold rule (default metric kmeans); ``budget``: minimise the summed
+    ``ghost``: threshold rule (default metric kmeans); ``cluster``: the number of clusters
+    a cluster validity index finds in each layer's weights (``cluster_index``, see
+    :mod:`edgekit.calibration.cluster_bits`), no threshold; ``budget``: minimise the summed
     relative error under ``budget_bops`` or ``budget_bytes``; ``sensitivity``: the same
     with each layer's MSE weighted by its Hessian trace (``sensitivity``: a dict or a
     callable returning one, called only once the budget is known to be feasible; see
@@ -249,8 +254,8 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
     from edgekit.calibration.spec import check_bits
 
     start, sens_seconds = time.perf_counter(), 0.0
-    if method not in ("ghost", "budget", "sensitivity"):
-        raise EdgekitError(f"unknown search method {method!r}; use ghost, budget or sensitivity")
+    if method not in SEARCH_METHODS:
+        raise EdgekitError(f"unknown search method {method!r}; use {', '.join(SEARCH_METHODS)}")
     bits = tuple(sorted({check_bits(int(b), "bit widths") for b in bits}))
     if not bits:
         raise EdgekitError("no bit widths to search; pass some, e.g. bits=(2, 4, 8)")
@@ -268,6 +273,14 @@ def search_bits(model, method: str = "ghost", bits=DEFAULT_BITS, threshold: floa
         errors = layer_errors(searched, bits, metric, progress)
         chosen = threshold_bits(errors, threshold, bits)
         return SearchResult(method, metric, chosen, fixed, errors, None, time.perf_counter() - start, unused=unused)
+    if method == "cluster":
+        from edgekit.calibration.cluster_bits import choose_bits_by_cluster_validity
+
+        picked = choose_bits_by_cluster_validity(model, bits, index=cluster_index, layers=searched, progress=progress)
+        errors = layer_errors(searched, bits, "kmeans", progress)  # reported beside the choice, not used by it
+        return SearchResult(method, cluster_index, {p: v["bits"] for p, v in picked.items()}, fixed, errors, None,
+                            time.perf_counter() - start, unused=unused,
+                            clusters={p: v["k"] for p, v in picked.items()})
     if (budget_bops is None) == (budget_bytes is None):
         raise EdgekitError(f"method {method} needs exactly one budget: --budget-bops or --budget-mb")
     if method == "sensitivity" and sensitivity is None:

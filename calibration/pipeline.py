@@ -23,7 +23,8 @@ from edgekit.calibration.spec import MAX_BITS, MIN_BITS, OBSERVERS
 from edgekit.config import StageConfig, check_image_size, flag, only_for, require
 from edgekit.errors import EdgekitError
 
-METHODS = ("ghost", "uniform", "budget", "sensitivity")
+METHODS = ("ghost", "cluster", "uniform", "budget", "sensitivity")
+CLUSTER_INDICES = ("silhouette", "davies_bouldin", "calinski_harabasz")
 SEARCH_WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 CALIBRATION_OBSERVERS = tuple(name for name in OBSERVERS if name != "qat")  # "qat" is learned, not observed
 
@@ -41,6 +42,7 @@ class QuantizeRecipe(StageConfig):
     method: str = "ghost"
     bit_widths: list[int] | None = None      # searched methods: widths the search may use (default 2..8)
     threshold: float | None = None           # ghost: relative weight error to stay under (default 0.01)
+    cluster_index: str | None = None         # cluster: the validity index (default silhouette)
     metric: str | None = None                # searched methods: kmeans | uniform weight error
     budget_bops: float | None = None         # budget/sensitivity: total GBOPs
     budget_mb: float | None = None           # budget/sensitivity: model size in MB
@@ -63,7 +65,11 @@ class QuantizeRecipe(StageConfig):
     def check(self) -> None:
         require(self.method in METHODS, "method", self.method, " | ".join(METHODS))
         only_for(self, ("threshold",), "method", ("ghost",))
-        only_for(self, ("bit_widths", "metric"), "method", ("ghost", "budget", "sensitivity"))
+        only_for(self, ("cluster_index",), "method", ("cluster",))
+        only_for(self, ("bit_widths",), "method", ("ghost", "cluster", "budget", "sensitivity"))
+        only_for(self, ("metric",), "method", ("ghost", "budget", "sensitivity"))
+        require(self.cluster_index in (None, *CLUSTER_INDICES), "cluster_index", self.cluster_index,
+                " | ".join(CLUSTER_INDICES))
         only_for(self, ("budget_bops", "budget_mb"), "method", ("budget", "sensitivity"))
         only_for(self, ("weight_bits",), "method", ("uniform",))
         only_for(self, ("sens_batches", "sens_method", "sens_probes", "sens_confidence"), "method", ("sensitivity",))
@@ -180,7 +186,8 @@ def quantize_model(model, recipe: QuantizeRecipe, batches: Callable[[int], list]
                              budget_bops=None if recipe.budget_bops is None else recipe.budget_bops * 1e9,
                              budget_bytes=None if recipe.budget_mb is None else recipe.budget_mb * 1e6,
                              act_bits=config.act_bits, config=config, image_size=image_size,
-                             sensitivity=sensitivity, progress=recipe.progress)
+                             sensitivity=sensitivity, progress=recipe.progress,
+                             cluster_index=recipe.cluster_index or "silhouette")
         config = config_from_search(search, config)
         extra = f" (plus {search.sensitivity_seconds:.2f} s estimating sensitivities)" \
             if search.sensitivity_seconds else ""

@@ -26,7 +26,7 @@ from edgekit.errors import EdgekitError
 from edgekit.fileio import read_json, write_text_atomic
 
 FORMAT = "edgekit.quant-spec/1"
-SOURCES = ("ptq", "qat", "ghost", "uniform", "budget", "sensitivity")
+SOURCES = ("ptq", "qat", "ghost", "cluster", "uniform", "budget", "sensitivity")
 LAYER_TYPES = ("Conv2d", "Linear", "DeformConv2d")
 OBSERVERS = ("minmax", "percentile", "entropy", "mse", "qat")
 MIN_BITS, MAX_BITS = 2, 8

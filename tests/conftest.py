@@ -46,3 +46,26 @@ def fresh_torch_seed():
     print(f"torch seed {value}")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture
+def fast_export(monkeypatch):
+    """export_onnx -> a plain TorchScript export of the boxes/scores graph (fp32 only, the
+    export metadata kept): seconds instead of the real exporter's tens of seconds. GRN goes
+    through its traceable reference, as in the real exporter."""
+    import onnx
+
+    import edgekit.export.to_onnx as to_onnx
+    from edgekit.export.deform_export import export_backends
+    from export_helpers import export_raw_detector
+
+    def export(model, path, *, image_size, precision="fp32", metadata=None, **_):
+        assert precision == "fp32"
+        with export_backends():
+            export_raw_detector(model, path, image_size)
+        proto = onnx.load(str(path))
+        to_onnx.set_metadata(proto, {"classes": model.class_names, **(metadata or {})})
+        onnx.save(proto, str(path))
+        return path
+
+    monkeypatch.setattr(to_onnx, "export_onnx", export)

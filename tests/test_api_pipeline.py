@@ -8,33 +8,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
-import pytest
 import torch
 
 from edgekit import api
 from edgekit.cli import main
-from export_helpers import export_raw_detector
 
 SIZE = 128
-
-
-@pytest.fixture
-def fast_export(monkeypatch):
-    """export_onnx -> the TorchScript export (fp32): seconds instead of tens of seconds."""
-    import edgekit.export.to_onnx as to_onnx
-
-    from edgekit.export.deform_export import export_backends
-
-    def export(model, path, *, image_size, precision="fp32", metadata=None, **_):
-        with export_backends():  # GRN through its traceable reference, as the real exporter does
-            export_raw_detector(model, path, image_size)
-        proto = onnx.load(str(path))
-        to_onnx.set_metadata(proto, {"classes": model.class_names, **(metadata or {})})
-        onnx.save(proto, str(path))
-        return path
-
-    monkeypatch.setattr(to_onnx, "export_onnx", export)
 
 
 def cli(*argv):

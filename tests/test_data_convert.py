@@ -111,7 +111,7 @@ def test_errors(tmp_path):
     _random_dota(src, 1)
     write_dota_labels(src / "labelTxt" / "img0.txt", DotaAnnotation([DotaObject((1, 1, 9, 1, 9, 5, 1, 5), "ship")]))
     cases = [
-        (lambda: convert_dataset(src, tmp_path / "o1", "dota", "voc"), "unknown destination format 'voc'"),
+        (lambda: convert_dataset(src, tmp_path / "o1", "dota", "kitti"), "unknown destination format 'kitti'"),
         (lambda: convert_dataset(src, tmp_path / "o2", "pascal", "coco"), "unknown source format 'pascal'"),
         (lambda: convert_dataset(tmp_path / "nope", tmp_path / "o3", "dota", "coco"), "nope not found"),
         (lambda: convert_dataset(src, src, "dota", "coco"), "not empty"),

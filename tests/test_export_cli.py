@@ -18,7 +18,6 @@ from edgekit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
 from edgekit.engine.checkpoint import save_checkpoint
 from edgekit.errors import EdgekitError
 from edgekit.models import create_model
-from export_helpers import export_raw_detector
 
 SIZE = 64
 
@@ -38,22 +37,6 @@ def files(tmp_path_factory):
     return {"root": root, "data": root / "data" / "val",
             "deformable": make_checkpoint(root / "deformable.safetensors"),
             "plain": make_checkpoint(root / "plain.safetensors", deformable=False, grn_backend="torch")}
-
-
-@pytest.fixture
-def fast_export(monkeypatch):
-    """export_onnx -> the TorchScript export (fp32 only), metadata kept."""
-    import edgekit.export.to_onnx as to_onnx
-
-    def export(model, path, *, image_size, precision="fp32", metadata=None, **_):
-        assert precision == "fp32"
-        export_raw_detector(model, path, image_size)
-        proto = onnx.load(str(path))
-        to_onnx.set_metadata(proto, {"classes": model.class_names, **(metadata or {})})
-        onnx.save(proto, str(path))
-        return path
-
-    monkeypatch.setattr(to_onnx, "export_onnx", export)
 
 
 def run_cli(args, capsys):

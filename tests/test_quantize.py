@@ -4,6 +4,7 @@ quant spec, and rebuilding from checkpoints."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -316,3 +317,29 @@ def test_quantizable_layers_the_one_selection_for_ptq_and_quantize(fresh_torch_s
                                                                                  "0.dcn.conv_offset": "Conv2d"}
     with pytest.raises(EdgekitError, match="0.norm are not Conv2d/Linear/DeformConv2d"):
         quantizable_layers(model, layers=["0.norm"])
+
+
+def test_the_cluster_method_picks_bits_from_the_weights_cluster_count(fresh_torch_seed):
+    """quantize_model with method cluster: a layer whose weights sit on 4 well-separated
+    values gets 2 bits, one on 12 values gets 4 bits (ceil(log2 12)); no threshold is set."""
+    from edgekit.calibration.pipeline import QuantizeRecipe, quantize_model
+
+    model = toy().eval()
+    rng = np.random.default_rng(fresh_torch_seed)
+    with torch.no_grad():
+        for layer, k in (("fc1", 4), ("dcn", 12)):
+            w = getattr(model, layer).weight
+            centres = np.arange(k) * 1.0
+            values = rng.choice(centres, size=w.numel()) + rng.normal(0, 0.01, w.numel())
+            w.copy_(torch.tensor(values, dtype=w.dtype).reshape(w.shape))
+    recipe = QuantizeRecipe(method="cluster", calib_batches=1, progress=False)
+    result = quantize_model(model, recipe, lambda n: [(torch.randn(2, 3, 32, 32), None)] * n, model_name="toy",
+                            image_size=32)
+    assert result.search.method == "cluster" and result.search.metric == "silhouette"
+    assert result.search.clusters["fc1"] == 4 and result.search.weight_bits["fc1"] == 2
+    assert result.search.clusters["dcn"] == 12 and result.search.weight_bits["dcn"] == 4
+    assert result.spec["source"] == "cluster"
+    with pytest.raises(EdgekitError, match="--cluster-index applies to --method cluster"):
+        QuantizeRecipe(method="ghost", cluster_index="silhouette")
+    with pytest.raises(EdgekitError, match="--metric applies to --method ghost | budget | sensitivity"):
+        QuantizeRecipe(method="cluster", metric="kmeans")

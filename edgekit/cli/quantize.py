@@ -21,6 +21,8 @@ def add_commands(sub) -> None:
     q.add_argument("--bit-widths", type=lambda t: int_list(t, "--bit-widths"),
                    help="searched methods: widths the search may use (default 2,3,4,5,6,7,8)")
     q.add_argument("--threshold", type=float, help="ghost: relative weight error to stay under (default 0.01)")
+    q.add_argument("--cluster-index", help="cluster: silhouette (default) | davies_bouldin | calinski_harabasz: the "
+                                           "validity index that decides each layer's cluster count, hence its bits")
     q.add_argument("--metric", choices=("kmeans", "uniform"),
                    help="searched methods: weight error by k-means (ghost default) or the real uniform quantizer "
                         "(budget default)")
