@@ -30,6 +30,9 @@ _EXPORTS = {
     "bench": "edgekit.benchmarks.model_bench", "BenchConfig": "edgekit.benchmarks.model_bench",
     "BenchResult": "edgekit.benchmarks.model_bench", "run_suite": "edgekit.benchmarks.suites",
     "run_demo": "edgekit.demo", "DemoConfig": "edgekit.demo",
+    "pretrain": "edgekit.engine.pretrain", "PretrainConfig": "edgekit.engine.pretrain",
+    "PretrainResult": "edgekit.engine.pretrain", "compare_masking": "edgekit.engine.pretrain",
+    "load_pretrained_encoder": "edgekit.models.fcmae",
     # the one loader of checkpoints and model names, and the models
     "load": "edgekit.engine.checkpoint", "LoadedModel": "edgekit.engine.checkpoint",
     "create_model": "edgekit.models", "list_models": "edgekit.models",

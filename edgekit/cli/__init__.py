@@ -22,8 +22,8 @@ from edgekit.errors import EdgekitError
 
 BUG_EXIT = 3
 # The modules that add sub-commands, in the order `edgekit --help` lists them.
-COMMAND_MODULES = ("edgekit.cli.demo", "edgekit.cli.train", "edgekit.cli.data", "edgekit.cli.quantize",
-                   "edgekit.cli.export", "edgekit.cli.bench")
+COMMAND_MODULES = ("edgekit.cli.demo", "edgekit.cli.pretrain", "edgekit.cli.train", "edgekit.cli.data",
+                   "edgekit.cli.quantize", "edgekit.cli.export", "edgekit.cli.bench")
 
 
 class OneLineParser(argparse.ArgumentParser):

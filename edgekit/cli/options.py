@@ -54,7 +54,9 @@ def add_config_flags(parser, config_class, skip=()) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "") + (f" (default {default})" if default not in (None, False) else "")
-        if base is bool:
+        if base is bool and f.name == "progress":
+            add_quiet(parser)
+        elif base is bool:
             if default is True:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
                                     default=None, help=help_text)

@@ -19,6 +19,8 @@ def add_commands(sub) -> None:
     p.add_argument("--workers", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", help="last.state.pt of an interrupted run")
+    p.add_argument("--init", help="FCMAE checkpoint (edgekit pretrain's last.safetensors or an official *_fcmae.pt) "
+                                  "whose encoder initialises the detector's backbone")
     p.add_argument("--no-ema", dest="ema", action="store_false", default=None)
     p.add_argument("--no-deformable", dest="deformable", action="store_false", default=None)
     add_quiet(p)

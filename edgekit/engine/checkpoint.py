@@ -154,6 +154,9 @@ def load(source: str | Path, *, weights: bool = True, allow_quantized: bool = Fa
 def _create(name: str, kwargs: dict, path: Path) -> torch.nn.Module:
     from edgekit.models import create_model
 
+    if name.startswith("fcmae_"):
+        raise EdgekitError(f"{path} is an FCMAE pretraining checkpoint ({name}); start a detector from it with "
+                           f"edgekit train --init {path}")
     try:
         return create_model(name, **kwargs)
     except EdgekitError as exc:

@@ -30,6 +30,7 @@ class TrainConfig(StageConfig):
     time_limit: float = 0.0             # seconds; 0 = no limit (the schedule is then cut short)
     eval_every: int = 0                 # epochs between evaluations; 0 = only at the end
     resume: str | None = None           # a last.state.pt to resume from
+    init: str | None = None             # FCMAE checkpoint whose encoder initialises the backbone
     progress: bool = True
     extra: dict = field(default_factory=dict)  # model kwargs passed to create_model
 
@@ -46,6 +47,11 @@ class TrainConfig(StageConfig):
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0: no clipping)")
+        if self.init is not None and self.resume is not None:
+            from edgekit.errors import EdgekitError
+
+            raise EdgekitError("--init starts a new run from a pretrained encoder and --resume continues a run; "
+                               "give one of them")
         if self.classes is not None:
             require(bool(self.classes) and all(c.strip() for c in self.classes), "classes", self.classes,
                     "a non-empty list of class names")

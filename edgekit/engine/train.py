@@ -117,6 +117,10 @@ def _check_resume_state(state, path) -> dict:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a detector as ``cfg`` says; returns the result and writes out/train.json."""
+    if cfg.init is not None:  # checked before anything is written
+        from edgekit.models.fcmae import encoder_state_dict, read_state_file
+
+        encoder_state_dict(read_state_file(cfg.init))
     check_output_dir(cfg.out)
     train_dir, val_dir = split_dirs(cfg.data)
     rank, world = dist.init_distributed()
@@ -136,6 +140,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise EdgekitError(f"model {cfg.model!r} is not a detector; edgekit train takes one of {', '.join(detectors)}")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (EMA copies them before DDP syncs)
     model = create_model(cfg.model, **model_kwargs)
+    if cfg.init is not None:
+        from edgekit.models.fcmae import load_pretrained_encoder
+
+        load_pretrained_encoder(model, cfg.init)
     torch.manual_seed(cfg.seed + rank)
     ema = ModelEMA(model, ema_decay_for(cfg.ema_decay, cfg.epochs * len(loader)),
                    warmup_steps=max(20, len(loader))) if cfg.ema else None
