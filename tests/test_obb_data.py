@@ -93,7 +93,7 @@ def test_random_flip_rotate_moves_rboxes_with_the_drawn_pixels(rng):
         inside = np.mean([drawn.buffer(1.0).contains(Polygon.from_bounds(x, y, x + 1, y + 1).centroid)
                           for x, y in zip(xs, ys)])
         assert inside > 0.99
-        assert abs(mask.sum() - drawn.area) < 0.1 * drawn.area
+        assert abs(mask.sum() - drawn.area) < drawn.length  # PIL's fill adds at most a one-pixel rim
         seen.add(tuple(np.round(r2.numpy()[0], 3)))
     assert len(seen) > 1
 
@@ -133,13 +133,13 @@ def test_synthetic_labels_are_the_true_rotated_rectangles(rng):
     turned object would not be), at every orientation."""
     angles, ratios = [], {c: [] for c in SYNTHETIC_CLASSES}
     for _ in range(12):
-        image, ann = synthetic_sample(rng, 256)
+        _, ann = synthetic_sample(rng, 256)
         for obj in ann.objects:
             poly = np.array(obj.poly).reshape(4, 2)
             edges = np.roll(poly, -1, 0) - poly
-            cosines = [abs(np.dot(edges[i], edges[i - 1])) / (np.linalg.norm(edges[i]) * np.linalg.norm(edges[i - 1]))
-                       for i in range(4)]
-            assert max(cosines) < 0.02  # right angles, up to the labels' 0.1 px rounding
+            lengths = np.linalg.norm(edges, axis=1)
+            cosines = [abs(np.dot(edges[i], edges[i - 1])) / (lengths[i] * lengths[i - 1]) for i in range(4)]
+            assert max(cosines) < 0.2 / lengths.min()  # right angles, up to the labels' 0.1 px rounding
             rb = poly_to_rbox(poly)
             ratios[obj.label].append(rb[3] / rb[2])
             if obj.label != "storage-tank":

@@ -83,9 +83,9 @@ def test_canonical_form_is_the_same_rectangle(rng):
     c = canonical_rboxes(r)
     assert (c[:, 2] >= c[:, 3]).all()
     assert (c[:, 4] >= -math.pi / 2).all() and (c[:, 4] < math.pi / 2).all()
-    for x, y in zip(r, c):
-        px, py = shapely_poly(x), shapely_poly(y)
-        assert px.symmetric_difference(py).area < 1e-9 * px.area
+    for x, y in zip(r, c):  # the same four corners (GEOS overlays of near-identical polygons are not robust)
+        px, py = np.asarray(shapely_poly(x).exterior.coords)[:4], np.asarray(shapely_poly(y).exterior.coords)[:4]
+        assert np.abs(px[:, None] - py[None]).max(-1).min(1).max() < 1e-9
     np.testing.assert_allclose(canonical_rboxes(c), c, atol=1e-12)  # idempotent
 
 

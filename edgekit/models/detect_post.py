@@ -37,6 +37,10 @@ def flatten_maps(maps) -> torch.Tensor:
 
 def decode_predictions(outputs, strides):
     """Boxes [B, P, 4] (x1 y1 x2 y2, pixels) and scores [B, P, K] = sqrt(cls * centerness)."""
+    if len(outputs) != 3:
+        # An oriented head's distances are in the box's frame: decoding them as xyxy would be silently wrong.
+        raise ValueError(f"decode_predictions takes a horizontal head's (cls, box, ctr), got {len(outputs)} "
+                         f"output groups; decode an oriented head with obb_post.decode_rotated_predictions")
     cls, box, ctr, points, pstrides = flatten_levels(outputs, strides)
     ltrb = box * pstrides[None, :, None]
     boxes = torch.cat([points[None] - ltrb[..., :2], points[None] + ltrb[..., 2:]], dim=-1)
