@@ -33,10 +33,10 @@ BUNDLE_FORMAT = "edgekit.bundle/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_BATCH = 8  # tiles per model call when the model's batch size is dynamic (as detect_array)
 
-# Aerial scenes are huge; raise PIL's decompression-bomb guard as edgekit does.
-MAX_IMAGE_PIXELS = 40000 * 40000
-if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Aerial scenes are huge: edgekit's pixel budget, checked from the header before decoding,
+# replaces PIL's warning-then-error guard (EDGEKIT_MAX_IMAGE_PIXELS overrides it).
+MAX_IMAGE_PIXELS = int(os.environ.get("EDGEKIT_MAX_IMAGE_PIXELS", "0") or 0) or 20000 * 20000
+Image.MAX_IMAGE_PIXELS = None
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -57,6 +57,10 @@ def load_image(path) -> np.ndarray:
         raise UserError(f"image {path} not found; check the path")
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise UserError(f"image {path} claims {w} x {h} px, over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP budget; "
+                                f"tile it first, or raise EDGEKIT_MAX_IMAGE_PIXELS if the machine has the memory")
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 a = np.asarray(img).astype(np.float64)
@@ -325,22 +329,51 @@ def to_json(boxes, scores, labels, class_names: list[str]) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ the bundle
 
+# (path in preprocess.json, type): the fields infer.py reads, checked before use.
+_CONFIG_FIELDS = ((("input", "size"), int), (("input", "mean"), list), (("input", "std"), list),
+                  (("tiling", "overlap"), int), (("postprocess", "score_threshold"), float),
+                  (("postprocess", "iou_threshold"), float), (("postprocess", "max_detections"), int),
+                  (("postprocess", "pre_nms_top_k"), int), (("models",), dict), (("labels",), str))
+
+
+def _check_config(config: dict, path: Path) -> None:
+    for keys, kind in _CONFIG_FIELDS:
+        value = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else \
+            (isinstance(value, kind) and not isinstance(value, bool))
+        if not ok:
+            raise UserError(f"{path}: field {'.'.join(keys)} is missing or not a {kind.__name__}; the file is "
+                            f"damaged: re-create the bundle with edgekit")
+    for name, entry in config["models"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "/" in entry["file"] \
+                or "\\" in entry["file"] or entry["file"].startswith("."):
+            raise UserError(f"{path}: model {name!r} must name a file inside the bundle; re-create the bundle")
+    if len(config["input"]["mean"]) != 3 or len(config["input"]["std"]) != 3 or \
+            not all(isinstance(v, (int, float)) and v > 0 for v in config["input"]["std"]):
+        raise UserError(f"{path}: input.mean and input.std must be 3 numbers (std > 0); re-create the bundle")
+
+
 def load_bundle(bundle_dir: Path) -> tuple[dict, list[str]]:
     """preprocess.json and labels.txt of a bundle folder, checked."""
     path = bundle_dir / "preprocess.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} not found; run infer.py from inside an edgekit bundle folder") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {_one_line(e)}; re-create the bundle with edgekit") from None
     if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
         raise UserError(f"{path} is not an {BUNDLE_FORMAT} file; re-create the bundle with this edgekit version")
-    labels_path = bundle_dir / config.get("labels", "labels.txt")
+    _check_config(config, path)
+    labels_path = bundle_dir / Path(config["labels"]).name
     try:
-        class_names = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
-    except OSError as e:
+        class_names = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot read {labels_path}: {_one_line(e)}; re-create the bundle with edgekit") from None
+    if not class_names:
+        raise UserError(f"{labels_path} names no class; re-create the bundle with edgekit")
     return config, class_names
 
 
@@ -362,8 +395,11 @@ def resolve_model(bundle_dir: Path, config: dict, choice: str | None) -> Path:
 def write_json_atomic(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def parse_args(argv=None):
@@ -393,9 +429,15 @@ def main(argv=None, bundle_dir=None) -> int:
         images = expand_images(args.images)
         model_path = resolve_model(bundle_dir, config, args.model)
         detector = Detector(model_path, config, len(class_names), cpu_only=args.cpu)
-        results = {}
+        results, failed = {}, {}
         for path in images:
-            image = load_image(path)
+            try:
+                image = load_image(path)
+            except UserError as e:  # one unreadable file does not lose the others' results
+                if len(images) == 1:
+                    raise
+                failed[str(path)] = str(e)
+                continue
             start = time.perf_counter()
             boxes, scores, labels = detector.detect(image, score_threshold)
             ms = 1000 * (time.perf_counter() - start)
@@ -407,15 +449,25 @@ def main(argv=None, bundle_dir=None) -> int:
             summary = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
             print(f"{path}: {len(labels)} detections{' (' + summary + ')' if summary else ''} in {ms:.1f} ms")
         out = Path(args.out) / "predictions.json"
+        if not results:
+            raise UserError(f"no image could be read ({len(failed)} failed; first: {next(iter(failed.values()))})")
         try:
             write_json_atomic(out, results)
         except OSError as e:
             raise UserError(f"cannot write {out}: {_one_line(e)}; choose another --out folder") from None
         print(f"wrote {out} ({len(results)} images, model {model_path.name})")
+        if failed:
+            for path, reason in failed.items():
+                print(f"infer.py: skipped {path}: {reason}", file=sys.stderr)
+            raise UserError(f"{len(failed)} of {len(images)} images could not be read (listed above); the others' "
+                            f"results are in {out}")
         return 0
     except UserError as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("infer.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -427,3 +427,41 @@ def test_end_to_end_output_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot load model" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda c: c["postprocess"].pop("score_threshold"), "field postprocess.score_threshold is missing"),
+    (lambda c: c["input"].update(size="640"), "field input.size is missing or not a int"),
+    (lambda c: c.update(models={"fp32": {"file": "../../outside.onnx"}}), "must name a file inside the bundle"),
+    (lambda c: c["input"].update(std=[0.2, 0.0, 0.2]), "std > 0"),
+    (lambda c: c.update(models=[]), "field models is missing or not a dict"),
+])
+def test_infer_py_refuses_a_damaged_bundle_in_one_line(tmp_path, capsys, damage, needle):
+    dets = np.zeros((1, 7), dtype=np.float32)
+    bundle = write_bundle(tmp_path / "b", {"e2e": _e2e_model(tmp_path / "e2e.onnx", dets)}, class_names=CLASSES,
+                          image_size=SIZE, score_threshold=0.3)
+    config = json.loads((bundle / "preprocess.json").read_text())
+    damage(config)
+    (bundle / "preprocess.json").write_text(json.dumps(config))
+    image = save_image(tmp_path / "im.png", np.zeros((20, 20, 3), dtype=np.uint8))
+    assert infer.main([str(image), "--out", str(tmp_path / "o"), "--cpu"], bundle_dir=bundle) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_infer_py_labels_in_another_encoding_and_a_bad_image_among_good_ones(tmp_path, capsys):
+    dets = np.array([[0, 1, 1, 5, 5, 0.9, 0]], dtype=np.float32)
+    bundle = write_bundle(tmp_path / "b", {"e2e": _e2e_model(tmp_path / "e2e.onnx", dets)}, class_names=CLASSES,
+                          image_size=SIZE, score_threshold=0.3)
+    good = save_image(tmp_path / "a.png", np.zeros((20, 20, 3), dtype=np.uint8))
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"not an image")
+    assert infer.main([str(good), str(bad), "--out", str(tmp_path / "o"), "--cpu"], bundle_dir=bundle) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 images could not be read" in err and "Traceback" not in err
+    assert list(json.loads((tmp_path / "o" / "predictions.json").read_text())) == [str(good)]
+    (bundle / "labels.txt").write_bytes("Flugzeug\nSchiff\xff\n".encode("latin-1"))
+    assert infer.main([str(good), "--out", str(tmp_path / "o3"), "--cpu"], bundle_dir=bundle) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "labels.txt" in err and err.count("\n") == 1, err
