@@ -6,7 +6,9 @@ target type from a runtime tensor, so neither onnxslim nor ONNX Runtime folds it
 ORT from running that conv as a blocked NCHWc kernel), and a reshape back to a runtime
 ``Shape`` keeps a Shape node per GroupNorm. Once shapes and types are inferred, both are
 constants. onnxslim does not do these (it folds only what has constant inputs), hence
-these passes; each returns how many nodes it rewrote. Run them before onnxslim.
+these passes; each returns how many nodes it rewrote. :func:`deploy_passes` runs them
+(export_onnx: before onnxslim and after). :func:`fold_weight_reshapes` is not one of them:
+it prepares a deploy graph for quantization (see its docstring).
 """
 
 from __future__ import annotations
@@ -154,6 +156,46 @@ def prune_dead_nodes(model) -> int:
     for init in unused:
         model.graph.initializer.remove(init)
     return removed
+
+
+def fold_weight_reshapes(model) -> int:
+    """``Conv(x, Reshape(W, shape))`` with ``W`` an initializer read by nothing else and ``shape``
+    a constant: ``W`` takes the reshaped value under its own name and the Conv reads it.
+
+    For quantizing a deploy-form graph, not for the float export (which keeps torch's
+    shapes): there each pointwise Linear weight [out, in] reaches its 1x1 Conv through a
+    Reshape to [out, in, 1, 1]; folded, the weight's per-channel DequantizeLinear (axis 0)
+    feeds the Conv directly, the pattern ONNX Runtime fuses into QLinearConv."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    dead = set()
+    for node in model.graph.node:
+        reshape = producers.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if reshape is None or reshape.op_type != "Reshape" or id(reshape) in dead:
+            continue
+        weight, shape = reshape.input[0], reshape.input[1]
+        if weight not in inits or shape not in inits or readers.get(weight) != 1 or weight in outputs \
+                or readers.get(reshape.output[0]) != 1:
+            continue
+        dims = numpy_helper.to_array(inits[shape])
+        if (dims <= 0).any():  # ONNX's 0 (copy a dim) and -1 (infer) are not numpy's: leave those
+            continue
+        value = numpy_helper.to_array(inits[weight]).reshape(dims)
+        inits[weight].CopyFrom(numpy_helper.from_array(value, weight))
+        node.input[1] = weight
+        dead.add(id(reshape))
+    kept = [n for n in model.graph.node if id(n) not in dead]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    prune_dead_nodes(model)
+    return len(dead)
 
 
 def deploy_passes(model) -> dict[str, int]:

@@ -23,6 +23,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from edgekit.errors import EdgekitError
 from edgekit.export import graph_passes, onnx_checks
@@ -240,8 +241,6 @@ def _model(nodes, inputs, outputs, inits=(), opset=20):
 
 def _run(model, feeds):
     """The graph's meaning (ONNX's reference evaluator): ORT's fusions round float16 differently."""
-    from onnx.reference import ReferenceEvaluator
-
     return ReferenceEvaluator(model).run(None, feeds)
 
 
@@ -330,3 +329,59 @@ def test_prune_dead_nodes_keeps_what_outputs_need():
     model = _model(nodes, [x], [y], [numpy_helper.from_array(np.ones(2, np.float32), "unused_w")])
     assert graph_passes.prune_dead_nodes(model) == 2
     assert [n.op_type for n in model.graph.node] == ["Relu"] and not model.graph.initializer
+
+
+def _pointwise_graph(rng, shape, second_reader=False):
+    """y = Conv(x, Reshape(w [4, 3], shape)) (+ w itself as an output's input when ``second_reader``)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 5, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 5, 6])
+    outputs, nodes = [y], [helper.make_node("Reshape", ["pw.weight", "shape"], ["w4"]),
+                           helper.make_node("Conv", ["x", "w4", "pw.bias"], ["y"])]
+    if second_reader:
+        nodes.append(helper.make_node("Neg", ["pw.weight"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 3]))
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "pw.weight"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "pw.bias"),
+             numpy_helper.from_array(np.array(shape, np.int64), "shape")]
+    return _model(nodes, [x], outputs, inits)
+
+
+def test_fold_weight_reshapes_gives_the_conv_its_weight_under_its_own_name(rng):
+    model = _pointwise_graph(rng, [4, 3, 1, 1])
+    feeds = {"x": rng.standard_normal((2, 3, 5, 6)).astype(np.float32)}
+    want = _run(model, feeds)[0]
+    assert graph_passes.fold_weight_reshapes(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Conv"] and model.graph.node[0].input[1] == "pw.weight"
+    assert {i.name: list(i.dims) for i in model.graph.initializer} == {"pw.weight": [4, 3, 1, 1], "pw.bias": [4]}
+    np.testing.assert_array_equal(_run(model, feeds)[0], want)
+
+
+@pytest.mark.parametrize("shape, second_reader", [([4, 3, 1, 1], True), ([0, 3, 1, 1], False), ([4, -1, 1, 1], False)])
+def test_fold_weight_reshapes_leaves_shared_weights_and_onnx_only_dims_alone(rng, shape, second_reader):
+    model = _pointwise_graph(rng, shape, second_reader)
+    assert graph_passes.fold_weight_reshapes(model) == 0
+    assert [n.op_type for n in model.graph.node][:2] == ["Reshape", "Conv"]
+
+
+def test_quantized_deploy_graph_with_folded_reshapes_feeds_each_conv_its_weight_dq(fresh_torch_seed, tmp_path):
+    """quantize_onnx on a folded deploy graph: every pointwise Conv reads its weight's
+    DequantizeLinear directly (what ORT fuses), and the graph means what the unfolded one does."""
+    from edgekit.calibration.ptq import calibrate
+    from edgekit.export.qdq import quantize_onnx
+
+    model = ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=5).eval()
+    _wake_up(model, torch.Generator().manual_seed(fresh_torch_seed))
+    fp32 = export_onnx(model, tmp_path / "deploy.onnx", image_size=64)
+    folded = onnx.load(str(fp32))
+    assert graph_passes.fold_weight_reshapes(folded) == 2 * 4
+    onnx.save(folded, str(tmp_path / "folded.onnx"))
+    spec = calibrate(model, [torch.randn(2, 3, 64, 64)], weight_bits=7, progress=False)
+    plain = onnx.load(str(quantize_onnx(fp32, spec, tmp_path / "q.onnx", model=model)))
+    ours = onnx.load(str(quantize_onnx(tmp_path / "folded.onnx", spec, tmp_path / "qf.onnx", model=model)))
+    producers = {o: n for n in ours.graph.node for o in n.output}
+    pointwise = [n for n in ours.graph.node if n.op_type == "Conv" and "pwconv" in n.input[1]]
+    assert len(pointwise) == 8 and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in pointwise)
+    x = torch.randn(2, 3, 64, 64).numpy()
+    meaning = [ReferenceEvaluator(m).run(None, {"images": x})[0] for m in (plain, ours)]
+    np.testing.assert_allclose(meaning[1], meaning[0], rtol=1e-5, atol=1e-5 * float(np.abs(meaning[0]).max()))
