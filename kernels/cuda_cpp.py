@@ -117,8 +117,8 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
     makes the kernel launcher: CuPy on the tensor's GPU by default;
     :mod:`edgekit.kernels.cuda_emulation` passes its CPU emulation."""
     if x.dtype not in _SUFFIX:
-        from edgekit.kernels import torch_backend
-        return torch_backend.grn(x, gamma, beta, eps, data_format)
+        from edgekit.kernels import reference
+        return reference.grn(x, gamma, beta, eps, data_format)
     n, c, hw, channels_last = grn_layout(x.shape, data_format)
     check_affine(gamma.numel(), beta.numel(), c)
     if x.numel() == 0:
@@ -146,8 +146,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
                   mask: torch.Tensor | None, launcher=None) -> torch.Tensor:
     """Backend entry point (forward only) on CUDA tensors; ``launcher`` as for :func:`grn`."""
     if input.dtype not in _SUFFIX:
-        from edgekit.kernels import torch_backend
-        return torch_backend.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+        from edgekit.kernels import reference
+        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     g = deform_geometry(input, offset, weight, bias, stride, padding, dilation, mask)
     b, c, h, w, out_c, kh, kw = g.batch, g.in_channels, g.height, g.width, g.out_channels, g.kernel_h, g.kernel_w
     out_h, out_w, groups, offset_groups = g.out_h, g.out_w, g.groups, g.offset_groups

@@ -25,7 +25,7 @@ import torch
 from edgekit.errors import BackendUnavailableError
 
 BACKEND_MODULES = {
-    "torch": "edgekit.kernels.torch_backend",
+    "torch": "edgekit.kernels.reference",
     "numba": "edgekit.kernels.numba_cpu",
     "numba-cuda": "edgekit.kernels.numba_cuda",
     "cuda": "edgekit.kernels.cuda_cpp",

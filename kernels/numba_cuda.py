@@ -142,8 +142,8 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
         data_format: str) -> torch.Tensor:
     """Backend entry point (forward only) on CUDA tensors."""
     if x.dtype not in KERNEL_DTYPES:
-        from edgekit.kernels import torch_backend
-        return torch_backend.grn(x, gamma, beta, eps, data_format)
+        from edgekit.kernels import reference
+        return reference.grn(x, gamma, beta, eps, data_format)
     n, c, hw, channels_last = grn_layout(x.shape, data_format)
     check_affine(gamma.numel(), beta.numel(), c)
     if x.numel() == 0:
@@ -212,8 +212,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
                   mask: torch.Tensor | None) -> torch.Tensor:
     """Backend entry point (forward only) on CUDA tensors."""
     if input.dtype not in KERNEL_DTYPES:
-        from edgekit.kernels import torch_backend
-        return torch_backend.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+        from edgekit.kernels import reference
+        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     g = deform_geometry(input, offset, weight, bias, stride, padding, dilation, mask)
     b, c, kh, kw, out_h, out_w = g.batch, g.in_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
     groups, offset_groups = g.groups, g.offset_groups
