@@ -307,3 +307,9 @@ def markdown(record: dict) -> str:
         lines.append(f"- {name}: {p['kernel_ms_per_inference']:.1f} ms kernel time per inference; {shares}")
     lines += ["", f"Deploy graph passes: {record['deploy_graph_passes']}; onnxslim: {record['deploy_simplified']}."]
     return "\n".join(lines) + "\n"
+
+
+def deploy_form_suite(config) -> dict:
+    """The suite (a :class:`~edgekit.benchmarks.suites.DeployFormSuiteConfig`)."""
+    return run(Path(config.out), image_size=config.image_size, rounds=config.rounds, threads=config.threads,
+               budget_s=config.budget_s, ablations=config.ablations)

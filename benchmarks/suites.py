@@ -98,6 +98,23 @@ class QdqSuiteConfig(StageConfig):
 
 
 @dataclass
+class DeployFormSuiteConfig(StageConfig):
+    """The deploy-form FP32 export against the training-form export in ONNX Runtime."""
+
+    image_size: int = 256
+    rounds: int = 40
+    threads: int = field(default=2, metadata={"help": "ORT intra-op threads"})
+    budget_s: float = 240.0
+    ablations: bool = field(default=True, metadata={"help": "also time the graph with each design choice undone"})
+    out: str = RESULTS
+
+    def check(self) -> None:
+        check_image_size(self.image_size)
+        require(self.rounds >= 1 and self.threads >= 1, "rounds", self.rounds, ">= 1 (and --threads >= 1)")
+        require(self.budget_s > 0, "budget_s", self.budget_s, "> 0 seconds")
+
+
+@dataclass
 class RooflineSuiteConfig(StageConfig):
     model: str = "rsdet_atto"
     image_size: int = 256
@@ -128,6 +145,8 @@ SUITES = {  # name: (config, "module:function", what it measures)
     "quantization": (QuantizationSuiteConfig, "quantization:quantization_suite",
                      "accuracy vs BOPs of every quantization recipe (the quantization evidence)"),
     "qdq": (QdqSuiteConfig, "qdq_ort:qdq_suite", "INT8 QDQ placements in ONNX Runtime against FP32"),
+    "deploy-form": (DeployFormSuiteConfig, "deploy_form:deploy_form_suite",
+                    "the deploy-form FP32 ONNX graph against the training form in ONNX Runtime"),
     "roofline": (RooflineSuiteConfig, "roofline:roofline_suite",
                  "the roofline latency predictor against measured eager latency on this CPU"),
     "overhead": (OverheadSuiteConfig, "latency:overhead_suite", "the timing harness's own overhead"),

@@ -39,7 +39,8 @@ import math
 
 import numpy as np
 
-from edgekit.calibration.hq_search import DEFAULT_BITS, kmeans_1d
+from edgekit.calibration.kmeans import kmeans_1d
+from edgekit.calibration.spec import DEFAULT_BITS
 from edgekit.errors import EdgekitError
 
 INDICES = ("silhouette", "davies_bouldin", "calinski_harabasz")

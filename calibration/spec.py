@@ -30,6 +30,7 @@ SOURCES = ("ptq", "qat", "ghost", "cluster", "uniform", "budget", "sensitivity")
 LAYER_TYPES = ("Conv2d", "Linear", "DeformConv2d")
 OBSERVERS = ("minmax", "percentile", "entropy", "mse", "qat")
 MIN_BITS, MAX_BITS = 2, 8
+DEFAULT_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))  # the widths a bit search may choose from
 
 
 def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:

@@ -296,7 +296,7 @@ class Detector:
             x, scale = to_model_input(image, self.size, self.mean, self.std)
             boxes, scores, labels = self.run(x[None], score_threshold)[0]
             boxes = boxes / np.float32(scale)
-            return _clip(boxes, h, w), scores, labels
+            return _clip(boxes, scores, labels, h, w)
         windows = tile_windows(h, w, self.size, self.overlap)
         merged = []
         for start in range(0, len(windows), self.batch):
@@ -311,14 +311,17 @@ class Detector:
         scores = np.concatenate([m[1] for m in merged]).astype(np.float32)
         labels = np.concatenate([m[2] for m in merged]).astype(np.int64)
         keep = batched_nms(boxes, scores, labels, self.iou_threshold)  # duplicates from overlapping tiles
-        return _clip(boxes[keep], h, w), scores[keep], labels[keep]
+        return _clip(boxes[keep], scores[keep], labels[keep], h, w)
 
 
-def _clip(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+def _clip(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, h: int, w: int) -> tuple:
+    """Boxes clipped to the image, less those left with no area (they lay in the padding):
+    edgekit.engine.predict's rule."""
     boxes = boxes.astype(np.float32, copy=True)
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
-    return boxes
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[keep], scores[keep], labels[keep]
 
 
 def to_json(boxes, scores, labels, class_names: list[str]) -> list[dict]:

@@ -45,6 +45,7 @@ class ExportConfig(StageConfig):
     iou_threshold: float | None = None     # NMS / bundle (default 0.6)
     max_detections: int | None = None      # NMS / bundle (default 100)
     deform: str = "native"                 # native (ONNX DeformConv) | decompose (standard ops)
+    form: str = "deploy"                   # deploy (channels-first blocks, fused ops) | training (as trained)
     calibration: str | dict | None = None  # quant spec: a JSON path or the spec itself
     weight_storage: str | None = None      # packed (bit planes below 8 bits) | native (ONNX INT4/INT8)
     data: str | None = None                # DOTA split: also compare torch vs exported mAP on it
@@ -55,6 +56,7 @@ class ExportConfig(StageConfig):
     def check(self) -> None:
         require(self.format in FORMATS, "format", self.format, " | ".join(FORMATS))
         require(self.deform in DEFORM_MODES, "deform", self.deform, " | ".join(DEFORM_MODES))
+        require(self.form in ("deploy", "training"), "form", self.form, "deploy | training")
         if not (self.nms or self.bundle):
             for key in ("score_threshold", "iou_threshold", "max_detections"):
                 if getattr(self, key) is not None:
@@ -212,7 +214,7 @@ def _export_graphs(loaded, config: ExportConfig, spec, stage: Path, image_size: 
     raw = stage / f"{stem}.raw.onnx"
     float_graph = stage / f"{stem}.float.onnx" if spec is not None else raw
     export_onnx(loaded.model, float_graph, image_size=image_size, precision=onnx_precision, deform=config.deform,
-                model_name=loaded.name, metadata=meta)
+                model_name=loaded.name, metadata=meta, form=config.form)
     if spec is not None:
         from edgekit.export.qdq import quantize_onnx
 

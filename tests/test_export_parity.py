@@ -151,7 +151,7 @@ def test_map_difference_matches_evaluate(tiny_data, tmp_path):
 
     from edgekit.data.dataset import DetectionDataset, collate_detection
     from edgekit.data.synthetic import SYNTHETIC_CLASSES
-    from edgekit.engine.evaluate import evaluate
+    from edgekit.engine.evaluate import evaluate_model
 
     classes = list(SYNTHETIC_CLASSES)
     model = create_model("rsdet_atto", num_classes=len(classes), deformable=False, grn_backend="torch").eval()
@@ -160,7 +160,7 @@ def test_map_difference_matches_evaluate(tiny_data, tmp_path):
     assert result["num_images"] == 4
     loader = DataLoader(DetectionDataset(tiny_data / "val", classes, image_size=128), batch_size=3,
                         collate_fn=collate_detection)
-    reference = evaluate(model, loader, classes, progress=False)
+    reference = evaluate_model(model, loader, classes, progress=False)
     assert result["torch"] == {"map": reference["map"], "map50": reference["map50"]}
     assert abs(result["map_drop"]) <= TOLERANCES["fp32"]["max_map_drop"]
     # An end-to-end graph is scored with its own thresholds on both sides.

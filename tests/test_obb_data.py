@@ -139,7 +139,7 @@ def test_synthetic_labels_are_the_true_rotated_rectangles(rng):
             edges = np.roll(poly, -1, 0) - poly
             lengths = np.linalg.norm(edges, axis=1)
             cosines = [abs(np.dot(edges[i], edges[i - 1])) / (lengths[i] * lengths[i - 1]) for i in range(4)]
-            assert max(cosines) < 0.2 / lengths.min()  # right angles, up to the labels' 0.1 px rounding
+            assert max(cosines) < 0.3 / lengths.min()  # right angles, up to 0.1 px label rounding
             rb = poly_to_rbox(poly)
             ratios[obj.label].append(rb[3] / rb[2])
             if obj.label != "storage-tank":

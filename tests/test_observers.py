@@ -183,9 +183,12 @@ def test_calibrate_command_offers_exactly_the_observers_and_starts_without_numpy
     import subprocess
     import sys
 
-    from edgekit.calibration.ptq_cli import OBSERVER_CHOICES
+    from edgekit.calibration.pipeline import CALIBRATION_OBSERVERS
+    from edgekit.data.convert import FORMATS
+    from edgekit.cli.data import LAYOUTS
 
-    assert set(OBSERVER_CHOICES) == set(OBSERVERS)
+    assert set(CALIBRATION_OBSERVERS) == set(OBSERVERS)
+    assert LAYOUTS.split(" | ") == list(FORMATS)  # the help text the CLI writes without importing the readers
     code = "import sys, edgekit.cli as c; c.build_parser(); print('numpy' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

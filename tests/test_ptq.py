@@ -245,7 +245,7 @@ def test_calibrate_out_pointing_at_a_folder_is_one_line_and_leaves_no_temp(capsy
     code = main(["calibrate", str(untrained_checkpoint), "--data", str(tiny_data / "val"), "--batches", "1",
                  "--batch-size", "1", "--out", str(folder), "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "is a directory" in err and len(err.splitlines()) == 1
+    assert code == 2 and "is a folder; pass a file path" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == [folder] and not list(folder.iterdir())  # no temporary left anywhere
 
 

@@ -479,8 +479,9 @@ def test_transposed_linear_weights_are_found_by_value(fresh_torch_seed, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("conv_outputs", [False, True])
 def test_rsdet_atto_qdq_matches_fake_quant(fresh_torch_seed, tmp_path, conv_outputs):
-    """The detector through export_onnx (dynamo, DeformConv, folded Linear weights) at 64 px;
-    with conv outputs quantized ORT runs every quantized conv and Linear as an integer kernel."""
+    """The detector through export_onnx (dynamo, DeformConv; its deploy form writes the blocks'
+    Linear layers as 1x1 Convs, whose reshaped weights quantize_onnx folds) at 64 px; with
+    conv outputs quantized ORT runs every quantized conv and Linear as an integer QLinearConv."""
     from edgekit.export.to_onnx import DetectorOutputs, export_onnx
     from edgekit.models import create_model
 
@@ -499,9 +500,10 @@ def test_rsdet_atto_qdq_matches_fake_quant(fresh_torch_seed, tmp_path, conv_outp
     offset_convs = sum(1 for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"
                        and any("conv_offset" in i for i in n.input))  # excluded from quantization
     linears = sum(1 for layer in spec["layers"].values() if layer["type"] == "Linear")
-    assert ops.count("MatMulIntegerToFloat") == linears > 0
+    assert linears > 0 and ops.count("MatMulIntegerToFloat") == 0 and "MatMul" not in ops  # no Linear left as such
     if conv_outputs:
-        assert float_convs == offset_convs > 0 and ops.count("QLinearConv") > 4 * offset_convs, Counter(ops)
+        # the Linear layers' 1x1 convs have no output grid yet, so they stay float convs
+        assert float_convs == offset_convs + linears and ops.count("QLinearConv") > 4 * offset_convs, Counter(ops)
     else:
         assert ops.count("QLinearConv") < float_convs, Counter(ops)
     x = torch.randn(4, 3, 64, 64)

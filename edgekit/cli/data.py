@@ -7,14 +7,15 @@ import json
 from edgekit.cli.options import add_quiet, config_from_args
 
 
-def add_commands(sub) -> None:
-    from edgekit.data.convert import FORMATS
+LAYOUTS = "dota | yolo | yolo-obb | coco | voc"  # edgekit.data.convert.FORMATS, named here to start without torch
 
+
+def add_commands(sub) -> None:
     p = sub.add_parser("convert", help="convert a labelled data set between layouts")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--from", dest="src_format", required=True, help=" | ".join(FORMATS))
-    p.add_argument("--to", dest="dst_format", required=True, help=" | ".join(FORMATS))
+    p.add_argument("--from", dest="src_format", required=True, help=LAYOUTS)
+    p.add_argument("--to", dest="dst_format", required=True, help=LAYOUTS)
     p.add_argument("--classes", help="comma-separated class list (default: DOTA v1.0's, or the source's own)")
     p.set_defaults(func=_convert)
 

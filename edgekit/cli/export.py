@@ -19,6 +19,8 @@ def add_commands(sub) -> None:
     p.add_argument("--iou-threshold", type=float, help="--nms / --bundle: default 0.6")
     p.add_argument("--max-detections", type=int, help="--nms / --bundle: default 100")
     p.add_argument("--deform", help=" | ".join(DEFORM_MODES) + " (default native: ONNX DeformConv)")
+    p.add_argument("--form", help="deploy (default: channels-first ConvNeXt blocks, Gelu, fused GRN; parity-checked "
+                                  "against the model) | training (the graph as the model is written)")
     p.add_argument("--calibration", help="quant spec JSON (edgekit calibrate / quantize) for int8, mixed, tensorrt")
     p.add_argument("--weight-storage",
                    help="packed (bit planes below 8 bits: the file follows the bits; default) | native (ONNX "

@@ -6,7 +6,7 @@ from edgekit.cli.options import add_config_flags, config_from_args
 
 
 def add_commands(sub) -> None:
-    from edgekit.engine.pretrain import PretrainConfig
+    from edgekit.engine.pretrain_config import PretrainConfig
 
     p = sub.add_parser("pretrain", help="FCMAE self-supervised pretraining of a ConvNeXt V2 encoder on unlabeled "
                                         "imagery (then: edgekit train --init CKPT)")
@@ -17,7 +17,8 @@ def add_commands(sub) -> None:
 
 
 def _pretrain(args) -> int:
-    from edgekit.engine.pretrain import PretrainConfig, pretrain
+    from edgekit.engine.pretrain import pretrain
+    from edgekit.engine.pretrain_config import PretrainConfig
 
     data = args.data[0] if args.data and len(args.data) == 1 else args.data
     result = pretrain(config_from_args(PretrainConfig, args, yaml_path=args.config, data=data))
