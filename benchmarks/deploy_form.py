@@ -25,7 +25,6 @@ No argparse here: ``edgekit bench`` calls :func:`run`.
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
 from collections import Counter
 from pathlib import Path

@@ -193,9 +193,9 @@ def write_voc_annotation(path: str | Path, voc: VocFile) -> Path:
 def voc_layout(root: str | Path) -> tuple[Path, Path]:
     """(images folder, annotations folder) of a VOC data set, either layout."""
     root = Path(root)
-    for images, annotations in LAYOUTS:
-        if (root / images).is_dir() and (root / annotations).is_dir():
-            return root / images, root / annotations
+    for images, labels in LAYOUTS:
+        if (root / images).is_dir() and (root / labels).is_dir():
+            return root / images, root / labels
     raise EdgekitError(f"{root} is not a VOC folder; it needs images/ + annotations/ "
                        f"(or JPEGImages/ + Annotations/) with one .xml per image")
 
