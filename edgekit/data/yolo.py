@@ -111,14 +111,21 @@ def annotation_to_yolo(annotation: DotaAnnotation, classes, height: int, width: 
 
 def read_yolo_dataset(root: str | Path, classes=None) -> tuple[list[str], list[tuple[Path, DotaAnnotation]]]:
     """(class names, [(image path, annotation in pixels)]) for a YOLO folder."""
+    return read_labelled_folder(root, classes, "YOLO",
+                                lambda label, names, h, w: yolo_to_annotation(read_yolo_labels(label, len(names)),
+                                                                              names, h, w))
+
+
+def read_labelled_folder(root, classes, layout: str, annotation_of) -> tuple[list[str], list]:
+    """The YOLO-style layout (images/, labels/<stem>.txt, classes.txt): (class names,
+    [(image path, annotation)]); ``annotation_of(label file, classes, h, w)`` reads one
+    label file. Images without a label file are empty (negatives)."""
     root = Path(root)
     images_dir, labels_dir = root / "images", root / "labels"
     for d in (images_dir, labels_dir):
         if not d.is_dir():
-            raise EdgekitError(f"{d} not found; a YOLO folder holds images/, labels/ and classes.txt")
-    if classes is None:
-        classes = read_yolo_classes(root / "classes.txt")
-    classes = list(classes)
+            raise EdgekitError(f"{d} not found; a {layout} folder holds images/, labels/ and classes.txt")
+    classes = list(classes) if classes is not None else read_yolo_classes(root / "classes.txt")
     items = []
     for image in list_images(images_dir):
         label = labels_dir / f"{image.stem}.txt"
@@ -126,5 +133,5 @@ def read_yolo_dataset(root: str | Path, classes=None) -> tuple[list[str], list[t
             items.append((image, DotaAnnotation()))
             continue
         h, w = image_size(image)
-        items.append((image, yolo_to_annotation(read_yolo_labels(label, len(classes)), classes, h, w)))
+        items.append((image, annotation_of(label, classes, h, w)))
     return classes, items

@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekit.data.dota import DotaAnnotation
-from edgekit.data.images import image_size, list_images
+from edgekit.data.images import image_size
 from edgekit.data.tiling import split_object
-from edgekit.data.yolo import (YoloRow, read_yolo_classes, read_yolo_labels, write_yolo_classes, write_yolo_labels,
+from edgekit.data.yolo import (YoloRow, read_labelled_folder, read_yolo_labels, write_yolo_classes, write_yolo_labels,
                                yolo_to_annotation)
 from edgekit.errors import EdgekitError
 
@@ -57,21 +57,9 @@ def annotation_to_yolo_obb(annotation: DotaAnnotation, classes, height: int, wid
 
 def read_yolo_obb_dataset(root: str | Path, classes=None) -> tuple[list[str], list[tuple[Path, DotaAnnotation]]]:
     """(class names, [(image path, annotation in pixels)]) for a YOLO-OBB folder; images without labels are empty."""
-    root = Path(root)
-    images_dir, labels_dir = root / "images", root / "labels"
-    for d in (images_dir, labels_dir):
-        if not d.is_dir():
-            raise EdgekitError(f"{d} not found; a YOLO-OBB folder holds images/, labels/ and classes.txt")
-    classes = list(classes) if classes is not None else read_yolo_classes(root / "classes.txt")
-    items = []
-    for image in list_images(images_dir):
-        label = labels_dir / f"{image.stem}.txt"
-        if not label.is_file():
-            items.append((image, DotaAnnotation()))
-            continue
-        h, w = image_size(image)
-        items.append((image, yolo_obb_to_annotation(read_yolo_obb_labels(label, len(classes)), classes, h, w)))
-    return classes, items
+    return read_labelled_folder(root, classes, "YOLO-OBB",
+                                lambda label, names, h, w: yolo_obb_to_annotation(
+                                    read_yolo_obb_labels(label, len(names)), names, h, w))
 
 
 def write_yolo_obb_labels(root: str | Path, classes, items) -> Path:

@@ -38,7 +38,7 @@ from edgekit.engine import distributed as dist
 from edgekit.engine.checkpoint import (load_state_strict, load_training_state, read_checkpoint, save_checkpoint,
                                        save_training_state)
 from edgekit.engine.ema import ModelEMA
-from edgekit.engine.train import CosineWithWarmup, ema_decay_for, seed_everything
+from edgekit.engine.train import CosineWithWarmup, ema_decay_for, optimizer_step, seed_everything
 from edgekit.errors import EdgekitError
 from edgekit.fileio import check_output_dir, make_dirs, write_json_atomic
 from edgekit.models.fcmae import FCMAE, FCMAE_PREFIX, fcmae_from_name
@@ -266,17 +266,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             masks = generate_masks(cfg.masking, imgs.shape[0], grid, cfg.mask_ratio, cfg.views, mask_rng, device)
             inputs = imgs.repeat_interleave(cfg.views, dim=0) if cfg.views > 1 else imgs
             loss, _, _ = train_model(inputs, masks)
-            if not torch.isfinite(loss):
-                raise EdgekitError(f"pretraining diverged at epoch {epoch + 1} step {steps} (loss {float(loss)}); "
-                                   f"lower --lr (now {cfg.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
+            optimizer_step(loss, model, optimizer, scheduler, ema, cfg.grad_clip,
+                           f"pretraining diverged at epoch {epoch + 1} step {steps}", cfg.lr)
             if first_step_seconds is None:
                 first_step_seconds = time.perf_counter() - t_epoch
             steps, seen, loss_sum = steps + 1, seen + imgs.shape[0], loss_sum + float(loss.detach())

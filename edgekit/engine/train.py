@@ -72,6 +72,21 @@ def ema_decay_for(decay: float, total_steps: int) -> float:
     return min(decay, 1.0 - 1.0 / max(10.0, total_steps / 10))
 
 
+def optimizer_step(loss, model, optimizer, scheduler, ema, grad_clip: float, where: str, lr: float) -> None:
+    """One update: refuse a non-finite loss (one line naming ``where``), backward, clip,
+    step the optimizer and the schedule, update the EMA. Shared by train and pretrain."""
+    if not torch.isfinite(loss):
+        raise EdgekitError(f"{where} (loss {float(loss)}); lower --lr (now {lr})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    if ema is not None:
+        ema.update(model)
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -188,17 +203,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                    leave=False, dynamic_ncols=True)
         for step, (images, targets) in enumerate(bar):
             losses = model.loss(train_model(images), targets)
-            if not torch.isfinite(losses["loss"]):
-                raise EdgekitError(f"training diverged at epoch {epoch + 1} step {step} (loss {float(losses['loss'])}); "
-                                   f"lower --lr (now {cfg.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
+            optimizer_step(losses["loss"], model, optimizer, scheduler, ema, cfg.grad_clip,
+                           f"training diverged at epoch {epoch + 1} step {step}", cfg.lr)
             seen += images.shape[0]
             if first_step_seconds is None:
                 first_step_seconds = time.perf_counter() - t_epoch
