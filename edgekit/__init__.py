@@ -5,3 +5,7 @@ Public entry points: :mod:`edgekit.ops` (GRN, deformable convolution),
 """
 
 __version__ = "0.1.0"
+
+from edgekit.output import hide_third_party as _hide_third_party  # noqa: E402
+
+_hide_third_party()

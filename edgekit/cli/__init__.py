@@ -64,7 +64,7 @@ def _sigterm_as_interrupt():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgekit.output import quiet_third_party
+    from edgekit.output import show_third_party
 
     from edgekit.cli.bench import route
 
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
         return exc.code if isinstance(exc.code, int) else 2
     command = f"edgekit {args.command}"
-    with quiet_third_party(args.verbose), _sigterm_as_interrupt():
+    if args.verbose:
+        show_third_party()
+    with _sigterm_as_interrupt():
         try:
             return args.func(args)
         except EdgekitError as exc:
