@@ -256,22 +256,29 @@ def tile_dataset(src_root, dst_root, tile_size: int = 1024, overlap: int = 200, 
             "tile_size": tile_size, "overlap": overlap}
 
 
-def merge_tile_detections(detections, iou_threshold: float = 0.5):
+def merge_tile_detections(detections, iou_threshold: float = 0.5, rotated: bool = False):
     """Detections from tiles -> (boxes [N, 4], scores [N], labels [N]) in image coordinates.
 
     ``detections`` is a list of (window, boxes in tile coordinates, scores, labels); boxes
     are shifted by the window origin and duplicates from overlapping tiles removed by
-    class-aware NMS. Output is sorted by decreasing score.
+    class-aware NMS. Output is sorted by decreasing score. ``rotated``: the boxes are
+    rotated boxes (cx, cy, w, h, angle) [N, 5], their centres shifted, the NMS rotated.
     """
+    width = 5 if rotated else 4
     boxes, scores, labels = [], [], []
     for window, b, s, lab in detections:
-        b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4)
-        shift = torch.tensor([window[0], window[1], window[0], window[1]], dtype=b.dtype, device=b.device)
-        boxes.append(b + shift)
+        b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, width)
+        origin = [window[0], window[1]] * 2 if not rotated else [window[0], window[1], 0.0, 0.0, 0.0]
+        boxes.append(b + torch.tensor(origin, dtype=b.dtype, device=b.device))
         scores.append(torch.as_tensor(s, dtype=torch.float32).reshape(-1))
         labels.append(torch.as_tensor(lab, dtype=torch.long).reshape(-1))
     if not boxes:
-        return torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, width), torch.zeros(0), torch.zeros(0, dtype=torch.long)
     boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-    keep = batched_nms(boxes, scores, labels, iou_threshold)
+    if rotated:
+        from edgekit.rotated import batched_rotated_nms
+
+        keep = batched_rotated_nms(boxes, scores, labels, iou_threshold)
+    else:
+        keep = batched_nms(boxes, scores, labels, iou_threshold)
     return boxes[keep], scores[keep], labels[keep]

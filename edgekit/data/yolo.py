@@ -91,14 +91,21 @@ def yolo_to_annotation(rows: list[YoloRow], classes, height: int, width: int) ->
     return DotaAnnotation(objects)
 
 
-def annotation_to_yolo(annotation: DotaAnnotation, classes, height: int, width: int, path=None) -> list[YoloRow]:
-    """Normalised horizontal boxes, clipped to the image (YOLO tools reject coordinates outside [0, 1])."""
+def class_index(annotation: DotaAnnotation, classes, path=None) -> dict:
+    """{class name: id}, after checking that every object's class is in the list."""
     index = {c: i for i, c in enumerate(classes)}
-    rows = []
     for obj in annotation.objects:
         if obj.label not in index:
             raise EdgekitError(f"{path or 'annotation'}: class '{obj.label}' is not in the class list "
                                f"({', '.join(classes)}); pass --classes with every class")
+    return index
+
+
+def annotation_to_yolo(annotation: DotaAnnotation, classes, height: int, width: int, path=None) -> list[YoloRow]:
+    """Normalised horizontal boxes, clipped to the image (YOLO tools reject coordinates outside [0, 1])."""
+    index = class_index(annotation, classes, path)
+    rows = []
+    for obj in annotation.objects:
         x1, y1, x2, y2 = obj.box
         x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
         y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)

@@ -18,8 +18,8 @@ from pathlib import Path
 from edgekit.data.dota import DotaAnnotation
 from edgekit.data.images import image_size
 from edgekit.data.tiling import split_object
-from edgekit.data.yolo import (YoloRow, read_labelled_folder, read_yolo_labels, write_yolo_classes, write_yolo_labels,
-                               yolo_to_annotation)
+from edgekit.data.yolo import (YoloRow, class_index, read_labelled_folder, read_yolo_labels, write_yolo_classes,
+                               write_yolo_labels, yolo_to_annotation)
 from edgekit.errors import EdgekitError
 
 
@@ -42,12 +42,9 @@ def yolo_obb_to_annotation(rows: list[YoloRow], classes, height: int, width: int
 
 def annotation_to_yolo_obb(annotation: DotaAnnotation, classes, height: int, width: int, path=None) -> list[YoloRow]:
     """Normalised corner rows; polygons cut by the image border keep their visible part."""
-    index = {c: i for i, c in enumerate(classes)}
+    index = class_index(annotation, classes, path)
     rows = []
     for obj in annotation.objects:
-        if obj.label not in index:
-            raise EdgekitError(f"{path or 'annotation'}: class '{obj.label}' is not in the class list "
-                               f"({', '.join(classes)}); pass --classes with every class")
         visible = split_object(obj, (0, 0, width, height), min_visible=0.0)
         if visible is None:
             continue  # entirely outside the image

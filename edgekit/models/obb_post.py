@@ -69,19 +69,8 @@ def postprocess_rotated(rboxes, scores, score_threshold=0.05, iou_threshold=0.6,
 
 def merge_rotated_tile_detections(detections, iou_threshold: float = 0.5):
     """Rotated detections from tiles -> (rboxes [N, 5], scores [N], labels [N]) in image
-    coordinates, the rotated :func:`edgekit.data.tiling.merge_tile_detections`: ``detections``
-    is a list of (window, rboxes in tile coordinates, scores, labels); centres are shifted
-    by the window origin and duplicates from overlapping tiles removed by class-aware
-    rotated NMS. Sorted by decreasing score."""
-    rboxes, scores, labels = [], [], []
-    for window, r, s, lab in detections:
-        r = torch.as_tensor(r, dtype=torch.float32).reshape(-1, 5)
-        shift = torch.tensor([window[0], window[1], 0.0, 0.0, 0.0], dtype=r.dtype, device=r.device)
-        rboxes.append(r + shift)
-        scores.append(torch.as_tensor(s, dtype=torch.float32).reshape(-1))
-        labels.append(torch.as_tensor(lab, dtype=torch.long).reshape(-1))
-    if not rboxes:
-        return torch.zeros(0, 5), torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    rboxes, scores, labels = torch.cat(rboxes), torch.cat(scores), torch.cat(labels)
-    keep = batched_rotated_nms(rboxes, scores, labels, iou_threshold)
-    return rboxes[keep], scores[keep], labels[keep]
+    coordinates: :func:`edgekit.data.tiling.merge_tile_detections` with rotated boxes
+    (centres shifted by the window origin, class-aware rotated NMS)."""
+    from edgekit.data.tiling import merge_tile_detections
+
+    return merge_tile_detections(detections, iou_threshold, rotated=True)
