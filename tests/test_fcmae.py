@@ -21,17 +21,7 @@ from edgekit.models.masking import (disjoint_masks, generate_masks, mask_grid, m
                                     num_masked, random_mask)
 from reference_convnextv2_official import official_model
 
-pytestmark = pytest.mark.usefixtures("fresh_torch_seed")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these small models gain nothing from more, and on a loaded
-    machine two threads per process ran ten times slower than one (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_torch_seed", "one_thread")
 
 
 def one_line_error(fn, *args, **kwargs):

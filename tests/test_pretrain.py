@@ -20,15 +20,7 @@ from edgekit.models.fcmae import FCMAE, load_pretrained_encoder
 
 FAST = {"decoder_dim": 32, "progress": False, "extra": {"grn_backend": "torch"}}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these small models gain nothing from more, and on a loaded
-    machine two threads per process ran ten times slower than one (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scene(rng, height, width):
