@@ -227,6 +227,8 @@ def quantize_checkpoint(checkpoint, recipe: QuantizeRecipe | None = None, data=N
     recipe = recipe or QuantizeRecipe()
     if recipe.qat_epochs and not recipe.qat_data:
         raise EdgekitError("--qat-epochs needs --qat-data (a DOTA root with train/ and val/)")
+    if recipe.qat_epochs and out is None:
+        raise EdgekitError("QAT writes its training run into the output folder: pass out (--out) with --qat-epochs")
     if out is not None:
         check_output_dir(out)
     if data is not None and not Path(data).is_dir():
@@ -248,7 +250,7 @@ def quantize_checkpoint(checkpoint, recipe: QuantizeRecipe | None = None, data=N
         def qat(float_model, qmodel):
             return qat_train(float_model, qmodel, recipe.qat_data, epochs=recipe.qat_epochs,
                              time_limit=recipe.qat_time_limit or 0.0, image_size=size,
-                             out=Path(out or ".") / "qat", progress=recipe.progress)
+                             out=Path(out) / "qat", progress=recipe.progress)
 
     result = quantize_model(model, recipe, batches, model_name=loaded.name, image_size=size, qat=qat, log=log)
     if recipe.conv_outputs:  # observed on the float tensors the quantized model now holds (after QAT)

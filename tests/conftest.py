@@ -31,6 +31,17 @@ def tiny_run(tiny_data, tmp_path_factory):
     return train(cfg), out
 
 
+def one_line_error(fn, *args, **kwargs):
+    """The message of the EdgekitError ``fn`` raises, checked to be one line."""
+    from edgekit.errors import EdgekitError
+
+    with pytest.raises(EdgekitError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
 @pytest.fixture
 def rng():
     """A numpy generator with a fresh, printed seed (replay a failure with that seed)."""

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-from edgekit.errors import EdgekitError
 from edgekit.models import ConvNeXtV2, backbone_state_dict, create_model, list_models, register_model, registry
 from edgekit.models.layers import DropPath
+from conftest import one_line_error
 from reference_convnextv2_official import OFFICIAL_VARIANTS, official_model
 
 SIZES = ["atto", "femto", "pico", "nano", "tiny"]
@@ -163,14 +163,6 @@ def test_registry_lists_variants():
     assert {f"convnextv2_{s}" for s in SIZES} <= set(list_models())
     assert list_models("convnextv2_*") == sorted(f"convnextv2_{s}" for s in SIZES)
     assert list_models("no_such_*") == []
-
-
-def one_line_error(fn, *args, **kwargs):
-    with pytest.raises(EdgekitError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message
-    return message
 
 
 def test_create_model_unknown_name():

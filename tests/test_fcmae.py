@@ -19,17 +19,10 @@ from edgekit.models.fcmae import (FCMAE, dense_from_minkowski, encoder_state_dic
                                   masked_encoder_forward)
 from edgekit.models.masking import (disjoint_masks, generate_masks, mask_grid, mask_to_map, max_disjoint_views,
                                     num_masked, random_mask)
+from conftest import one_line_error
 from reference_convnextv2_official import official_model
 
 pytestmark = pytest.mark.usefixtures("fresh_torch_seed", "one_thread")
-
-
-def one_line_error(fn, *args, **kwargs):
-    with pytest.raises(EdgekitError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message
-    return message
 
 
 def randomise(module, scale=0.3):

@@ -38,8 +38,7 @@ def _convert(args) -> int:
     from edgekit.data.convert import ConvertConfig, convert
 
     classes = name_list(args.classes) if args.classes else None
-    summary = convert(args.src, args.dst, config_from_args(ConvertConfig, args, classes=classes)
-                      if classes else config_from_args(ConvertConfig, args))
+    summary = convert(args.src, args.dst, config_from_args(ConvertConfig, args, classes=classes))
     print(json.dumps(summary))
     return 0
 
