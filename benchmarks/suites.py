@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgekit.benchmarks.label_efficiency import LabelEfficiencySuiteConfig
+from edgekit.benchmarks.masking import MaskingSuiteConfig
 from edgekit.config import StageConfig, check_image_size, require
 
 RESULTS = str(Path(__file__).resolve().parent / "results")
@@ -150,6 +152,10 @@ SUITES = {  # name: (config, "module:function", what it measures)
     "roofline": (RooflineSuiteConfig, "roofline:roofline_suite",
                  "the roofline latency predictor against measured eager latency on this CPU"),
     "overhead": (OverheadSuiteConfig, "latency:overhead_suite", "the timing harness's own overhead"),
+    "label-efficiency": (LabelEfficiencySuiteConfig, "label_efficiency:label_efficiency_suite",
+                         "FCMAE pretraining + fine-tuning against scratch at equal total time, 10% and 100% labels"),
+    "masking": (MaskingSuiteConfig, "masking:masking_suite",
+                "disjoint vs random FCMAE masking: held-out loss per step and per second"),
 }
 
 
