@@ -103,13 +103,11 @@ def summarise(comparison: dict) -> dict:
 
 
 def run(config: MaskingSuiteConfig) -> dict:
-    import numpy as np
     import torch
 
     from edgekit.api import compare_masking
     from edgekit.data.synthetic import generate_synthetic_dataset
     from edgekit.fileio import write_json_atomic, write_text_atomic
-    from edgekit.sysinfo import environment
 
     seeds = config.seeds[:1] if config.quick else config.seeds
     steps, eval_every = (6, 3) if config.quick else (config.steps, config.eval_every)
@@ -120,29 +118,39 @@ def run(config: MaskingSuiteConfig) -> dict:
     old_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
+    runs, record = [], {}
     try:
         generate_synthetic_dataset(work, num_train=num_images, num_val=0, image_size=source, seed=0)
-        runs = []
         for seed in seeds:
             comparison = compare_masking(str(work / "train" / "images"), settings=SETTINGS, steps=steps,
                                          eval_every=eval_every, eval_crops=config.eval_crops,
                                          warmup_steps=max(1, steps // 20), **config.compare_options(seed))
             runs.append({"seed": seed, **comparison, "summary": summarise(comparison)})
+            # Written after every seed, so that a run stopped early leaves the seeds it finished.
+            record = _record(config, steps, seeds, num_images, source, runs, time.perf_counter() - t0)
+            write_json_atomic(out / "masking_cpu.json", record)
+            write_text_atomic(out / "masking_cpu.md", markdown(record))
     finally:
         torch.set_num_threads(old_threads)
         shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def _record(config: MaskingSuiteConfig, steps: int, seeds: list, num_images: int, source: int, runs: list,
+            seconds: float) -> dict:
+    import numpy as np
+
+    from edgekit.sysinfo import environment
+
     disjoint = [r["summary"]["settings"]["disjoint x2"]["step_ratio"] for r in runs]
     reached = [r for r in disjoint if r is not None]
     worst = max(reached) if len(reached) == len(disjoint) else None
-    record = {"benchmark": "masking", "config": config.to_dict(), "steps": steps, "seeds": seeds,
-              "num_images": num_images, "source_size": source,
-              "floor_step_ratio": FLOOR_STEP_RATIO, "disjoint_step_ratios": disjoint,
-              "disjoint_step_ratio_mean": float(np.mean(reached)) if reached else None,
-              "floor_met_every_seed": worst is not None and worst <= FLOOR_STEP_RATIO,
-              "runs": runs, "total_seconds": time.perf_counter() - t0, "machine": environment()}
-    write_json_atomic(out / "masking_cpu.json", record)
-    write_text_atomic(out / "masking_cpu.md", markdown(record))
-    return record
+    return {"benchmark": "masking", "config": config.to_dict(), "steps": steps, "seeds": seeds,
+            "seeds_done": [r["seed"] for r in runs], "num_images": num_images, "source_size": source,
+            "floor_step_ratio": FLOOR_STEP_RATIO, "disjoint_step_ratios": disjoint,
+            "disjoint_step_ratio_mean": float(np.mean(reached)) if reached else None,
+            "floor_met_every_seed": worst is not None and worst <= FLOOR_STEP_RATIO,
+            "runs": runs, "total_seconds": seconds, "machine": environment()}
 
 
 def _fmt(value, spec: str) -> str:
@@ -163,7 +171,7 @@ def markdown(record: dict) -> str:
         f"crops of {record['num_images']} synthetic {record['source_size']} px images ({first['train_images']} training images, held-out "
         f"images: {first['held_out_images']}, {first['eval_crops']} held-out crops scored with the same fixed random "
         f"masks), mask ratio {cfg['mask_ratio']}, patch 32, batch {cfg['batch_size']} crops, lr {cfg['lr']} with "
-        f"{first['warmup_steps']} warm-up steps then cosine over {record['steps']} steps; seeds {record['seeds']} "
+        f"{first['warmup_steps']} warm-up steps then cosine over {record['steps']} steps; seeds {record['seeds_done']} "
         f"(each: initial weights, crops, masks, held-out crops). Seconds: training steps only.", "",
         f"**Floor (disjoint x2 reaches random x1's final held-out loss in <= {record['floor_step_ratio']}x the steps): "
         f"{verdict}**; step ratios per seed: {ratios}.", "",
