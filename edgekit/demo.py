@@ -21,7 +21,8 @@ from edgekit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
 from edgekit.demo_deploy import deploy_stages, render_deploy
 from edgekit.engine.checkpoint import load
 from edgekit.engine.config import TrainConfig
-from edgekit.engine.predict import detect_array, draw_detections
+from edgekit.engine.detect import detect_array
+from edgekit.engine.predict_outputs import draw_detections
 from edgekit.engine.train import train
 from edgekit.fileio import atomic_target, check_output_dir, make_dirs, write_json_atomic, write_text_atomic
 from edgekit.sysinfo import environment

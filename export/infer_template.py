@@ -13,7 +13,7 @@ This file is edgekit's ``export/infer_template.py``, copied verbatim into each b
 re-implements, in numpy, the few pieces of edgekit it needs: image decoding
 (``edgekit.data.images``), letterbox + normalisation (``edgekit.data.transforms``), tiling
 (``edgekit.data.tiling``), decoding + class-aware NMS (``edgekit.models.detect_post``,
-``edgekit.boxes``) and the tiled detection loop (``edgekit.engine.predict.detect_array``).
+``edgekit.boxes``) and the tiled detection loop (``edgekit.engine.detect.detect_array``).
 edgekit's tests check that each piece gives the same result as the original.
 """
 
@@ -325,7 +325,7 @@ def _clip(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, h: int, w: 
 
 
 def to_json(boxes, scores, labels, class_names: list[str]) -> list[dict]:
-    """The schema of edgekit.engine.predict.detections_to_json."""
+    """The schema of edgekit.engine.predict_outputs.detections_to_json."""
     return [{"box": [round(v, 2) for v in box], "score": round(float(score), 4), "label": class_names[int(label)]}
             for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
 

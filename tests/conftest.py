@@ -31,6 +31,18 @@ def tiny_run(tiny_data, tmp_path_factory):
     return train(cfg), out
 
 
+@pytest.fixture(scope="session")
+def tiny_obb_run(tiny_data, tmp_path_factory):
+    """(train result, output folder) of a one-epoch oriented-box run on the tiny set."""
+    from edgekit.engine.config import TrainConfig
+    from edgekit.engine.train import train
+
+    out = tmp_path_factory.mktemp("obb_run")
+    cfg = TrainConfig(data=str(tiny_data), out=str(out), image_size=128, epochs=1, batch_size=4, progress=False,
+                      obb=True)
+    return train(cfg), out
+
+
 def one_line_error(fn, *args, **kwargs):
     """The message of the EdgekitError ``fn`` raises, checked to be one line."""
     from edgekit.errors import EdgekitError

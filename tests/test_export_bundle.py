@@ -4,7 +4,7 @@
   (random sizes, boxes and scores each run; the seed is printed);
 - a tiny untrained rsdet_atto exported to ONNX, bundled, and run by infer.py in a virtual
   environment where ``import torch`` and ``import edgekit`` fail, gives the detections of
-  ``edgekit.engine.predict.detect_array`` with the torch model, on a small image and on
+  ``edgekit.engine.detect.detect_array`` with the torch model, on a small image and on
   large ones that force tiling;
 - write_bundle's files, its refusals, and infer.py's one-line errors.
 
@@ -249,7 +249,7 @@ def test_infer_py_runs_edgekit_export_with_deformable_conv(tmp_path):
 
 
 def _check_infer_py_matches_detect_array(model, onnx_path: Path, tmp_path: Path):
-    from edgekit.engine.predict import detect_array
+    from edgekit.engine.detect import detect_array
 
     rng = fresh_rng()
     # Smaller than the input (letterboxed, upscaled), larger (tiled), and thin (tiles padded).
@@ -294,7 +294,7 @@ def test_static_batch_and_end_to_end_models(exported, tmp_path, capsys):
     ONNX NMS appended) give detect_array's detections on a tiled image, like the raw model."""
     import onnx
 
-    from edgekit.engine.predict import detect_array
+    from edgekit.engine.detect import detect_array
     from edgekit.export.end2end import append_nms
 
     model, raw = exported

@@ -111,9 +111,9 @@ def _rotated_folder(root, rng, size=(90, 120)):
 
 def test_dataset_returns_rotated_targets(tmp_path, rng):
     rboxes = _rotated_folder(tmp_path, rng)
-    plain = DetectionDataset(tmp_path, ["plane", "ship"], image_size=128)
+    plain = DetectionDataset(tmp_path, ["plane", "ship"], image_size=128, rotated=False)
     assert "rboxes" not in plain[0][1]
-    ds = DetectionDataset(tmp_path, ["plane", "ship"], image_size=128, rotated=True)
+    ds = DetectionDataset(tmp_path, ["plane", "ship"], image_size=128)  # rotated boxes by default
     _, t = ds[0]
     scale = 128 / 120
     want = rboxes.copy()

@@ -150,7 +150,7 @@ def test_gradients_finite_at_angle_boundaries(fresh_torch_seed):
 
 def test_loss_needs_rotated_targets_and_handles_empty_images(model):
     out = model(torch.randn(2, 3, 64, 64))
-    with pytest.raises(EdgekitError, match="rotated=True"):
+    with pytest.raises(EdgekitError, match="rboxes"):
         model.loss(out, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2)
     empty = [{"rboxes": torch.zeros(0, 5), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     loss = model.loss(out, empty)["loss"]

@@ -23,6 +23,8 @@ def add_commands(sub) -> None:
                                   "whose encoder initialises the detector's backbone")
     p.add_argument("--no-ema", dest="ema", action="store_false", default=None)
     p.add_argument("--no-deformable", dest="deformable", action="store_false", default=None)
+    p.add_argument("--obb", action="store_true", default=None,
+                   help="oriented boxes: train the angle head on the labels' polygons (rotated boxes out)")
     add_quiet(p)
     p.set_defaults(func=_train)
 
@@ -34,13 +36,15 @@ def add_commands(sub) -> None:
     add_quiet(p)
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("predict", help="detect objects in images (large ones are tiled)")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p = sub.add_parser("predict", help="detect objects in images and GeoTIFF scenes (large ones are tiled)")
+    p.add_argument("images", nargs="+", help="image files, rasters (GeoTIFF: streamed, GeoJSON out) or folders")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", help="output folder (default runs/predict)")
     p.add_argument("--score-threshold", type=float)
     p.add_argument("--iou-threshold", type=float)
     p.add_argument("--no-draw", dest="draw", action="store_false", default=None)
+    p.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles of a large image (default 64)")
+    p.add_argument("--batch-size", type=int, help="tiles per model call (default 8)")
     add_quiet(p)
     p.set_defaults(func=_predict)
 
@@ -52,8 +56,14 @@ def _train(args) -> int:
     result = train(config_from_args(TrainConfig, args, yaml_path=args.config))
     if result.val is None:  # a non-zero rank under torchrun: rank 0 reports
         return 0
-    print(f"mAP@[.5:.95] {result.val['map']:.4f}  mAP@.5 {result.val['map50']:.4f}  checkpoint {result.checkpoint}")
+    val = result.val
+    print(f"{val['boxes']} boxes: mAP@[.5:.95] {val['map']:.4f}  mAP@.5 {val['map50']:.4f} (COCO-style)  "
+          f"DOTA mAP@.5 {_format(val['dota_map50'])} (VOC07)  checkpoint {result.checkpoint}")
     return 0
+
+
+def _format(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _eval(args) -> int:
@@ -68,10 +78,13 @@ def _predict(args) -> int:
     from edgekit.engine.predict import PredictConfig, predict
 
     result = predict(args.checkpoint, args.images, config_from_args(PredictConfig, args))
-    print(f"{result.detections} detections in {len(result.images)} images -> {result.out / 'predictions.json'}")
-    if result.failed:
-        import sys
+    import sys
 
+    print(f"{result.detections} detections in {len(result.images)} images -> {result.out / 'predictions.json'} "
+          f"(DOTA submission files in {result.submission})")
+    for note in result.notes:
+        print(f"edgekit predict: note: {note}", file=sys.stderr)
+    if result.failed:
         for path, reason in result.failed.items():
             print(f"edgekit predict: skipped {path}: {reason}", file=sys.stderr)
         print(f"edgekit predict: error: {len(result.failed)} of {len(result.failed) + len(result.images)} images "

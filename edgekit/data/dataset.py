@@ -1,5 +1,5 @@
 """The torch Dataset the trainer and evaluator read: a DOTA folder as letterboxed,
-normalised square images with horizontal boxes (and, on request, rotated ones).
+normalised square images with horizontal and rotated boxes.
 
 Small data sets are decoded and letterboxed once and kept in memory (uint8, size^2 * 3
 bytes per image), because PNG decoding otherwise dominates an epoch on a CPU.
@@ -30,14 +30,17 @@ class DetectionDataset(Dataset):
     data set), ``orig_size`` (h, w), ``scale`` (letterbox factor: original = boxes / scale).
     Boxes are clipped to the image; boxes with no area inside it are dropped.
 
-    ``rotated=True`` adds ``rboxes`` float [N, 5]: each polygon's minimum-area rectangle
+    ``rboxes`` float [N, 5] (unless ``rotated=False``): each polygon's minimum-area rectangle
     (cx, cy, w, h, angle), canonical as in :mod:`edgekit.rotated`, in the letterboxed
     image's pixels, row for row with ``boxes``; rotated boxes are not clipped (a cut
     rectangle is no rectangle), objects are dropped by the same rule as their boxes.
+    On by default so that every stage reading a data set (training, evaluation,
+    calibration, QAT, parity) serves oriented models without knowing about them; the
+    cost is one vectorised rectangle fit per object at load time.
     """
 
     def __init__(self, root, classes, image_size: int = 256, augment: bool = False, preload="auto",
-                 allow_downscale: bool = False, rotated: bool = False):
+                 allow_downscale: bool = False, rotated: bool = True):
         self.root, self.classes, self.image_size, self.augment = Path(root), list(classes), int(image_size), augment
         self.rotated = bool(rotated)
         if self.image_size <= 0:

@@ -24,6 +24,7 @@ class TrainConfig(StageConfig):
     ema: bool = True
     ema_decay: float = 0.998
     deformable: bool = True
+    obb: bool = False                   # oriented boxes: the angle head, trained on the labels' polygons
     augment: bool = True
     seed: int = 0
     workers: int = 0
@@ -47,6 +48,10 @@ class TrainConfig(StageConfig):
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0: no clipping)")
+        if "obb" in self.extra:
+            from edgekit.errors import EdgekitError
+
+            raise EdgekitError("set oriented boxes with obb (--obb), not through the model's extra kwargs")
         if self.init is not None and self.resume is not None:
             from edgekit.errors import EdgekitError
 

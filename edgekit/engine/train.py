@@ -149,7 +149,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                         drop_last=(len(sampler) if sampler else len(train_ds)) > cfg.batch_size)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_detection, num_workers=cfg.workers)
 
-    model_kwargs = {"class_names": list(classes), "num_classes": len(classes), "deformable": cfg.deformable, **cfg.extra}
+    model_kwargs = {"class_names": list(classes), "num_classes": len(classes), "deformable": cfg.deformable,
+                    **({"obb": True} if cfg.obb else {}), **cfg.extra}
     detectors = list_models("rsdet_*")
     if cfg.model in list_models() and cfg.model not in detectors:
         raise EdgekitError(f"model {cfg.model!r} is not a detector; edgekit train takes one of {', '.join(detectors)}")
@@ -257,7 +258,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _summary(metrics: dict) -> dict:
-    return {"map": metrics["map"], "map50": metrics["map50"]}
+    return {"map": metrics["map"], "map50": metrics["map50"], "dota_map50": metrics["dota_map50"]}
 
 
 def _log(cfg: TrainConfig, record: dict):

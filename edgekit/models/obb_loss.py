@@ -60,7 +60,7 @@ def obb_loss(outputs, targets, strides, focal_alpha=0.25, focal_gamma=2.0):
     ``targets`` hold ``rboxes`` [N, 5] (input pixels) and ``labels`` [N]."""
     if any("rboxes" not in t for t in targets):
         raise EdgekitError("the oriented detector trains on rotated boxes: targets need 'rboxes' [N, 5]; "
-                           "build the data set with DetectionDataset(..., rotated=True)")
+                           "build the data set without rotated=False")
     cls_maps, box_maps, ctr_maps, angle_maps = outputs
     cls, box, ctr, points, pstrides = flatten_levels((cls_maps, box_maps, ctr_maps), strides)
     angle = angle_from_logits(flatten_maps(angle_maps).squeeze(-1))
