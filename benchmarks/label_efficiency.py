@@ -60,6 +60,7 @@ class LabelEfficiencySuiteConfig(StageConfig):
     lr: float = _help("detector learning rate, both arms", 2e-3)
     batch_size: int = _help("detector batch, both arms", 8)
     seed: int = 0
+    full_labels: bool = _help("also run the pair of arms with every label", True)
     threads: int = _help("torch and Numba threads (the shared machine: 1)", 1)
     work: str | None = _help("folder kept for the data and runs (default: a temporary folder, deleted)")
     out: str = RESULTS
@@ -175,7 +176,7 @@ def run(config: LabelEfficiencySuiteConfig) -> dict:
         generate_synthetic_dataset(data, num_train=plan["num_train"], num_val=plan["num_val"],
                                    image_size=plan["image_size"], seed=config.seed)
         low = config.low_label_images()
-        subsets = {config.label_fraction: work / f"labels_{low}", 1.0: data}
+        subsets = {config.label_fraction: work / f"labels_{low}", **({1.0: data} if config.full_labels else {})}
         chosen = label_subset(data, subsets[config.label_fraction], low, config.seed)
 
         t = time.perf_counter()
