@@ -1,6 +1,6 @@
 """The export stage as a function: ``export(checkpoint, ExportConfig) -> ExportResult``.
 
-Checkpoint -> ONNX (fp32, fp16, int8/mixed QDQ, end-to-end NMS) or a TensorRT engine,
+Checkpoint -> ONNX (fp32, fp16, int8/mixed QDQ, end-to-end NMS), a TensorRT engine or an OpenVINO IR,
 validated right after it is written. Every option is checked when the config is made,
 and the checkpoint-dependent ones before anything heavy starts; artefacts are built in a
 hidden staging folder beside ``out`` and moved in only when complete, so ``out`` never
@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit.config import StageConfig, check_image_size, only_for, require
+from edgekit.config import StageConfig, check_image_size, flag, only_for, require
 from edgekit.errors import EdgekitError
 
 FORMATS = {  # format: (file stem, parity precision)
@@ -25,8 +25,13 @@ FORMATS = {  # format: (file stem, parity precision)
     "onnx-int8": ("model_int8", "int8"),
     "onnx-mixed": ("model_mixed", "mixed"),
     "tensorrt": ("model", None),  # fp16 engine, or int8 from calibration
+    "openvino": ("openvino", "fp32"),  # OpenVINO IR (.xml + .bin), see export/openvino.py
+    "openvino-fp16": ("openvino_fp16", "fp16"),
+    "openvino-int8": ("openvino_int8", "int8"),
 }
-QUANTIZED_FORMATS = ("onnx-int8", "onnx-mixed", "tensorrt")
+OPENVINO_FORMATS = ("openvino", "openvino-fp16", "openvino-int8")
+INT8_FORMATS = ("onnx-int8", "openvino-int8")
+QUANTIZED_FORMATS = ("onnx-int8", "onnx-mixed", "tensorrt", "openvino-int8")
 DEFORM_MODES = ("native", "decompose")
 PARITY_BATCH = 2
 
@@ -73,9 +78,16 @@ class ExportConfig(StageConfig):
         only_for(self, ("calibration", "weight_storage"), "format", QUANTIZED_FORMATS)
         require(self.weight_storage in (None, "packed", "native"), "weight_storage", self.weight_storage,
                 "packed | native")
-        if self.weight_storage == "packed" and self.format == "tensorrt":
-            raise EdgekitError("--weight-storage packed needs BitShift, which TensorRT's ONNX parser lacks; "
-                               "use --weight-storage native (the default for tensorrt)")
+        if self.weight_storage == "packed" and self.format in ("tensorrt", "openvino-int8"):
+            reader = "TensorRT's ONNX parser" if self.format == "tensorrt" else "OpenVINO's ONNX frontend"
+            raise EdgekitError(f"--weight-storage packed needs BitShift, which {reader} lacks; "
+                               f"use --weight-storage native (the default for {self.format})")
+        if self.format in OPENVINO_FORMATS:
+            for key in ("nms", "bundle", "data"):
+                if getattr(self, key):
+                    raise EdgekitError(f"{flag(key)} applies to the ONNX formats (it runs ONNX Runtime), not --format "
+                                       f"{self.format}; remove it (edgekit bench --backends openvino --data measures "
+                                       f"an IR's mAP)")
         if self.sqnr and self.format not in ("onnx-int8", "onnx-mixed"):
             raise EdgekitError("--sqnr debugs quantized exports: use it with --format onnx-int8 or onnx-mixed")
         if self.sqnr and not self.parity:
@@ -89,7 +101,7 @@ class ExportConfig(StageConfig):
 
     @property
     def storage(self) -> str:
-        return self.weight_storage or ("native" if self.format == "tensorrt" else "packed")
+        return self.weight_storage or ("native" if self.format in ("tensorrt", "openvino-int8") else "packed")
 
 
 @dataclass
@@ -126,10 +138,10 @@ def _load_spec(config: ExportConfig) -> dict | None:
     if not spec["layers"]:
         raise EdgekitError(f"{where} quantizes no layer; an export from it would be a float graph under a "
                            f"quantized name: calibrate again (edgekit calibrate) or export --format onnx")
-    if config.format == "onnx-int8" and spec_precision(spec) != "int8":
+    if config.format in INT8_FORMATS and spec_precision(spec) != "int8":
         low = sorted({e["weight"]["bits"] for e in spec["layers"].values()})
         raise EdgekitError(f"{where} has layers below int8 (weight bits {low}, or activations under 8 bits); "
-                           f"--format onnx-int8 takes 7- or 8-bit weights and 8-bit activations, use --format "
+                           f"--format {config.format} takes 7- or 8-bit weights and 8-bit activations, use --format "
                            f"onnx-mixed")
     if config.format == "tensorrt":
         narrow = sorted({grid["bits"] for layer in spec["layers"].values()
@@ -163,7 +175,7 @@ def _model_and_spec(source, config: ExportConfig, spec):
         model, info, own_spec = export_view(source)
         loaded = LoadedModel(model, info["model"], info["kwargs"], info, Path(source))
         if spec is None:
-            if config.format == "onnx-int8":
+            if config.format in INT8_FORMATS:
                 from edgekit.export.qdq import spec_precision
 
                 if spec_precision(own_spec) != "int8":
@@ -171,7 +183,7 @@ def _model_and_spec(source, config: ExportConfig, spec):
             spec = own_spec
     else:
         loaded = load(source)
-    if config.format in ("onnx-int8", "onnx-mixed") and spec is None:
+    if config.format in ("onnx-int8", "onnx-mixed", "openvino-int8") and spec is None:
         raise EdgekitError(f"--format {config.format} needs --calibration SPEC.json (write one with edgekit "
                            f"calibrate) or a quantized checkpoint (edgekit quantize)")
     if spec is not None:
@@ -208,8 +220,8 @@ def _export_graphs(loaded, config: ExportConfig, spec, stage: Path, image_size: 
         onnx_precision = "fp16" if engine_precision == "fp16" and tensorrt_version()[0] >= 11 else "fp32"
         low_bits = spec and any(e["weight"]["bits"] < 8 for e in spec["layers"].values())
         precision = ("mixed" if low_bits else "int8") if spec else onnx_precision
-    else:
-        onnx_precision = "fp16" if precision == "fp16" else "fp32"
+    else:  # OpenVINO stores fp16 weights itself (compress_to_fp16), from the fp32 graph
+        onnx_precision = "fp16" if precision == "fp16" and config.format not in OPENVINO_FORMATS else "fp32"
     meta = {"checkpoint": Path(loaded.label).name, "export_format": config.format}
     raw = stage / f"{stem}.raw.onnx"
     float_graph = stage / f"{stem}.float.onnx" if spec is not None else raw
@@ -228,6 +240,10 @@ def _export_graphs(loaded, config: ExportConfig, spec, stage: Path, image_size: 
         os.replace(raw, final)
         raw = final
     result = {"final": final, "raw": raw, "float": float_graph, "precision": precision}
+    if config.format in OPENVINO_FORMATS:  # the IR is the deliverable; the ONNX it came from is an intermediate
+        from edgekit.export.openvino import convert
+
+        result["final"] = convert(final, stage / f"{stem}.xml", precision)
     if config.format == "tensorrt":
         from edgekit.export.tensorrt import build_engine
 
@@ -239,6 +255,10 @@ def _parity(loaded, graphs: dict, config: ExportConfig, classes, image_size: int
     from edgekit.export.parity import check_end2end, check_fake_quant, check_parity, map_difference
 
     precision = graphs["precision"]
+    if config.format in OPENVINO_FORMATS:
+        from edgekit.export.openvino import check_ir_parity
+
+        return check_ir_parity(loaded.model, graphs["final"], inputs, precision, spec)
     if spec is not None:  # judged against the spec's fake-quant model; the float comparison is information
         report = check_fake_quant(loaded.model, graphs["raw"], inputs, spec, precision, raise_on_failure=False)
     else:
@@ -276,6 +296,10 @@ def export(source, config: ExportConfig | None = None) -> ExportResult:
         from edgekit.export.tensorrt import require_tensorrt
 
         require_tensorrt()
+    if config.format in OPENVINO_FORMATS:
+        from edgekit.export.openvino import require_openvino
+
+        require_openvino()
     loaded, spec = _model_and_spec(source, config, spec)
     classes = loaded.detector_classes()
     image_size = config.image_size or loaded.image_size

@@ -1,4 +1,4 @@
-"""``edgekit export``: checkpoint -> ONNX / TensorRT, validated right after it is written."""
+"""``edgekit export``: checkpoint -> ONNX / TensorRT / OpenVINO IR, validated right after it is written."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from edgekit.cli.options import config_from_args
 def add_commands(sub) -> None:
     from edgekit.export.pipeline import DEFORM_MODES, FORMATS
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX / TensorRT and check runtime parity")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX / TensorRT / OpenVINO IR and check runtime parity")
     p.add_argument("checkpoint", help="edgekit checkpoint (.safetensors) written by edgekit train or quantize")
     p.add_argument("--format", required=True, help=" | ".join(FORMATS))
     p.add_argument("--out", required=True, help="output folder")
@@ -21,7 +21,8 @@ def add_commands(sub) -> None:
     p.add_argument("--deform", help=" | ".join(DEFORM_MODES) + " (default native: ONNX DeformConv)")
     p.add_argument("--form", help="deploy (default: channels-first ConvNeXt blocks, Gelu, fused GRN; parity-checked "
                                   "against the model) | training (the graph as the model is written)")
-    p.add_argument("--calibration", help="quant spec JSON (edgekit calibrate / quantize) for int8, mixed, tensorrt")
+    p.add_argument("--calibration", help="quant spec JSON (edgekit calibrate / quantize) for onnx-int8, onnx-mixed, "
+                                         "tensorrt, openvino-int8")
     p.add_argument("--weight-storage",
                    help="packed (bit planes below 8 bits: the file follows the bits; default) | native (ONNX "
                         "INT4/INT8 only; the default for tensorrt, whose parser has no BitShift)")
