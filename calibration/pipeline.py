@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edgekit.calibration.accuracy_bound import SEED, BoundOptions
 from edgekit.calibration.spec import MAX_BITS, MIN_BITS, OBSERVERS
 from edgekit.config import StageConfig, check_image_size, flag, only_for, require
 from edgekit.errors import EdgekitError
@@ -35,9 +36,10 @@ def _check_widths(values, key: str) -> None:
 
 
 @dataclass
-class QuantizeRecipe(StageConfig):
+class QuantizeRecipe(StageConfig, BoundOptions):
     """How ``quantize`` chooses bits and builds the quantized model. Options of one method
-    are None unless set; setting one for another method is an error."""
+    are None unless set; setting one for another method is an error. The ``max_drop``
+    options (:class:`~edgekit.calibration.accuracy_bound.BoundOptions`) bound the mAP drop."""
 
     method: str = "ghost"
     bit_widths: list[int] | None = None      # searched methods: widths the search may use (default 2..8)
@@ -103,6 +105,10 @@ class QuantizeRecipe(StageConfig):
             raise EdgekitError("--qat-data and --qat-time-limit apply only with --qat-epochs N (N >= 1)")
         require(self.qat_time_limit is None or self.qat_time_limit >= 0, "qat_time_limit", self.qat_time_limit,
                 ">= 0 seconds")
+        self.check_bound()
+        if self.bounded and self.qat_epochs:
+            raise EdgekitError("--max-drop bounds post-training quantization (it rebuilds the model per bit "
+                               "assignment); drop --qat-epochs, or --max-drop")
 
     # Defaults of the method-specific options, applied where they apply.
     @property
@@ -133,6 +139,7 @@ class QuantizeResult:
     image_size: int
     out: Path | None = None
     files: list = field(default_factory=list)
+    accuracy: dict | None = None   # the --max-drop record (accuracy_bound.bound_spec), when bounded
 
     @property
     def totals(self) -> dict:
@@ -165,8 +172,8 @@ def quantize_model(model, recipe: QuantizeRecipe, batches: Callable[[int], list]
     quantized model and returns qat_train's record (``recipe.qat_epochs`` says whether to)."""
     from edgekit.calibration.hq_search import config_from_search, search_bits
     from edgekit.calibration.profiler import profile_model
-    from edgekit.calibration.quantize import (calibrate_activations, default_example_input, quant_spec_from_model,
-                                              quantize)
+    from edgekit.calibration.accuracy_bound import few_images_warning
+    from edgekit.calibration.quantize import quant_spec_from_model
 
     config = recipe.quant_config()
     search = None
@@ -197,9 +204,12 @@ def quantize_model(model, recipe: QuantizeRecipe, batches: Callable[[int], list]
                 f"{', '.join(search.unused)}")
     start = time.perf_counter()
     float_model = copy.deepcopy(model) if recipe.qat_epochs else None
-    qmodel = quantize(copy.deepcopy(model), config, example_input=default_example_input(model, image_size))
+    calibration = [x for x, _ in batches(recipe.calib_batches)]
+    warning = few_images_warning(sum(len(x) for x in calibration))
+    if warning:
+        log(warning)
+    qmodel = build_quantized(model, config, calibration, image_size, recipe.progress)
     resolved = qmodel.quant_config
-    calibrate_activations(qmodel, (x for x, _ in batches(recipe.calib_batches)), progress=recipe.progress)
     quant_seconds = time.perf_counter() - start
     qat_record = None
     if recipe.qat_epochs:
@@ -215,12 +225,28 @@ def quantize_model(model, recipe: QuantizeRecipe, batches: Callable[[int], list]
                           qat_record, quant_seconds, model_name, image_size)
 
 
+def build_quantized(model, config, calibration: list, image_size: int, progress: bool = False):
+    """A quantized copy of ``model`` by ``config`` (a QuantConfig), its input scales
+    calibrated on ``calibration`` (input tensors): the build step of :func:`quantize_model`,
+    which accuracy control repeats for the bit assignment it settles on."""
+    from edgekit.calibration.quantize import calibrate_activations, default_example_input, quantize
+
+    qmodel = quantize(copy.deepcopy(model), config, example_input=default_example_input(model, image_size))
+    calibrate_activations(qmodel, calibration, progress=progress)
+    return qmodel
+
+
 def quantize_checkpoint(checkpoint, recipe: QuantizeRecipe | None = None, data=None, out=None,
                         log: Callable[[str], None] = lambda _: None) -> QuantizeResult:
     """Quantize a float checkpoint (or a registered model name: random weights) by
-    ``recipe``; calibration and sensitivity batches come from ``data`` (a DOTA split) or,
-    without it, the built-in synthetic generator (detectors) or random images
-    (classifiers). With ``out``, writes the stage's files there (see the module doc)."""
+    ``recipe``; calibration and sensitivity batches come from ``data`` (a DOTA split, or a
+    root whose train/ split is used), drawn at random with a fixed seed, or, without it,
+    the built-in synthetic generator (detectors) or random images (classifiers). With
+    ``recipe.max_drop``, the mAP drop on the validation split is bounded afterwards (see
+    :mod:`edgekit.calibration.accuracy_bound`; ``result.accuracy`` holds the record, whose
+    ``feasible`` is False when the bound could not be met). With ``out``, writes the
+    stage's files there (see the module doc)."""
+    from edgekit.calibration.accuracy_bound import split_folders
     from edgekit.engine.checkpoint import load
     from edgekit.fileio import check_output_dir
 
@@ -239,9 +265,11 @@ def quantize_checkpoint(checkpoint, recipe: QuantizeRecipe | None = None, data=N
     size = recipe.image_size or loaded.image_size
     check_image_size(size)
     model = loaded.model
+    calib_split = split_folders(data)[0]
+    validation = _validation(loaded, recipe, size, data, recipe.qat_data) if recipe.bounded else None
 
     def batches(count: int) -> list:
-        return sample_batches(model, size, count, data)
+        return sample_batches(model, size, count, calib_split)
 
     qat = None
     if recipe.qat_epochs:
@@ -253,17 +281,65 @@ def quantize_checkpoint(checkpoint, recipe: QuantizeRecipe | None = None, data=N
                              out=Path(out) / "qat", progress=recipe.progress)
 
     result = quantize_model(model, recipe, batches, model_name=loaded.name, image_size=size, qat=qat, log=log)
-    if recipe.conv_outputs:  # observed on the float tensors the quantized model now holds (after QAT)
-        from edgekit.calibration.ptq import calibrate_conv_outputs
-        from edgekit.calibration.quantize import float_view
-
-        view = float_view(result.qmodel, loaded.name, loaded.kwargs)
-        result.spec = calibrate_conv_outputs(view, result.spec, [x for x, _ in sample_batches(view, size,
-                                             recipe.calib_batches, data)], progress=recipe.progress)
+    _add_conv_outputs(result, recipe, loaded, calib_split)
+    if validation is not None:
+        _bound_quantized(result, recipe, loaded, validation, calib_split, log)
     if out is not None:
         result.out = Path(out)
         result.files = _write_quantized(result, recipe, loaded, Path(out))
     return result
+
+
+def _validation(loaded, options: BoundOptions, size: int, data, qat_data=None) -> list:
+    """The fixed validation batches of a run that needs them (checked before any work)."""
+    from edgekit.calibration.accuracy_bound import DEFAULT_IMAGES, resolve_val_split, validation_batches
+
+    if not _is_detector(loaded.model):
+        raise EdgekitError(f"--max-drop and --observer auto measure detection mAP; {loaded.name} is not a detector")
+    split = resolve_val_split(options.val_data, data, qat_data)
+    return validation_batches(split, loaded.model.class_names, size, options.max_drop_images or DEFAULT_IMAGES)
+
+
+def _add_conv_outputs(result: QuantizeResult, recipe: QuantizeRecipe, loaded, calib_split) -> None:
+    """8-bit grids on conv outputs, observed on the float tensors the quantized model now
+    holds (after QAT), through its own fake quantization."""
+    if not recipe.conv_outputs:
+        return
+    from edgekit.calibration.ptq import calibrate_conv_outputs
+    from edgekit.calibration.quantize import float_view
+
+    view = float_view(result.qmodel, loaded.name, loaded.kwargs)
+    result.spec = calibrate_conv_outputs(view, result.spec, [x for x, _ in sample_batches(
+        view, result.image_size, recipe.calib_batches, calib_split)], progress=recipe.progress)
+
+
+def _bound_quantized(result: QuantizeResult, recipe: QuantizeRecipe, loaded, validation: list, calib_split,
+                     log) -> None:
+    """Accuracy control on the quantized model's spec; the model of the assignment it
+    settles on is rebuilt (the recipe's build step) and measured once more, so that the
+    record's final figures are those of the files written."""
+    from edgekit.calibration import accuracy_bound as ab
+    from edgekit.calibration.accuracy_control import bits_from_spec
+    from edgekit.calibration.profiler import profile_model
+    from edgekit.calibration.ptq import apply_fake_quant
+    from edgekit.calibration.quantize import quant_spec_from_model
+
+    model, classes, size = loaded.model, loaded.model.class_names, result.image_size
+    _, record = ab.bound_spec(model, result.spec, validation, classes, recipe, size, log)
+    if record["bits"] != bits_from_spec(result.spec):
+        config = ab.config_for_bits(result.config, record["bits"])
+        calibration = [x for x, _ in sample_batches(model, size, recipe.calib_batches, calib_split)]
+        result.qmodel = build_quantized(model, config, calibration, size, recipe.progress)
+        result.config = result.qmodel.quant_config
+        result.spec = quant_spec_from_model(result.qmodel, loaded.name, source=recipe.method, observer="percentile")
+        _add_conv_outputs(result, recipe, loaded, calib_split)
+        result.profile = profile_model(result.qmodel, size, model_name=loaded.name)
+        ab.recheck(record, ab.map_points(apply_fake_quant(model, result.spec), validation, classes))
+    else:
+        ab.recheck(record, record["metric"])
+    result.spec["accuracy_control"] = record
+    result.accuracy = record
+    log(ab.summary_line(record))
 
 
 def _write_quantized(result: QuantizeResult, recipe: QuantizeRecipe, loaded, out: Path) -> list[Path]:
@@ -276,7 +352,8 @@ def _write_quantized(result: QuantizeResult, recipe: QuantizeRecipe, loaded, out
               "image_size": result.image_size, "recipe": recipe.to_dict(),
               "config": dataclasses.asdict(config) | {"skip": list(config.skip)}, "bits": list(recipe.widths),
               "search": result.search.to_dict() if result.search else None,
-              "quantize_seconds": result.quantize_seconds, "qat": result.qat, "totals": result.totals}
+              "quantize_seconds": result.quantize_seconds, "qat": result.qat, "totals": result.totals,
+              "accuracy_control": result.accuracy}
     grids = {path: layer["output"] for path, layer in result.spec["layers"].items() if layer.get("output")}
     info = {k: v for k, v in loaded.info.items() if k not in ("quant_config", "model", "kwargs")}
     return [result.config.save(out / "qconfig.json"), save_spec(result.spec, out / "quant_spec.json"),
@@ -291,24 +368,30 @@ def _is_detector(model) -> bool:
     return hasattr(model, "loss") and hasattr(model, "class_names")
 
 
-def sample_batches(model, size: int, count: int, data=None, batch_size: int = 2) -> list:
-    """``count`` (images, targets) batches: from a DOTA split, synthetic scenes, or random images."""
+def sample_batches(model, size: int, count: int, data=None, batch_size: int = 2, seed: int = SEED) -> list:
+    """``count`` (images, targets) batches: images of a DOTA split drawn at random with
+    ``seed`` (the same images on every call: calibration, sensitivity and an accuracy
+    control rebuild see one set), synthetic scenes from ``seed``, or random images."""
     import numpy as np
     import torch
 
+    rng = np.random.default_rng(seed)
     if _is_detector(model) and data is not None:
-        from edgekit.data.dataset import DetectionDataset, sample_batches as dataset_batches
+        from edgekit.data.dataset import DetectionDataset, collate_detection
 
-        return dataset_batches(DetectionDataset(Path(data), model.class_names, image_size=size), count, batch_size)
+        dataset = DetectionDataset(Path(data), model.class_names, image_size=size)
+        chosen = rng.permutation(len(dataset))[:count * batch_size].tolist()
+        return [collate_detection([dataset[i] for i in chosen[j:j + batch_size]])
+                for j in range(0, len(chosen), batch_size)]
     if _is_detector(model):
-        rng = np.random.default_rng()
         return [_synthetic_batch(rng, size, batch_size, model.class_names) for _ in range(count)]
     if data is not None:
         raise EdgekitError(f"--data applies to detectors; {type(model).__name__} calibrates on random images")
     from edgekit.calibration.quantize import default_example_input
 
     example = default_example_input(model, size)
-    return [(torch.randn(batch_size, *example.shape[1:]), None) for _ in range(count)]
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, *example.shape[1:], generator=generator), None) for _ in range(count)]
 
 
 def _synthetic_batch(rng, size: int, batch_size: int, class_names) -> tuple:
@@ -333,8 +416,10 @@ def _synthetic_batch(rng, size: int, batch_size: int, class_names) -> tuple:
 
 
 @dataclass
-class CalibrateConfig(StageConfig):
-    """Post-training calibration: which observer, how much data, which widths."""
+class CalibrateConfig(StageConfig, BoundOptions):
+    """Post-training calibration: which observer (``auto``: each of
+    :data:`CALIBRATION_OBSERVERS`, the best by validation mAP), how much data, which widths;
+    the ``max_drop`` options bound the mAP drop (:mod:`edgekit.calibration.accuracy_bound`)."""
 
     observer: str = "minmax"
     batches: int = 16
@@ -345,12 +430,14 @@ class CalibrateConfig(StageConfig):
     progress: bool = True
 
     def check(self) -> None:
-        require(self.observer in CALIBRATION_OBSERVERS, "observer", self.observer, " | ".join(CALIBRATION_OBSERVERS))
+        require(self.observer in (*CALIBRATION_OBSERVERS, "auto"), "observer", self.observer,
+                " | ".join((*CALIBRATION_OBSERVERS, "auto")))
         require(1 <= self.batches <= 100_000, "batches", self.batches, "in [1, 100000]")
         require(1 <= self.batch_size <= 1024, "batch_size", self.batch_size, "in [1, 1024]")
         for key in ("weight_bits", "act_bits"):
             value = getattr(self, key)
             require(MIN_BITS <= value <= MAX_BITS, key, value, f"in [{MIN_BITS}, {MAX_BITS}]")
+        self.check_bound(validation=self.observer == "auto")
 
 
 @dataclass
@@ -358,18 +445,24 @@ class CalibrateResult:
     spec: dict
     images: int
     path: Path | None = None
+    observers: dict | None = None   # observer auto: {observer: validation mAP x100}
+    accuracy: dict | None = None    # the --max-drop record, when bounded
+
+    @property
+    def observer(self) -> str:
+        return self.spec["calibration"]["observer"]
 
 
-def calibrate_checkpoint(checkpoint, data, config: CalibrateConfig | None = None, out=None) -> CalibrateResult:
-    """PTQ: observe a float detector checkpoint on a DOTA split and return its quant spec
-    (written to ``out``, a JSON file path, when given)."""
-    from itertools import islice
-
-    from torch.utils.data import DataLoader
-
-    from edgekit.calibration.ptq import calibrate
+def calibrate_checkpoint(checkpoint, data, config: CalibrateConfig | None = None, out=None,
+                         log: Callable[[str], None] = lambda _: None) -> CalibrateResult:
+    """PTQ: observe a float detector checkpoint on ``config.batches`` batches of a DOTA
+    split (or a root's train/ split), drawn at random with a fixed seed, and return its
+    quant spec (written to ``out``, a JSON file path, when given). ``observer="auto"``
+    calibrates with each observer and keeps the best by validation mAP; ``max_drop``
+    then bounds the drop (``result.accuracy``; ``feasible`` False when it could not)."""
+    from edgekit.calibration import accuracy_bound as ab
+    from edgekit.calibration.ptq import apply_fake_quant, calibrate
     from edgekit.calibration.spec import save_spec
-    from edgekit.data.dataset import DetectionDataset, collate_detection
     from edgekit.engine.checkpoint import load
     from edgekit.fileio import check_output_file
 
@@ -380,14 +473,42 @@ def calibrate_checkpoint(checkpoint, data, config: CalibrateConfig | None = None
         raise EdgekitError(f"--data {data} is not a folder; give a DOTA split folder (images/ + labelTxt/)")
     loaded = load(checkpoint)
     classes = loaded.detector_classes()
-    dataset = DetectionDataset(Path(data), classes, image_size=loaded.image_size)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, collate_fn=collate_detection)
-    batches = list(islice((images for images, _ in loader), config.batches))
-    spec = calibrate(loaded.model, batches, observer=config.observer, weight_bits=config.weight_bits,
-                     act_bits=config.act_bits, per_channel=config.per_channel, model_name=loaded.name,
-                     progress=config.progress)
+    needs_validation = config.bounded or config.observer == "auto"
+    validation = _validation(loaded, config, loaded.image_size, data) if needs_validation else None
+    batches = [x for x, _ in sample_batches(loaded.model, loaded.image_size, config.batches,
+                                            ab.split_folders(data)[0], config.batch_size)]
     images = sum(len(b) for b in batches)
-    return CalibrateResult(spec, images, save_spec(spec, out) if out is not None else None)
+    warning = ab.few_images_warning(images)
+    if warning:
+        log(warning)
+
+    def run(observer: str) -> dict:
+        return calibrate(loaded.model, batches, observer=observer, weight_bits=config.weight_bits,
+                         act_bits=config.act_bits, per_channel=config.per_channel, model_name=loaded.name,
+                         progress=config.progress)
+
+    baseline = ab.map_points(loaded.model, validation, classes) if validation is not None else None
+    scores = None
+    if config.observer == "auto":
+        scores, specs = {}, {}
+        for observer in CALIBRATION_OBSERVERS:
+            specs[observer] = run(observer)
+            scores[observer] = ab.map_points(apply_fake_quant(loaded.model, specs[observer]), validation, classes)
+            log(f"observer {observer}: {ab.METRIC} {scores[observer]:.2f} (float {baseline:.2f})")
+        best = max(scores, key=scores.get)  # ties: the first in CALIBRATION_OBSERVERS
+        spec = specs[best]
+        spec["calibration"]["observer_search"] = {"metric": ab.METRIC, "float": baseline, "scores": scores,
+                                                  "chosen": best}
+        log(f"observer auto: {best}")
+    else:
+        spec = run(config.observer)
+    record = None
+    if config.bounded:
+        spec, record = ab.bound_spec(loaded.model, spec, validation, classes, config, loaded.image_size, log,
+                                     baseline=baseline)
+        ab.recheck(record, record["metric"])  # the spec evaluated is the spec written
+        log(ab.summary_line(record))
+    return CalibrateResult(spec, images, save_spec(spec, out) if out is not None else None, scores, record)
 
 
 # ----------------------------------------------------------------------------- profile

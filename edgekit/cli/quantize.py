@@ -51,15 +51,18 @@ def add_commands(sub) -> None:
     q.add_argument("--qat-data", help="QAT: DOTA root holding train/ and val/")
     q.add_argument("--qat-time-limit", type=float, help="QAT: seconds")
     q.add_argument("--out", required=True, help="output folder")
+    _add_bound_flags(q)
     add_quiet(q)
     q.set_defaults(func=_quantize)
 
     c = sub.add_parser("calibrate", help="post-training calibration: observe data, write a quant spec (JSON)")
     c.add_argument("checkpoint", help="model checkpoint written by edgekit train")
-    c.add_argument("--data", required=True, help="DOTA split folder (images/ + labelTxt/) to calibrate on")
+    c.add_argument("--data", required=True, help="DOTA split folder (images/ + labelTxt/) to calibrate on, or a root "
+                                                 "whose train/ split is used; images are drawn at random (fixed seed)")
     c.add_argument("--batches", type=int, help="number of batches to observe (default 16)")
     c.add_argument("--batch-size", type=int, help="default 8")
-    c.add_argument("--observer", help=f"activation range: {' | '.join(CALIBRATION_OBSERVERS)} (default minmax)")
+    c.add_argument("--observer", help=f"activation range: {' | '.join(CALIBRATION_OBSERVERS)} | auto (each, the best "
+                                      f"by validation mAP; needs validation data) (default minmax)")
     c.add_argument("--weight-bits", type=int,
                    help="2-8 (default 8); use 7 for ONNX Runtime on x86 CPUs without VNNI, whose int8 kernels "
                         "can saturate with 8-bit weights")
@@ -67,8 +70,39 @@ def add_commands(sub) -> None:
     c.add_argument("--per-tensor", dest="per_channel", action="store_false", default=None,
                    help="one weight scale per layer instead of one per output channel")
     c.add_argument("--out", default="quant_spec.json", help="spec file to write (default quant_spec.json)")
+    _add_bound_flags(c)
     add_quiet(c)
     c.set_defaults(func=_calibrate)
+
+
+def _add_bound_flags(parser) -> None:
+    from edgekit.calibration.accuracy_bound import COSTS, DEFAULT_CANDIDATES, DEFAULT_IMAGES
+
+    bound = parser.add_mutually_exclusive_group()
+    bound.add_argument("--max-drop", type=float,
+                       help="largest mAP@[.5:.95] drop allowed, in points (x100) on the validation split: layers go "
+                            "back to 8 bits, then float, best accuracy per cost first, until it holds (exit 1 if it "
+                            "cannot)")
+    bound.add_argument("--max-drop-relative", type=float,
+                       help="the same as a fraction of the float model's mAP (0.01: 1 %%)")
+    parser.add_argument("--max-drop-cost", choices=COSTS, help="the cost a restored layer is charged (default bops)")
+    parser.add_argument("--max-drop-images", type=int,
+                        help=f"validation images per evaluation, a fixed seeded subset (default {DEFAULT_IMAGES})")
+    parser.add_argument("--max-drop-candidates", type=int,
+                        help=f"layers tried per step, those whose weight error drops most per cost (default "
+                             f"{DEFAULT_CANDIDATES}; 0: all)")
+    parser.add_argument("--val-data", help="validation split (images/ + labelTxt/) for --max-drop and --observer "
+                                           "auto (default: the val/ split beside --data)")
+
+
+def _bound_failed(record, written) -> None:
+    """Exit 1 (a check failed on valid input) when the bound could not be met; the files
+    of the best assignment found are written."""
+    from edgekit.calibration.accuracy_bound import summary_line
+    from edgekit.errors import CheckError
+
+    if record is not None and not record["feasible"]:
+        raise CheckError(f"{summary_line(record)}; the best model found is written to {written}")
 
 
 def _profile(args) -> int:
@@ -94,6 +128,7 @@ def _quantize(args) -> int:
     seconds = result.search.seconds if result.search else 0.0
     print(f"{result.model_name}: {t['bops'] / 1e9:.3f} GBOPs, {t['size_mb']:.4f} MB, search {seconds:.2f} s "
           f"-> {result.out}")
+    _bound_failed(result.accuracy, result.out)
     return 0
 
 
@@ -101,7 +136,9 @@ def _calibrate(args) -> int:
     from edgekit.calibration.pipeline import CalibrateConfig, calibrate_checkpoint
 
     config = config_from_args(CalibrateConfig, args)
-    result = calibrate_checkpoint(args.checkpoint, args.data, config, out=args.out)
-    print(f"calibrated {len(result.spec['layers'])} layers on {result.images} images ({config.observer}, "
+    result = calibrate_checkpoint(args.checkpoint, args.data, config, out=args.out,
+                                  log=lambda line: print(line, flush=True))
+    print(f"calibrated {len(result.spec['layers'])} layers on {result.images} images ({result.observer}, "
           f"W{config.weight_bits}A{config.act_bits}) -> {result.path}")
+    _bound_failed(result.accuracy, result.path)
     return 0
