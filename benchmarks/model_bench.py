@@ -49,6 +49,7 @@ class ModelSource:
     class_names: list | None = None
     strides: tuple = DEFAULT_STRIDES
     engine: Path | None = None  # a serialized TensorRT engine (.engine/.plan)
+    ir: Path | None = None      # an OpenVINO IR (.xml)
 
 
 def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
@@ -63,6 +64,12 @@ def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
         size = (meta.get("input_size") or [None])[0]
         return ModelSource(path.stem, onnx=path, size_bytes=path.stat().st_size, image_size=image_size or size or 256,
                            class_names=meta.get("classes"), strides=tuple(meta.get("strides") or DEFAULT_STRIDES))
+    if path.suffix == ".xml":
+        if not path.is_file():
+            raise EdgekitError(f"OpenVINO IR {item} not found")
+        size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.with_suffix(".bin").is_file()
+                                      else 0)
+        return ModelSource(path.stem, ir=path, size_bytes=size, image_size=image_size or 256)
     if path.suffix in (".engine", ".plan"):
         if not path.is_file():
             raise EdgekitError(f"TensorRT engine {item} not found")
@@ -79,40 +86,52 @@ def resolve_source(item: str, image_size: int | None = None) -> ModelSource:
 
 
 def decode_outputs(flat: list, strides):
-    """Runner outputs -> (boxes [B, P, 4], scores [B, P, K]) before NMS, or None when the
-    outputs are neither a raw dense head (3 maps per level: eager, TorchScript export) nor
-    decoded ``boxes``/``scores`` (the export stage's graphs); e.g. an end-to-end graph
-    with NMS inside, or a classifier."""
+    """Runner outputs -> (boxes [B, P, 4] or rotated boxes [B, P, 5], scores [B, P, K]) before
+    NMS, or None when the outputs are neither a raw dense head (3 maps per level, 4 for an
+    oriented head: eager, TorchScript export) nor decoded ``boxes``/``rboxes`` and ``scores``
+    (the export stage's graphs); e.g. an end-to-end graph with NMS inside, or a classifier."""
     from edgekit.models.detect_post import decode_predictions
+    from edgekit.models.obb_post import decode_rotated_predictions
 
     n = len(strides)
-    if len(flat) == 3 * n:
-        return decode_predictions((list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])), strides)
-    if len(flat) == 2 and flat[0].ndim == 3 and flat[0].shape[-1] == 4 and flat[1].ndim == 3:
+    maps = [list(flat[k * n:(k + 1) * n]) for k in range(len(flat) // n)] if len(flat) % n == 0 else []
+    if len(maps) == 3:
+        return decode_predictions(tuple(maps), strides)
+    if len(maps) == 4:
+        return decode_rotated_predictions(tuple(maps), strides)
+    if len(flat) == 2 and flat[0].ndim == 3 and flat[0].shape[-1] in (4, 5) and flat[1].ndim == 3:
         return flat[0], flat[1]
     return None
 
 
-def detections(runner, images, strides, score_threshold: float = 0.01) -> list[dict] | None:
+def postprocess_decoded(shapes, scores, score_threshold: float, image_size) -> list[dict]:
+    """Class-aware NMS of decoded outputs: rotated when the boxes have 5 columns."""
     from edgekit.models.detect_post import postprocess
+    from edgekit.models.obb_post import postprocess_rotated
 
+    nms = postprocess_rotated if shapes.shape[-1] == 5 else postprocess
+    return nms(shapes, scores, score_threshold, image_size=image_size)
+
+
+def detections(runner, images, strides, score_threshold: float = 0.01) -> list[dict] | None:
     decoded = decode_outputs(runner(images), strides)
     if decoded is None:
         return None
-    return postprocess(*decoded, score_threshold, image_size=images.shape[-2:])
+    return postprocess_decoded(*decoded, score_threshold, image_size=images.shape[-2:])
 
 
 def accuracy(runner, source: ModelSource, data: Path, batch_size: int = 8) -> dict:
-    """COCO mAP of a runner's detections on a DOTA-format split (images/ + labelTxt/)."""
+    """mAP of a runner's detections on a DOTA-format split (images/ + labelTxt/):
+    :func:`edgekit.engine.evaluate.detection_metrics`, rotated boxes when the runner gives them."""
     from torch.utils.data import DataLoader
 
     from edgekit.data.dataset import DetectionDataset, collate_detection
-    from edgekit.engine.evaluate import coco_map, to_original_coordinates
+    from edgekit.engine.evaluate import detection_metrics, target_in_original, to_original_coordinates
 
     if not source.class_names:
         return {"map": None, "map50": None, "reason": "no class names (pass the checkpoint, not only the .onnx)"}
     dataset = DetectionDataset(data, source.class_names, image_size=source.image_size)
-    preds, targets = [], []
+    preds, targets, oriented = [], [], False
     bs = runner.fixed_batch or batch_size
     for images, tgts in DataLoader(dataset, batch_size=bs, collate_fn=collate_detection):
         if runner.fixed_batch and images.shape[0] != runner.fixed_batch:
@@ -121,10 +140,12 @@ def accuracy(runner, source: ModelSource, data: Path, batch_size: int = 8) -> di
         if dets is None:
             return {"map": None, "map50": None, "reason": "outputs are not a raw detector head"}
         for p, t in zip(dets, tgts):
+            oriented = "rboxes" in p
             preds.append(to_original_coordinates(p, t))
-            targets.append({**t, "boxes": t["boxes"] / float(t["scale"])})
-    m = coco_map(targets, preds, source.class_names)
-    return {"map": m["map"], "map50": m["map50"], "num_images": m["num_images"]}
+            targets.append(target_in_original(t))
+    m = detection_metrics(targets, preds, source.class_names, oriented)
+    return {"map": m["map"], "map50": m["map50"], "dota_map50": m["dota_map50"], "boxes": m["boxes"],
+            "num_images": m["num_images"]}
 
 
 def end_to_end(runner, source: ModelSource, timing: dict) -> dict:
@@ -135,7 +156,6 @@ def end_to_end(runner, source: ModelSource, timing: dict) -> dict:
 
     from edgekit.benchmarks.latency import time_stages
     from edgekit.data.transforms import to_model_input
-    from edgekit.models.detect_post import postprocess
 
     size = source.image_size
     probe = runner(torch.zeros(1, 3, size, size))
@@ -148,8 +168,7 @@ def end_to_end(runner, source: ModelSource, timing: dict) -> dict:
         return rng.integers(0, 256, (big, big, 3), dtype=np.uint8)
 
     def decode_nms(flat):
-        boxes, scores = decode_outputs(flat, source.strides)
-        return postprocess(boxes, scores, 0.05, image_size=(size, size))
+        return postprocess_decoded(*decode_outputs(flat, source.strides), 0.05, image_size=(size, size))
 
     stages = [("preprocess", lambda img: to_model_input(img, size)[0][None]), ("inference", runner),
               ("decode_nms", decode_nms)]
@@ -164,13 +183,26 @@ MIXED_FLOAT_PREFIXES = ("head.",)  # "mixed": these layers stay float (the detec
 CALIBRATION_BATCHES = 4
 
 
+def calibration_batches(source: ModelSource, data: Path | None) -> list:
+    """The calibration images of every quantized row, edgekit's and the peers': images of
+    the accuracy split when given (so the measured mAP is that of a properly calibrated
+    model), else synthetic scenes; one seed, so every tool sees the same images."""
+    from edgekit.calibration.pipeline import sample_batches
+
+    return sample_batches(source.model, source.image_size, CALIBRATION_BATCHES,
+                          data if source.class_names else None, 4)
+
+
 def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path | None) -> tuple[Path, dict | None]:
     """(the .onnx file an ONNX Runtime row of a torch model runs, its quant spec or None):
     the FP32 export (made once per source and size), or its QDQ version from PTQ (min-max)
-    calibration: every layer PTQ quantizes by default at INT8 ("ort-int8"), or all of those
-    but the detection head ("ort-mixed")."""
+    calibration with the weight width edgekit recommends for this CPU (7 bits without
+    VNNI): every layer PTQ quantizes by default at INT8 ("ort-int8"), or all of those but
+    the detection head ("ort-mixed"). A QDQ graph and its spec made earlier in the same
+    folder are reused (the OpenVINO INT8 row runs the ort-int8 graph)."""
     from edgekit.benchmarks.backends import QUANTIZED_BACKENDS
     from edgekit.export.to_onnx import export_onnx
+    from edgekit.fileio import write_json_atomic
 
     size = source.image_size
     fp32 = onnx_dir / f"{source.name}_{size}_fp32.onnx"
@@ -178,44 +210,89 @@ def prepare_onnx(source: ModelSource, backend: str, onnx_dir: Path, data: Path |
         export_onnx(source.model, fp32, image_size=size)
     if backend not in QUANTIZED_BACKENDS:
         return fp32, None
+    from edgekit.benchmarks.peers import int8_weight_bits
     from edgekit.calibration.ptq import calibrate
     from edgekit.export.qdq import quantize_onnx
 
-    from edgekit.calibration.pipeline import sample_batches
-
-    # Images of the accuracy split when given (so the measured mAP is that of a properly
-    # calibrated model), else fresh synthetic scenes.
-    batches = sample_batches(source.model, size, CALIBRATION_BATCHES, data if source.class_names else None, 4)
-    spec = calibrate(source.model, batches, model_name=source.name, progress=False)
-    if backend == "ort-mixed":
+    kind = "mixed" if backend == "ort-mixed" else "int8"
+    out = onnx_dir / f"{source.name}_{size}_{kind}.onnx"
+    spec_file = out.with_suffix(".spec.json")
+    if out.is_file() and spec_file.is_file():
+        return out, read_json(spec_file, "bench:", "delete the bench's onnx folder")
+    spec = calibrate(source.model, calibration_batches(source, data), model_name=source.name, progress=False,
+                     weight_bits=int8_weight_bits())
+    if kind == "mixed":
         spec["layers"] = {k: v for k, v in spec["layers"].items() if not k.startswith(MIXED_FLOAT_PREFIXES)}
-    out = onnx_dir / f"{source.name}_{size}_{backend.split('-')[1]}.onnx"
-    return quantize_onnx(fp32, spec, out, model=source.model), spec
+    quantize_onnx(fp32, spec, out, model=source.model)
+    write_json_atomic(spec_file, spec)
+    return out, spec
+
+
+def prepare_file(source: ModelSource, backend: str, onnx_dir: Path, data: Path | None) -> tuple[Path, dict | None]:
+    """(the file a runtime row runs, edgekit's quant spec or None): :func:`prepare_onnx` for
+    ONNX Runtime; its graphs as OpenVINO IRs; the peers' INT8 models (benchmarks/peers.py)."""
+    from edgekit.benchmarks import peers
+    from edgekit.export.openvino import convert
+
+    name = f"{source.name}_{source.image_size}"
+    if backend == "ort-static":
+        out = onnx_dir / f"{name}_ort_static.onnx"
+        return (out if out.is_file() else peers.ort_static(prepare_onnx(source, "ort", onnx_dir, data)[0],
+                                                           calibration_batches(source, data), out)), None
+    if backend == "openvino" and source.model is None:  # a given .onnx file
+        return convert(source.onnx, onnx_dir / f"{source.onnx.stem}_openvino.xml"), None
+    if backend in ("openvino", "nncf"):
+        xml = onnx_dir / f"{name}_openvino_fp32.xml"
+        if not xml.is_file():
+            convert(prepare_onnx(source, "ort", onnx_dir, data)[0], xml)
+        if backend == "openvino":
+            return xml, None
+        out = onnx_dir / f"{name}_nncf.xml"
+        return (out if out.is_file() else peers.nncf_int8(xml, calibration_batches(source, data), out)), None
+    if backend == "openvino-int8":
+        qdq, spec = prepare_onnx(source, "ort-int8", onnx_dir, data)
+        xml = onnx_dir / f"{name}_openvino_int8.xml"
+        return (xml if xml.is_file() else convert(qdq, xml, "int8")), spec
+    return prepare_onnx(source, backend, onnx_dir, data)
 
 
 def bench_row(source: ModelSource, backend: str, *, batch_sizes=(1,), threads=None, duration=5.0, warmup=1.0,
-              data: Path | None = None, onnx_dir: Path, e2e: bool = True, min_count: int = 10) -> dict:
-    """One table row: build the runner (or record why not), time it, measure accuracy."""
+              data: Path | None = None, onnx_dir: Path, e2e: bool = True, min_count: int = 10,
+              keep: list | None = None) -> dict:
+    """One table row: build the runner (or record why not), time it, measure accuracy.
+    With ``keep`` (a list), a row that ran leaves ``(row, runner)`` there, open, for the
+    interleaved timing; the caller closes it."""
     import torch
 
-    from edgekit.benchmarks.backends import (ONNX_BACKENDS, QUANTIZED_BACKENDS, Skipped, _one_line, make_runner,
-                                             missing_provider)
+    from edgekit.benchmarks.backends import (ONNX_BACKENDS, OPENVINO_BACKENDS, PEER_BACKENDS, QUANTIZED_BACKENDS,
+                                             Skipped, _one_line, make_runner, missing_provider)
     from edgekit.benchmarks.latency import reset_peak_rss, torch_threads
 
     row = {"model": source.name, "backend": backend, "threads": threads}
     size = source.image_size
-    onnx_path = source.onnx
-    if backend in QUANTIZED_BACKENDS and source.model is None:
+    onnx_path = source.ir if backend in OPENVINO_BACKENDS else source.onnx
+    if backend in QUANTIZED_BACKENDS + PEER_BACKENDS and source.model is None:
         return {**row, "format": backend, "status": "skipped",
-                "reason": "quantizes a torch model's export; a given .onnx file runs as it is under 'ort'"}
+                "reason": "quantizes a torch model's export; a given model file runs as it is under 'ort' or "
+                          "'openvino'"}
     if backend in ONNX_BACKENDS and (missing := missing_provider(backend)) is not None:
         return {**row, "format": missing.format, "status": missing.status, "reason": missing.reason}
-    if backend in ONNX_BACKENDS and source.model is not None:
+    if backend in OPENVINO_BACKENDS and backend != "openvino" and source.ir is not None:
+        return {**row, "format": backend, "status": "skipped", "reason": "quantizes a torch model's export"}
+    file_backend = backend in ONNX_BACKENDS + OPENVINO_BACKENDS
+    if file_backend and (source.model is not None or (backend == "openvino" and source.onnx is not None)):
         t = time.perf_counter()
         try:
-            onnx_path, spec = prepare_onnx(source, backend, onnx_dir, data)
+            if backend in OPENVINO_BACKENDS:
+                from edgekit.export.openvino import require_openvino
+
+                require_openvino()
+            onnx_path, spec = prepare_file(source, backend, onnx_dir, data)
+        except EdgekitError as exc:  # OpenVINO missing, or a graph it cannot convert: the row says so
+            return {**row, "format": backend, "status": "skipped" if "not installed" in str(exc) else "failed",
+                    "reason": str(exc)}
         except Exception as exc:  # the export or quantization failing is this row's result
-            return {**row, "format": backend, "status": "failed", "reason": f"ONNX preparation: {_one_line(exc)}"}
+            return {**row, "format": backend, "status": "failed", "reason": f"preparation: {_one_line(exc)}"}
         row["prepare_s"] = time.perf_counter() - t
         if spec is not None:
             from edgekit.benchmarks.roofline import profile_layers
@@ -234,7 +311,10 @@ def bench_row(source: ModelSource, backend: str, *, batch_sizes=(1,), threads=No
         try:
             _time_runner(row, runner, source, onnx_path, batch_sizes, (duration, warmup, min_count), data, e2e)
         finally:
-            runner.close()
+            if keep is not None and row["status"] == "ok" and row.get("batch") == 1:
+                keep.append((row, runner))
+            else:
+                runner.close()
     return row
 
 
@@ -243,12 +323,14 @@ def _time_runner(row, runner, source, onnx_path, batch_sizes, budget, data, e2e)
     memory and accuracy."""
     import torch
 
-    from edgekit.benchmarks.backends import ONNX_BACKENDS, _one_line
+    from edgekit.benchmarks.backends import ONNX_BACKENDS, OPENVINO_BACKENDS, _one_line
     from edgekit.benchmarks.latency import mlperf_summary, peak_rss_bytes, throughput, time_callable
 
     duration, warmup, min_count = budget
     row.update(format=runner.format, precision=runner.precision, status="ok", session_ms=runner.session_ms)
     path_size = onnx_path.stat().st_size if row["backend"] in ONNX_BACKENDS and onnx_path else source.size_bytes
+    if row["backend"] in OPENVINO_BACKENDS and onnx_path:  # the IR: .xml + .bin
+        path_size = sum(p.stat().st_size for p in (onnx_path, onnx_path.with_suffix(".bin")) if p.is_file())
     row["size_mb"] = path_size / 1e6 if path_size else None
     size = source.image_size
     by_batch, skipped_batches = {}, {}
@@ -309,6 +391,7 @@ class BenchConfig(StageConfig):
     data: str | None = None         # DOTA split for the mAP column
     out: str | None = None          # folder for bench.{json,md,png} and the exports it makes
     roofline: bool = True
+    interleave: bool = False        # also time the batch-1 rows side by side, in rounds (ratios under shared load)
 
     def check(self) -> None:
         from edgekit.benchmarks.backends import BACKENDS
@@ -364,19 +447,27 @@ def bench(models, config: BenchConfig | None = None) -> BenchResult:
     if out is not None:
         check_output_dir(out)
     sources = [resolve_source(str(i), config.image_size) for i in models]
-    rows = []
+    rows, kept = [], [] if config.interleave else None
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
         onnx_dir = out / "onnx" if out else Path(tmp)  # exports are kept beside a CLI run's results
-        for s in sources:
-            for b in config.backends:
-                log(f"bench {s.name} [{b}]")
-                rows.append(bench_row(s, b, batch_sizes=tuple(config.batch_sizes), threads=config.threads,
-                                      duration=config.duration, warmup=config.warmup, data=data, onnx_dir=onnx_dir,
-                                      min_count=config.min_count))
+        onnx_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for s in sources:
+                for b in config.backends:
+                    log(f"bench {s.name} [{b}]")
+                    rows.append(bench_row(s, b, batch_sizes=tuple(config.batch_sizes), threads=config.threads,
+                                          duration=config.duration, warmup=config.warmup, data=data,
+                                          onnx_dir=onnx_dir, min_count=config.min_count, keep=kept))
+            interleaved = interleaved_section(kept, sources, config) if kept else None
+        finally:
+            for _, runner in kept or ():
+                runner.close()
     settings = {"backends": list(config.backends), "batch_sizes": list(config.batch_sizes), "threads": config.threads,
                 "duration_s": config.duration, "warmup_s": config.warmup, "min_count": config.min_count,
-                "image_size": config.image_size, "data": config.data}
+                "image_size": config.image_size, "data": config.data, "interleave": config.interleave}
     record = {"format": BENCH_FORMAT, "machine": environment(), "settings": settings, "rows": rows}
+    if interleaved:
+        record["interleaved"] = interleaved
     if config.roofline:
         record["roofline"] = roofline_section(sources, rows)
     for row in rows:
@@ -388,6 +479,43 @@ def bench(models, config: BenchConfig | None = None) -> BenchResult:
         reasons = "; ".join(f"{r['model']} [{r['backend']}]: {r.get('reason', r['status'])}" for r in rows)
         raise EdgekitError(f"no measurement succeeded ({reasons[:300]}){' (record in ' + str(out) + ')' if out else ''}")
     return result
+
+
+INTERLEAVE_GAP_S = 0.05  # between calls: the previous runtime's spinning threads go idle (benchmarks/latency.py)
+RATIO_REFERENCES = ("ort", "openvino")  # each interleaved row's speed is given against these rows of its model
+
+
+def interleaved_section(kept: list, sources: list[ModelSource], config: BenchConfig) -> dict:
+    """Every kept batch-1 runner timed side by side in rounds (:func:`measure_interleaved`),
+    each row's speed against the ORT FP32 and OpenVINO FP32 rows of its model as the median
+    of per-round ratios: a load change on the shared machine hits every row alike."""
+    import torch
+
+    from edgekit.benchmarks.latency import measure_interleaved, ratio_of_rounds, torch_threads
+
+    inputs = {s.name: torch.randn(1, 3, s.image_size, s.image_size) for s in sources}
+    fns = {f"{row['model']} [{row['backend']}]": (lambda r=runner, x=inputs[row["model"]]: r(x))
+           for row, runner in kept}
+    log(f"interleaved timing: {len(fns)} rows, up to {INTERLEAVE_ROUNDS} rounds")
+    with torch_threads(config.threads), torch.inference_mode():
+        timed = measure_interleaved(fns, warmup=2, repeats=INTERLEAVE_ROUNDS, min_repeats=10,
+                                    budget_s=config.duration * len(fns), settle=1, gap_s=INTERLEAVE_GAP_S)
+    rows = []
+    for row, _ in kept:
+        key = f"{row['model']} [{row['backend']}]"
+        entry = {"model": row["model"], "backend": row["backend"], "format": row["format"], **timed[key],
+                 "speed_vs": {}}
+        for ref in RATIO_REFERENCES:
+            ref_key = f"{row['model']} [{ref}]"
+            if ref_key in timed:  # above 1: faster than the reference
+                entry["speed_vs"][ref] = ratio_of_rounds(timed[ref_key], timed[key])
+        row["interleaved_median_ms"] = timed[key]["median_ms"]
+        rows.append(entry)
+    return {"rounds": rows[0]["repeats"] if rows else 0, "gap_s": INTERLEAVE_GAP_S, "threads": config.threads,
+            "batch": 1, "rows": rows}
+
+
+INTERLEAVE_ROUNDS = 200
 
 
 def _row_bops(row: dict, roof: dict):
@@ -467,6 +595,10 @@ def table(record: dict) -> str:
             lines.append(f"{'':<16} -> {r['reason']}")
         if r.get("warning"):
             lines.append(f"{'':<16} !! {r['warning']}")
+    for r in (record.get("interleaved") or {}).get("rows", []):
+        vs = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speed_vs"].items())
+        lines.append(f"side by side: {r['model'][:16]:<16} {r['format'][:40]:<40} median {r['median_ms']:.2f} ms"
+                     f"{' (' + vs + ')' if vs else ''}")
     return "\n".join(lines)
 
 
@@ -513,6 +645,7 @@ def markdown(record: dict) -> str:
             st = e["stages"]
             lines.append(f"| {r['model']} | {r['format']} | {_f(e['end_to_end']['mean'])} | {_f(st['preprocess']['mean'])} "
                          f"| {_f(st['inference']['mean'])} | {_f(st['decode_nms']['mean'])} |")
+    lines += interleaved_markdown(record)
     roof = record.get("roofline")
     if roof:
         cpu = roof["cpu"]
@@ -547,6 +680,29 @@ def markdown(record: dict) -> str:
         from edgekit.benchmarks.devices import DEVICES, device_table_markdown
         lines += ["", "Device figures and sources:", "", device_table_markdown(list(DEVICES.values()))]
     return "\n".join(lines) + "\n"
+
+
+def interleaved_markdown(record: dict) -> list[str]:
+    """The side-by-side table: per row, median and p90 of the rounds, speed against ORT FP32
+    and OpenVINO FP32 (median of per-round ratios), and the row's mAP."""
+    inter = record.get("interleaved")
+    if not inter:
+        return []
+    accuracy_of = {(r["model"], r["backend"]): r.get("accuracy") or {} for r in record["rows"]}
+    lines = ["", "## Side by side (interleaved rounds)", "",
+             f"Every row above that ran at batch 1 was timed again in {inter['rounds']} rounds, each round running "
+             f"every row once ({inter['gap_s']} s gap and one untimed call before each timed one, threads "
+             f"{inter['threads']}); 'speed vs X' is the median over rounds of X's time / the row's time (above 1: "
+             f"faster than X).", "",
+             "| model | format | median ms | p90 ms | spread | speed vs ORT FP32 | speed vs OpenVINO FP32 "
+             "| mAP50-95 | mAP50 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in inter["rows"]:
+        acc = accuracy_of.get((r["model"], r["backend"]), {})
+        lines.append(f"| {r['model']} | {r['format']} | {_f(r['median_ms'])} | {_f(r['p90_ms'])} "
+                     f"| {_f(r['spread'])} | {_f(r['speed_vs'].get('ort'), '{:.2f}x')} "
+                     f"| {_f(r['speed_vs'].get('openvino'), '{:.2f}x')} | {_f(acc.get('map'), '{:.4f}')} "
+                     f"| {_f(acc.get('map50'), '{:.4f}')} |")
+    return lines
 
 
 def compare(a_path: str, b_path: str) -> str:

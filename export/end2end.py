@@ -89,6 +89,10 @@ def append_nms(model, *, score_threshold: float = 0.05, iou_threshold: float = 0
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     outputs = [o.name for o in graph.output]
+    if "rboxes" in outputs:
+        raise EdgekitError("end-to-end NMS is ONNX's NonMaxSuppression, which overlaps horizontal boxes only; an "
+                           "oriented model's rotated NMS runs after the graph: export without --nms (the deploy "
+                           "bundle's infer.py does it in numpy)")
     for wanted in (boxes_output, scores_output):
         if wanted not in outputs:
             raise EdgekitError(f"the ONNX graph has no output {wanted!r} (outputs: {', '.join(outputs)}); "

@@ -275,11 +275,13 @@ def check_end2end(raw_onnx, end2end_onnx, inputs, *, iou_match: float = 0.99) ->
 
 
 def _onnx_predictions(session, images, score_threshold: float) -> list[dict]:
-    """Per-image {"boxes", "scores", "labels"} from a raw (boxes/scores) or end-to-end graph."""
+    """Per-image {"boxes", "scores", "labels"} (and "rboxes") from a raw (boxes or rboxes,
+    and scores) or end-to-end graph."""
     import torch
 
     from edgekit.export.end2end import OUTPUT_NAME, split_detections
     from edgekit.models.detect_post import postprocess
+    from edgekit.models.obb_post import postprocess_rotated
 
     static = session.get_inputs()[0].shape[0]
     step = static if isinstance(static, int) and static > 0 else images.shape[0]
@@ -289,6 +291,10 @@ def _onnx_predictions(session, images, score_threshold: float) -> list[dict]:
         out = run_onnx(session, chunk)
         if OUTPUT_NAME in out:
             preds += split_detections(out[OUTPUT_NAME], chunk.shape[0])
+        elif "rboxes" in out:
+            preds += postprocess_rotated(torch.from_numpy(out["rboxes"]).float(),
+                                         torch.from_numpy(out["scores"]).float(), score_threshold,
+                                         image_size=chunk.shape[-2:])
         else:
             preds += postprocess(torch.from_numpy(out["boxes"]).float(), torch.from_numpy(out["scores"]).float(),
                                  score_threshold, image_size=chunk.shape[-2:])
@@ -297,7 +303,8 @@ def _onnx_predictions(session, images, score_threshold: float) -> list[dict]:
 
 def map_difference(model, onnx_path, dataset_root, classes, image_size: int, *, batch_size: int = 8,
                    score_threshold: float = 0.01) -> dict:
-    """COCO mAP of the torch detector and of the ONNX graph on a DOTA-format split.
+    """mAP of the torch detector and of the ONNX graph on a DOTA-format split
+    (:func:`edgekit.engine.evaluate.detection_metrics`: rotated boxes for an oriented model).
 
     Both see the same letterboxed batches and the evaluator's post-processing
     (:func:`edgekit.engine.evaluate.evaluate`'s threshold); an end-to-end graph keeps its
@@ -311,7 +318,7 @@ def map_difference(model, onnx_path, dataset_root, classes, image_size: int, *, 
     from torch.utils.data import DataLoader
 
     from edgekit.data.dataset import DetectionDataset, collate_detection
-    from edgekit.engine.evaluate import coco_map, to_original_coordinates
+    from edgekit.engine.evaluate import detection_metrics, target_in_original, to_original_coordinates
 
     session = _session(onnx_path)
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
@@ -328,10 +335,11 @@ def map_difference(model, onnx_path, dataset_root, classes, image_size: int, *, 
                                _onnx_predictions(session, images, score_threshold)):
                 torch_preds.append(to_original_coordinates(p, t))
                 onnx_preds.append(to_original_coordinates(o, t))
-                targets.append({**t, "boxes": t["boxes"] / float(t["scale"])})
+                targets.append(target_in_original(t))
     result = {}
+    oriented = bool(getattr(model, "obb", False))
     for key, preds in (("torch", torch_preds), ("onnx", onnx_preds)):
-        metrics = coco_map(targets, preds, classes)
+        metrics = detection_metrics(targets, preds, classes, oriented)
         result[key] = {"map": metrics["map"], "map50": metrics["map50"]}
     result["map_drop"] = result["torch"]["map"] - result["onnx"]["map"]
     result["map50_drop"] = result["torch"]["map50"] - result["onnx"]["map50"]

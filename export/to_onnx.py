@@ -32,6 +32,7 @@ from edgekit.export.deploy_form import FORMS
 
 PRECISIONS = ("fp32", "fp16")
 DETECTOR_OUTPUTS = ("boxes", "scores")
+ORIENTED_OUTPUTS = ("rboxes", "scores")
 CLASSIFIER_OUTPUTS = ("logits",)
 INPUT_NAME = "images"
 # Metadata values that are not strings are stored as JSON; this key lists them, so
@@ -41,7 +42,10 @@ JSON_KEYS = "edgekit.json_keys"
 
 class DetectorOutputs(nn.Module):
     """An RSDet whose forward gives ``boxes`` [B, N, 4] (xyxy, input pixels) and ``scores``
-    [B, N, C], computed by :func:`edgekit.models.detect_post.decode_predictions`.
+    [B, N, C], computed by :func:`edgekit.models.detect_post.decode_predictions`; an
+    oriented RSDet gives ``rboxes`` [B, N, 5] (cx, cy, w, h, angle in (-pi/2, pi/2), not
+    canonicalised: see :func:`edgekit.models.obb_post.decode_rotated_predictions`) instead
+    of ``boxes``.
 
     The per-level outputs are decoded in float32 whatever the model's dtype: pixel
     coordinates of a 1024-px input have a float16 spacing of 0.5-1 px.
@@ -51,11 +55,18 @@ class DetectorOutputs(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ORIENTED_OUTPUTS if getattr(self.model, "obb", False) else DETECTOR_OUTPUTS
+
     def forward(self, images: torch.Tensor):
         from edgekit.models.detect_post import decode_predictions
+        from edgekit.models.obb_post import decode_rotated_predictions
 
         raw = self.model(images)
         raw = tuple([t.float() for t in level] for level in raw)
+        if getattr(self.model, "obb", False):
+            return decode_rotated_predictions(raw, self.model.strides, canonical=False)
         return decode_predictions(raw, self.model.strides)
 
 
@@ -113,15 +124,17 @@ def _graph_module(model: nn.Module, precision: str) -> tuple[nn.Module, tuple[st
     detector = is_detector(model)
     net = model if isinstance(model, DetectorOutputs) or not detector else DetectorOutputs(model)
     prefix = "model." if isinstance(net, DetectorOutputs) else ""
+    names = net.output_names if detector else CLASSIFIER_OUTPUTS
     if precision == "fp16":
         net = to_precision(net, precision)
         prefix = "net." + prefix
-    return net.eval(), DETECTOR_OUTPUTS if detector else CLASSIFIER_OUTPUTS, prefix
+    return net.eval(), names, prefix
 
 
 def to_precision(net: nn.Module, precision: str) -> nn.Module:
     """``net`` itself for fp32; for fp16 a float16 copy behind float32 inputs and outputs
-    (GRN and deformable-convolution parameters stay float32, see :func:`_half`)."""
+    (GRN and deformable-convolution parameters stay float32, and layers the FP16 safety
+    check pinned run in float32, see :func:`_half`)."""
     import copy
 
     if precision == "fp32":
@@ -134,15 +147,38 @@ def to_precision(net: nn.Module, precision: str) -> nn.Module:
 def _half(net: nn.Module) -> nn.Module:
     """float16 parameters, except those of GRN and deformable convolution: those layers
     compute in float32 anyway, and float32 parameters keep their initializer names (a
-    cast parameter would become a folded constant with a generated name)."""
+    cast parameter would become a folded constant with a generated name). A module marked
+    ``edgekit_fp32`` (``calibration.fp16_safety.pinned_fp32``: its FP16 run overflows or
+    loses accuracy) stays float32 whole, runs on a float32 cast of its input and hands on
+    float32; with any such pin, every other module holding float16 parameters casts its
+    input to float16, so float32 lasts from a pinned layer to the next float16 one."""
+    from edgekit.calibration.fp16_safety import FP32_MARK
     from edgekit.models.deform import DeformConv2d
     from edgekit.models.grn import GRN
 
+    def cast(value, dtype):
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype) if value.is_floating_point() else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(cast(v, dtype) for v in value)
+        return {k: cast(v, dtype) for k, v in value.items()} if isinstance(value, dict) else value
+
+    pinned = {m for top in net.modules() if getattr(top, FP32_MARK, False) for m in top.modules()}
+    kept = {t: t.data for m in pinned for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+            if t.is_floating_point()}  # float32 as they were, not float32 of their float16 rounding
     net.half()
+    for tensor, data in kept.items():
+        tensor.data = data
     for module in net.modules():
-        if isinstance(module, (GRN, DeformConv2d)):
+        if getattr(module, FP32_MARK, False):
+            module.register_forward_pre_hook(lambda m, args, kwargs: cast((args, kwargs), torch.float32),
+                                              with_kwargs=True)
+        elif isinstance(module, (GRN, DeformConv2d)):
             for param in module.parameters(recurse=False):
                 param.data = param.data.float()
+        elif pinned and module not in pinned and any(p.dtype == torch.float16 for p in module.parameters(False)):
+            module.register_forward_pre_hook(lambda m, args, kwargs: cast((args, kwargs), torch.float16),
+                                             with_kwargs=True)
     return net
 
 
@@ -240,6 +276,7 @@ def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dic
     }
     if is_detector(model):
         meta["strides"] = list(inner.strides)
+        meta["boxes"] = "oriented" if getattr(inner, "obb", False) else "horizontal"
     meta.update(extra or {})
     return meta
 

@@ -35,15 +35,18 @@ def distances_to_rboxes(points: torch.Tensor, ltrb: torch.Tensor, angle: torch.T
     return torch.stack([cx, cy, left + right, top + bottom, angle], dim=-1)
 
 
-def decode_rotated_predictions(outputs, strides):
-    """Canonical rotated boxes [B, P, 5] (cx, cy, w, h, angle; input pixels, le90) and
-    scores [B, P, K] = sqrt(cls * centerness), from the oriented head's (cls, box, ctr, angle)."""
+def decode_rotated_predictions(outputs, strides, canonical: bool = True):
+    """Rotated boxes [B, P, 5] (cx, cy, w, h, angle; input pixels) and scores [B, P, K] =
+    sqrt(cls * centerness), from the oriented head's (cls, box, ctr, angle); canonical
+    (le90, ``w >= h``) unless ``canonical=False``. The exported graph leaves that step to
+    the post-processing: its angle is then the head's own, continuous in (-pi/2, pi/2),
+    so float noise between runtimes cannot flip a square-ish box to its other form."""
     cls, box, ctr, angle = outputs
     cls, box, ctr, points, pstrides = flatten_levels((cls, box, ctr), strides)
     angle = angle_from_logits(flatten_maps(angle).squeeze(-1))
     rboxes = distances_to_rboxes(points[None], box * pstrides[None, :, None], angle)
     scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr))
-    return canonical_rboxes(rboxes), scores
+    return (canonical_rboxes(rboxes) if canonical else rboxes), scores
 
 
 def postprocess_rotated(rboxes, scores, score_threshold=0.05, iou_threshold=0.6, max_detections=100,
@@ -63,7 +66,8 @@ def postprocess_rotated(rboxes, scores, score_threshold=0.05, iou_threshold=0.6,
             h, w = image_size
             boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
                                  boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
-        results.append({"rboxes": cand[kept], "boxes": boxes, "scores": flat[kept], "labels": labels[kept]})
+        results.append({"rboxes": canonical_rboxes(cand[kept]), "boxes": boxes, "scores": flat[kept],
+                        "labels": labels[kept]})
     return results
 
 
