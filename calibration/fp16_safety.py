@@ -11,7 +11,12 @@ the layer's to fix). A layer is pinned when
 
 - its float32 output already exceeds the float16 range (|x| > 65504) or is inf/NaN, or
 - its float16 run gives inf/NaN where the reference is finite (an internal overflow), or
-- its float16 run's relative error ``||y16 - y32|| / ||y32||`` exceeds ``rel_tol``.
+- its float16 run's relative error ``||y16 - y32|| / ||y32||`` exceeds ``rel_tol``, or
+- its input (another layer's output) does not fit float16: it must read it in float32.
+
+The FP16 export (``export.to_onnx._half``) runs pinned layers in float32 and keeps their
+outputs float32 up to the next float16 layer, so a value past the float16 range travels
+from a pinned producer to a pinned consumer without ever being float16.
 
 GRN is run in float16 the way a generic FP16 runtime runs its graph (squares, sum, sqrt,
 all float16: the known TensorRT-FP16 ConvNeXt V2 failure), not through edgekit's own GRN,
@@ -23,6 +28,7 @@ did: the overflow is then made by its own ops, such as a residual sum.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -104,6 +110,7 @@ class _Record:
     reasons: list = dataclasses.field(default_factory=list)
     checked: bool = False
     calls: int = 0
+    upstream: bool = False   # its input overflows float16: it must run in float32 to see it at all
 
     def flag(self, reason: str) -> None:
         if reason not in self.reasons:
@@ -183,7 +190,9 @@ def check_fp16_safety(model, batches, rel_tol: float = 1e-2, progress: bool = Fa
         record.checked = True
         finite_ref = all(bool(torch.isfinite(t).all()) for t in _tensors(reference) if t.is_floating_point())
         if not finite_ref:
-            record.flag("its input does not fit float16 (the overflow is upstream); not compared")
+            record.upstream = True
+            record.flag("its input does not fit float16 (the overflow is upstream); pinned so that it reads it in "
+                        "float32, not compared")
             return
         finite_half = all(bool(torch.isfinite(t).all()) for t in _tensors(half) if t.is_floating_point())
         if not finite_half:
@@ -232,9 +241,50 @@ def _report(names: dict, computing: set, records: dict, rel_tol: float, count: i
             record.flag("not called on these batches")
         elif record.checked and not record.overflow and record.rel_err is not None and record.rel_err > rel_tol:
             record.flag(f"float16 relative error {record.rel_err:.3g} > tolerance {rel_tol:g}")
-        pin = record.overflow or (record.rel_err is not None and record.rel_err > rel_tol)
+        pin = record.overflow or record.upstream or (record.rel_err is not None and record.rel_err > rel_tol)
         rel = record.rel_err if record.rel_err is not None and math.isfinite(record.rel_err) else None
         layers[path] = {"max_abs": record.max_abs if math.isfinite(record.max_abs) else None,
                         "overflow": record.overflow, "fp16_rel_err": rel, "pin_fp32": pin,
                         "why": "; ".join(record.reasons)}
     return Fp16SafetyReport(layers, [p for p, e in layers.items() if e["pin_fp32"]], rel_tol, count)
+
+
+# ----------------------------------------------------------------------------- export
+
+FP32_MARK = "edgekit_fp32"  # a module attribute the FP16 exporter reads: keep this layer in float32
+EXPORT_BATCHES = 1  # float16 convolutions are slow on a CPU: two batches of two 256-px images took 83 s here
+
+
+@contextlib.contextmanager
+def pinned_fp32(model, paths):
+    """Mark the modules at ``paths`` (:data:`FP32_MARK`) for the duration; the FP16
+    exporter (``export.to_onnx.to_precision``) keeps marked layers in float32."""
+    modules = dict(model.named_modules())
+    unknown = [p for p in paths if p not in modules]
+    if unknown:
+        raise EdgekitError(f"fp16 pins name modules the model lacks: {', '.join(unknown[:3])}")
+    marked = [modules[p] for p in paths]
+    for module in marked:
+        setattr(module, FP32_MARK, True)
+    try:
+        yield marked
+    finally:
+        for module in marked:
+            if hasattr(module, FP32_MARK):
+                delattr(module, FP32_MARK)
+
+
+def export_pins(model, image_size: int, data=None, rel_tol: float = 1e-2) -> Fp16SafetyReport:
+    """The FP16 safety check an FP16 export runs: :data:`EXPORT_BATCHES` batches of the
+    calibration images (``data``, a DOTA split, else the built-in synthetic scenes; drawn
+    as ``quantize`` draws them)."""
+    from edgekit.calibration.pipeline import sample_batches
+
+    batches = [x for x, _ in sample_batches(model, image_size, EXPORT_BATCHES, data)]
+    return check_fp16_safety(model, batches, rel_tol=rel_tol)
+
+
+def pins_record(report: Fp16SafetyReport) -> dict:
+    """What the export metadata records: the pinned layers and why."""
+    return {"pin_fp32": list(report.pin_fp32), "rel_tol": report.rel_tol, "batches": report.batches,
+            "why": {p: report.layers[p]["why"] for p in report.pin_fp32}}

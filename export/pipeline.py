@@ -225,8 +225,14 @@ def _export_graphs(loaded, config: ExportConfig, spec, stage: Path, image_size: 
     meta = {"checkpoint": Path(loaded.label).name, "export_format": config.format}
     raw = stage / f"{stem}.raw.onnx"
     float_graph = stage / f"{stem}.float.onnx" if spec is not None else raw
-    export_onnx(loaded.model, float_graph, image_size=image_size, precision=onnx_precision, deform=config.deform,
-                model_name=loaded.name, metadata=meta, form=config.form)
+    from edgekit.calibration.fp16_safety import export_pins, pinned_fp32, pins_record
+
+    pins = export_pins(loaded.model, image_size, config.data) if onnx_precision == "fp16" else None
+    if pins is not None:  # layers whose FP16 run overflows or loses accuracy stay float32 in the graph
+        meta["fp16_safety"] = pins_record(pins)
+    with pinned_fp32(loaded.model, pins.pin_fp32 if pins is not None else ()):
+        export_onnx(loaded.model, float_graph, image_size=image_size, precision=onnx_precision,
+                    deform=config.deform, model_name=loaded.name, metadata=meta, form=config.form)
     if spec is not None:
         from edgekit.export.qdq import quantize_onnx
 
