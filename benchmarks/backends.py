@@ -28,11 +28,18 @@ BACKENDS = {
     "ort-trt": "ONNX Runtime TensorRT EP",
     "tensorrt": "TensorRT engine",
     "cuda-graph": "PyTorch CUDA graph",
+    "openvino": "OpenVINO CPU",        # the FP32 export as an OpenVINO IR (or a given .xml / .onnx)
+    "openvino-int8": "OpenVINO CPU",   # ... the ort-int8 QDQ graph (edgekit's PTQ spec) as an IR
+    "ort-static": "ONNX Runtime CPU",  # peer: ONNX Runtime's quantize_static of the FP32 export (benchmarks/peers.py)
+    "nncf": "OpenVINO CPU",            # peer: NNCF's INT8 of the OpenVINO FP32 IR
 }
-ONNX_BACKENDS = ("ort", "ort-int8", "ort-mixed", "ort-cuda", "ort-trt")
-QUANTIZED_BACKENDS = ("ort-int8", "ort-mixed")
+ONNX_BACKENDS = ("ort", "ort-int8", "ort-mixed", "ort-static", "ort-cuda", "ort-trt")
+OPENVINO_BACKENDS = ("openvino", "openvino-int8", "nncf")
+QUANTIZED_BACKENDS = ("ort-int8", "ort-mixed", "openvino-int8")  # edgekit's own PTQ spec
+PEER_BACKENDS = ("ort-static", "nncf")
 PROVIDERS = {"ort": "CPUExecutionProvider", "ort-int8": "CPUExecutionProvider", "ort-mixed": "CPUExecutionProvider",
-             "ort-cuda": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}
+             "ort-static": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
+             "ort-trt": "TensorrtExecutionProvider"}
 
 
 @dataclass
@@ -84,9 +91,9 @@ def _one_line(exc: BaseException) -> str:
 def make_runner(backend: str, *, model=None, onnx_path: str | Path | None = None, threads: int | None = None,
                 example=None) -> Runner | Skipped:
     """Build the runner for ``backend`` or say why it cannot run. ``model`` (a torch module)
-    serves eager/compile/cuda-graph; ``onnx_path`` serves the ONNX Runtime backends and
-    ``tensorrt`` (an engine file, ``.engine``/``.plan``). ``example`` is an input used to
-    capture CUDA graphs."""
+    serves eager/compile/cuda-graph; ``onnx_path`` serves the ONNX Runtime backends,
+    ``tensorrt`` (an engine file, ``.engine``/``.plan``) and the OpenVINO ones (an IR
+    ``.xml``). ``example`` is an input used to capture CUDA graphs."""
     if backend not in BACKENDS:
         return Skipped(backend, f"unknown backend; choose from {', '.join(BACKENDS)}", status="failed")
     try:
@@ -99,6 +106,10 @@ def make_runner(backend: str, *, model=None, onnx_path: str | Path | None = None
             if onnx_path is None:
                 return Skipped(backend, "needs an .onnx file (export the model first or pass one)")
             return _onnxruntime(backend, Path(onnx_path), threads)
+        if backend in OPENVINO_BACKENDS:
+            if onnx_path is None:
+                return Skipped(backend, "needs an OpenVINO IR (.xml) or a model to convert")
+            return _openvino(backend, Path(onnx_path), threads)
         return _tensorrt(onnx_path)
     except Exception as exc:  # a backend failing here is a result, not a crash
         return Skipped(backend, _one_line(exc), status="failed")
@@ -306,9 +317,44 @@ def _onnxruntime(backend: str, path: Path, threads: int | None):
         return [torch.from_numpy(o) for o in session.run(None, {inp.name: x.numpy()})]
     precision = onnx_precision(path)
     # the requested variant names the row (a PTQ "int8" graph can keep a few float layers: precision says so)
-    label = {"ort-int8": "int8 PTQ", "ort-mixed": "mixed: head float"}.get(backend, precision)
+    label = {"ort-int8": "int8 PTQ", "ort-mixed": "mixed: head float",
+             "ort-static": "quantize_static INT8"}.get(backend, precision)
     return Runner(backend, run, session_ms, format=f"{BACKENDS[backend]} ({label})", precision=precision,
                   fixed_batch=batch_dim if isinstance(batch_dim, int) else None)
+
+
+# ----------------------------------------------------------------------------- OpenVINO
+
+
+def _openvino(backend: str, path: Path, threads: int | None):
+    """An OpenVINO IR on the CPU plugin: latency mode, one stream, ``threads`` inference
+    threads, float32 for the float layers (see :mod:`edgekit.export.openvino`)."""
+    from edgekit.errors import EdgekitError
+    from edgekit.export.openvino import compile_model, ir_precision, require_openvino
+
+    try:
+        require_openvino()
+    except EdgekitError as exc:
+        return Skipped(backend, str(exc))
+    if not path.is_file():
+        return Skipped(backend, f"{path} not found", status="failed")
+    import numpy as np
+    import torch
+
+    t0 = time.perf_counter()
+    compiled = compile_model(path, threads)
+    request = compiled.create_infer_request()
+    session_ms = (time.perf_counter() - t0) * 1e3
+    outputs = list(compiled.outputs)
+
+    def run(x):
+        request.infer([x.numpy()])
+        return [torch.from_numpy(np.array(request.get_tensor(o).data)) for o in outputs]  # copies: buffers are reused
+    batch = compiled.inputs[0].get_partial_shape()[0]
+    precision = ir_precision(path)
+    label = {"openvino-int8": "int8 PTQ", "nncf": "NNCF INT8"}.get(backend, precision)
+    return Runner(backend, run, session_ms, format=f"{BACKENDS[backend]} ({label})", precision=precision,
+                  fixed_batch=batch.get_length() if batch.is_static else None)
 
 
 # ----------------------------------------------------------------------------- TensorRT

@@ -19,6 +19,7 @@ CPU with bf16 or AMX units does not silently lower the float layers.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -38,10 +39,30 @@ INT8_TOLERANCE = {"atol": 0.2, "rtol": 0.2, "min_cosine": 0.995}
 BILINEAR_PAD = True  # torchvision: zero beyond the border, blended bilinearly (see the module docstring)
 
 
+@contextlib.contextmanager
+def no_telemetry():
+    """``import openvino`` (and ``import nncf``) report usage to Google Analytics from a
+    forked process unless they find themselves in a CI job; edgekit sends nothing anywhere
+    (and that fork, from a thread, upsets Numba's TBB pool). The flag is set only while
+    they are imported, when openvino_telemetry decides."""
+    import os
+
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = saved
+
+
 def require_openvino():
     """The openvino module, or one clear line saying how to install it."""
     try:
-        import openvino
+        with no_telemetry():
+            import openvino
     except ImportError:
         raise EdgekitError(f"OpenVINO is not installed; {INSTALL_HINT} (OpenVINO IR export and the openvino "
                            f"bench rows need it)") from None

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-ov = pytest.importorskip("openvino")
+from edgekit.export.openvino import no_telemetry  # noqa: E402
+
+with no_telemetry():
+    ov = pytest.importorskip("openvino")
 
 from deform_cases import describe, fresh_seed, random_deform_case, run_case  # noqa: E402
 from test_deform_onnx import deform_conv_model, feeds  # noqa: E402
@@ -104,17 +107,31 @@ def _ir_ops(xml):
     return {op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops()}
 
 
-def test_fp32_fp16_int8_ir(files, tmp_path, capsys, fast_export):  # noqa: F811
+def export_ir(files, out, fmt, capsys, *extra):  # noqa: F811
+    stem = fmt.replace("-", "_")
+    code, stdout, err = run_cli([files["plain"], "--format", fmt, "--out", out, *extra], capsys)
+    assert code == 0, err
+    assert stdout.startswith(f"exported {fmt} -> {out / (stem + '.xml')}"), stdout
+    report = json.loads((out / f"{stem}.parity.json").read_text())
+    assert report["passed"] and report["format"] == fmt
+    return report
+
+
+def test_fp32_ir(files, tmp_path, capsys, fast_export):  # noqa: F811
+    out = tmp_path / "out"
+    assert export_ir(files, out, "openvino", capsys)["precision"] == "fp32"
+    assert sorted(p.name for p in out.iterdir()) == ["openvino.bin", "openvino.parity.json", "openvino.xml"]
+    assert ov_export.ir_precision(out / "openvino.xml") == "fp32" and leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_fp16_and_int8_ir(files, tmp_path, capsys, fast_export):  # noqa: F811
+    """fp16 weights; int8 from a calibrated spec (a calibration and three exports: ~60 s)."""
     from edgekit.api import CalibrateConfig, calibrate_checkpoint
 
     out = tmp_path / "out"
-    for fmt, stem in (("openvino", "openvino"), ("openvino-fp16", "openvino_fp16")):
-        code, stdout, err = run_cli([files["plain"], "--format", fmt, "--out", out], capsys)
-        assert code == 0, err
-        assert stdout.startswith(f"exported {fmt} -> {out / (stem + '.xml')}"), stdout
-        report = json.loads((out / f"{stem}.parity.json").read_text())
-        assert report["passed"] and report["format"] == fmt
-        assert report["precision"] == {"openvino": "fp32", "openvino-fp16": "fp16"}[fmt]
+    assert export_ir(files, out, "openvino", capsys)["precision"] == "fp32"
+    assert export_ir(files, out, "openvino-fp16", capsys)["precision"] == "fp16"
     fp32_bin, fp16_bin = (out / "openvino.bin").stat().st_size, (out / "openvino_fp16.bin").stat().st_size
     assert 0.45 < fp16_bin / fp32_bin < 0.55  # float16 weights
     spec = tmp_path / "spec.json"

@@ -33,11 +33,13 @@ def add_commands(sub) -> None:
                        description="edgekit bench MODEL... times models; edgekit bench SUITE [options] runs one of "
                                    "the benchmark suites: " + "; ".join(f"{k}: {v[2]}" for k, v in SUITES.items()))
     p.add_argument("models", nargs="*", metavar="MODEL_OR_FILE",
-                   help="edgekit checkpoint (.safetensors), model name (untrained), .onnx file or TensorRT "
-                        ".engine/.plan")
+                   help="edgekit checkpoint (.safetensors), model name (untrained), .onnx file, OpenVINO IR "
+                        ".xml or TensorRT .engine/.plan")
     p.add_argument("--backends", type=name_list,
-                   help=f"comma list of {', '.join(BACKENDS)} (default eager,compile,ort; ort-int8/ort-mixed: "
-                        f"PTQ-quantized exports of a torch model; unavailable ones are reported as skipped)")
+                   help=f"comma list of {', '.join(BACKENDS)} (default eager,compile,ort; ort-int8/ort-mixed/"
+                        f"openvino-int8: edgekit's PTQ-quantized exports of a torch model; ort-static/nncf: ONNX "
+                        f"Runtime's quantize_static and NNCF on the same images; unavailable ones are reported as "
+                        f"skipped)")
     p.add_argument("--batch-sizes", type=lambda t: int_list(t, "--batch-sizes"), help="comma list, e.g. 1,4")
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: library default)")
     p.add_argument("--duration", type=float, help="seconds timed per batch size (default 5)")
@@ -45,6 +47,9 @@ def add_commands(sub) -> None:
     p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's, or 256)")
     p.add_argument("--data", help="DOTA split folder (images/ + labelTxt/) to measure mAP on")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md and bench.png")
+    p.add_argument("--interleave", action="store_true", default=None,
+                   help="also time the batch-1 rows side by side in rounds: speed ratios against ORT FP32 and "
+                        "OpenVINO FP32 that hold under a shared machine's changing load")
     p.add_argument("--no-roofline", dest="roofline", action="store_false", default=None,
                    help="skip the roofline prediction")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print B/A ratios of two results")
