@@ -109,7 +109,7 @@ def validation_batches(split, classes, image_size: int, max_images: int, batch_s
 
     from edgekit.data.dataset import DetectionDataset, collate_detection
 
-    dataset = DetectionDataset(Path(split), classes, image_size=image_size)
+    dataset = DetectionDataset(Path(split), classes, image_size=image_size, preload=False)  # only the subset loads
     if not sum(len(labels) for labels in dataset.labels):
         raise EdgekitError(f"{split}: no labelled object of the model's classes ({', '.join(classes)}) in this "
                            f"validation split; --max-drop needs ground truth (check labelTxt/ and the class names)")

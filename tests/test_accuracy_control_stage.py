@@ -297,3 +297,33 @@ def test_calibrate_observer_auto_keeps_the_best_and_reports_each(tmp_path, tiny_
         assert f"observer {name}: " in text
     assert json.loads(out.read_text())["calibration"]["observer"] == search["chosen"]
     assert math.isfinite(search["float"])
+
+
+# ----------------------------------------------------------------------------- calibration hygiene
+
+
+def test_calibration_images_are_a_seeded_random_draw_from_the_training_split(tiny_data):
+    from edgekit.calibration.pipeline import sample_batches
+    from edgekit.data.dataset import DetectionDataset
+    from edgekit.models import create_model
+
+    model = create_model("rsdet_atto", num_classes=5, class_names=["plane", "ship", "storage-tank", "small-vehicle",
+                                                                   "large-vehicle"])
+    first = sample_batches(model, 128, 2, tiny_data / "train", batch_size=2)
+    again = sample_batches(model, 128, 2, tiny_data / "train", batch_size=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))  # the same images on every call
+    dataset = DetectionDataset(tiny_data / "train", model.class_names, image_size=128)
+    order = np.random.default_rng(ab.SEED).permutation(len(dataset))[:4]
+    expected = torch.stack([dataset[int(i)][0] for i in order])
+    assert torch.equal(torch.cat([x for x, _ in first]), expected)
+    other = sample_batches(model, 128, 2, tiny_data / "train", batch_size=2, seed=ab.SEED + 1)
+    assert ab.split_folders(tiny_data) == (tiny_data / "train", tiny_data / "val")  # a root: train/, val/ beside
+    assert ab.split_folders(tiny_data / "train") == (tiny_data / "train", tiny_data / "val")
+    assert ab.split_folders(tiny_data / "val") == (tiny_data / "val", None)
+    assert not torch.equal(torch.cat([x for x, _ in other]), expected)  # the seed decides (both seeds fixed)
+
+
+def test_the_few_images_warning_names_the_number():
+    assert ab.few_images_warning(ab.FEW_IMAGES) is None
+    line = ab.few_images_warning(8)
+    assert line.startswith("warning:") and " 8 images" in line and "\n" not in line
