@@ -185,9 +185,10 @@ def check_model(path, image_size: int, num_classes: int, name: str = "model") ->
         raise EdgekitError(f"{name} model {path} takes input {shapes[inputs[0].name]}, not [B, 3, {image_size}, "
                            f"{image_size}]; pass the image size it was exported with")
     outputs = {o.name: _dims(o) for o in graph.output}
-    if not {"boxes", "scores"} <= outputs.keys() and "detections" not in outputs:
-        raise EdgekitError(f"{name} model {path} has outputs {list(outputs)}; the bundle needs 'boxes' and "
-                           f"'scores' or 'detections'; export the detector with edgekit")
+    box_output = "rboxes" if "rboxes" in outputs else "boxes"  # an oriented model: [B, N, 5]
+    if not {box_output, "scores"} <= outputs.keys() and "detections" not in outputs:
+        raise EdgekitError(f"{name} model {path} has outputs {list(outputs)}; the bundle needs 'boxes' (or 'rboxes') "
+                           f"and 'scores', or 'detections'; export the detector with edgekit")
     # Exported output shapes are mostly symbolic, so the class count and layouts are checked on a real run.
     ran = _run_blank(path, inputs[0].name, shapes[inputs[0].name], image_size, name)
     if "detections" in ran:
@@ -195,10 +196,11 @@ def check_model(path, image_size: int, num_classes: int, name: str = "model") ->
             raise EdgekitError(f"{name} model {path} outputs detections of shape {ran['detections'].shape}, not "
                                f"[M, 7] (batch, x1, y1, x2, y2, score, class); export it with edgekit")
     else:
-        boxes, scores = ran["boxes"], ran["scores"]
-        if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
-            raise EdgekitError(f"{name} model {path} outputs boxes {boxes.shape} and scores {scores.shape}, not "
-                               f"[B, N, 4] and [B, N, C]; export it with edgekit")
+        boxes, scores = ran[box_output], ran["scores"]
+        width = 5 if box_output == "rboxes" else 4
+        if boxes.ndim != 3 or boxes.shape[-1] != width or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
+            raise EdgekitError(f"{name} model {path} outputs {box_output} {boxes.shape} and scores {scores.shape}, "
+                               f"not [B, N, {width}] and [B, N, C]; export it with edgekit")
         if scores.shape[-1] != num_classes:
             raise EdgekitError(f"{name} model {path} scores {scores.shape[-1]} classes but {num_classes} class "
                                f"names were given; pass the model's class names")
@@ -216,7 +218,7 @@ def _run_blank(path: Path, input_name: str, shape: list, image_size: int, name: 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
         batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1
-        wanted = [o.name for o in session.get_outputs() if o.name in ("boxes", "scores", "detections")]
+        wanted = [o.name for o in session.get_outputs() if o.name in ("boxes", "rboxes", "scores", "detections")]
         values = session.run(wanted, {input_name: np.zeros((batch, 3, image_size, image_size), dtype)})
     except Exception as e:  # onnxruntime's own exception types, for unsupported ops or bad graphs
         raise EdgekitError(f"{name} model {path} does not run in onnxruntime ({_one_line(e)[:200]}); "

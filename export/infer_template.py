@@ -5,7 +5,8 @@
                     [--score-threshold S] [--iou-threshold T] [--cpu]
 
 Writes DIR/predictions.json ({image: {width, height, detections: [{box, score, label}]}},
-boxes x1 y1 x2 y2 in the image's own pixels) and prints one summary line per image.
+boxes x1 y1 x2 y2 in the image's own pixels; an oriented model adds ``rbox`` (cx, cy, w, h,
+angle in radians) and ``polygon`` (x1 y1 ... x4 y4)) and prints one summary line per image.
 Bad input prints one line on stderr and exits with status 2.
 
 This file is edgekit's ``export/infer_template.py``, copied verbatim into each bundle as
@@ -13,7 +14,9 @@ This file is edgekit's ``export/infer_template.py``, copied verbatim into each b
 re-implements, in numpy, the few pieces of edgekit it needs: image decoding
 (``edgekit.data.images``), letterbox + normalisation (``edgekit.data.transforms``), tiling
 (``edgekit.data.tiling``), decoding + class-aware NMS (``edgekit.models.detect_post``,
-``edgekit.boxes``) and the tiled detection loop (``edgekit.engine.detect.detect_array``).
+``edgekit.boxes``), rotated boxes and their NMS by exact polygon IoU (``edgekit.rotated``:
+ONNX has no rotated NMS, so an oriented graph ends at its rboxes/scores) and the tiled
+detection loop (``edgekit.engine.detect.detect_array``).
 edgekit's tests check that each piece gives the same result as the original.
 """
 
@@ -184,19 +187,111 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_t
     return keep[np.argsort(-scores[keep], kind="stable")]
 
 
+# ------------------------------------------------------------ rotated boxes (edgekit.rotated)
+
+def rbox_corners(rboxes: np.ndarray) -> np.ndarray:
+    """(cx, cy, w, h, angle) [N, 5] -> corners [N, 4, 2] float64, edgekit.rotated.rbox_to_poly's order."""
+    r = np.asarray(rboxes, dtype=np.float64).reshape(-1, 5)
+    cos, sin = np.cos(r[:, 4:5]), np.sin(r[:, 4:5])
+    lx = r[:, 2:3] * np.array([-0.5, 0.5, 0.5, -0.5])
+    ly = r[:, 3:4] * np.array([-0.5, -0.5, 0.5, 0.5])
+    return np.stack([r[:, 0:1] + lx * cos - ly * sin, r[:, 1:2] + lx * sin + ly * cos], axis=-1)
+
+
+def canonical_rboxes(rboxes: np.ndarray) -> np.ndarray:
+    """The same rectangles with w >= h and angle in [-pi/2, pi/2)."""
+    r = np.array(rboxes, dtype=np.float64).reshape(-1, 5)
+    swap = r[:, 2] < r[:, 3]
+    r[swap, 2], r[swap, 3] = r[swap, 3].copy(), r[swap, 2].copy()
+    r[swap, 4] += np.pi / 2
+    r[:, 4] -= np.pi * np.floor((r[:, 4] + np.pi / 2) / np.pi)
+    r[r[:, 4] >= np.pi / 2, 4] -= np.pi
+    return r
+
+
+def enclosing_boxes(rboxes: np.ndarray) -> np.ndarray:
+    corners = rbox_corners(rboxes)
+    return np.concatenate([corners.min(1), corners.max(1)], axis=1)
+
+
+def _overlap_one(poly: np.ndarray, polys: np.ndarray) -> np.ndarray:
+    """Intersection areas of one convex quadrilateral [4, 2] with many [M, 4, 2]: the convex hull
+    of each one's corners inside the other and of the edge crossings, ordered by angle."""
+    def cross(p, q):
+        return p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0]
+
+    def inside(points, quads):  # points [M, K, 2] inside convex quads [M, 4, 2] (either orientation)
+        edge = np.roll(quads, -1, axis=1) - quads
+        side = cross(edge[:, None], points[:, :, None] - quads[:, None])  # [M, K, 4]
+        tol = 1e-9 * (1.0 + np.abs(quads).max())
+        return (side >= -tol).all(-1) | (side <= tol).all(-1)
+
+    a = np.broadcast_to(poly, polys.shape)
+    ea, eb = np.roll(a, -1, axis=1) - a, np.roll(polys, -1, axis=1) - polys
+    den = cross(ea[:, :, None], eb[:, None])  # [M, 4, 4]
+    diff = polys[:, None] - a[:, :, None]
+    ok = np.abs(den) > 1e-12
+    safe = np.where(ok, den, 1.0)
+    t, u = cross(diff, eb[:, None]) / safe, cross(diff, ea[:, :, None]) / safe
+    ok &= (t >= -1e-12) & (t <= 1 + 1e-12) & (u >= -1e-12) & (u <= 1 + 1e-12)
+    crossings = (a[:, :, None] + t[..., None] * ea[:, :, None]).reshape(len(polys), 16, 2)
+    points = np.concatenate([a, polys, crossings], axis=1)  # [M, 24, 2]
+    valid = np.concatenate([inside(a, polys), inside(polys, a), ok.reshape(len(polys), 16)], axis=1)
+    count = valid.sum(1)
+    centre = (points * valid[..., None]).sum(1) / np.maximum(count, 1)[:, None]
+    rel = points - centre[:, None]
+    angle = np.where(valid, np.arctan2(rel[..., 1], rel[..., 0]), 10.0)
+    order = np.argsort(angle, axis=1)
+    rel = np.take_along_axis(rel, order[..., None], axis=1)
+    rel = np.where(np.take_along_axis(valid, order, axis=1)[..., None], rel, rel[:, :1])
+    x, y = rel[..., 0], rel[..., 1]
+    area = 0.5 * np.abs((x * np.roll(y, -1, axis=1) - y * np.roll(x, -1, axis=1)).sum(1))
+    return np.where(count >= 3, area, 0.0)
+
+
+def rotated_iou_one(rbox: np.ndarray, rboxes: np.ndarray) -> np.ndarray:
+    """Exact polygon IoU of one rotated box against many (pairs whose enclosing boxes miss: 0)."""
+    out = np.zeros(len(rboxes))
+    a, b = enclosing_boxes(rbox[None])[0], enclosing_boxes(rboxes)
+    near = np.flatnonzero((np.minimum(a[2:], b[:, 2:]) - np.maximum(a[:2], b[:, :2]) >= 0).all(1))
+    if near.size:
+        inter = _overlap_one(rbox_corners(rbox[None])[0], rbox_corners(rboxes[near]))
+        union = rbox[2] * rbox[3] + rboxes[near, 2] * rboxes[near, 3] - inter
+        out[near] = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return out
+
+
+def batched_rotated_nms(rboxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float):
+    """Class-aware greedy NMS of rotated boxes by polygon IoU; kept indices by decreasing score."""
+    rboxes = np.asarray(rboxes, dtype=np.float64)
+    keep = []
+    for c in np.unique(labels):
+        order = np.flatnonzero(labels == c)
+        order = order[np.argsort(-scores[order], kind="stable")]
+        while order.size:
+            i, rest = order[0], order[1:]
+            keep.append(i)
+            order = rest[rotated_iou_one(rboxes[i], rboxes[rest]) <= iou_threshold]
+    keep = np.asarray(keep, dtype=np.int64)
+    return keep[np.argsort(-scores[keep], kind="stable")]
+
+
 # ----------------------------------------------------------- decoding (edgekit.models.detect_post)
 
-def _empty():
-    return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+def _empty(width: int = 4):
+    return np.zeros((0, width), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
 
 
 def postprocess_raw(boxes: np.ndarray, scores: np.ndarray, size: int, score_threshold: float,
                     iou_threshold: float, max_detections: int, pre_nms_top_k: int) -> list[tuple]:
-    """boxes [B, N, 4] and scores [B, N, C] -> per image (boxes, scores, labels) after NMS."""
+    """boxes [B, N, 4] (or rotated [B, N, 5]) and scores [B, N, C] -> per image (boxes, scores,
+    labels) after NMS; rotated boxes come out canonical and unclipped (a cut rectangle is none)."""
     results = []
     num_classes = scores.shape[-1]
+    rotated = boxes.shape[-1] == 5
     for b, s in zip(boxes, scores):
-        b = np.clip(b, 0, size)  # clamp to the input (a square of side ``size``)
+        if not rotated:
+            b = np.clip(b, 0, size)  # clamp to the input (a square of side ``size``)
         flat = s.reshape(-1)
         idx = np.flatnonzero(flat > score_threshold)
         flat = flat[idx]
@@ -205,8 +300,10 @@ def postprocess_raw(boxes: np.ndarray, scores: np.ndarray, size: int, score_thre
             flat, idx = flat[top], idx[top]
         box_idx, labels = idx // num_classes, idx % num_classes
         cand = b[box_idx]
-        kept = batched_nms(cand, flat, labels, iou_threshold)[:max_detections]
-        results.append((cand[kept], flat[kept], labels[kept].astype(np.int64)))
+        nms_fn = batched_rotated_nms if rotated else batched_nms
+        kept = nms_fn(cand, flat, labels, iou_threshold)[:max_detections]
+        shapes = canonical_rboxes(cand[kept]).astype(np.float32) if rotated else cand[kept]
+        results.append((shapes, flat[kept], labels[kept].astype(np.int64)))
     return results
 
 
@@ -267,11 +364,14 @@ class Detector:
         names = [o.name for o in self.session.get_outputs()]
         if {"boxes", "scores"} <= set(names):
             self.kind, self.outputs = "raw", ["boxes", "scores"]
+        elif {"rboxes", "scores"} <= set(names):
+            self.kind, self.outputs = "raw", ["rboxes", "scores"]
         elif "detections" in names:
             self.kind, self.outputs = "end2end", ["detections"]
         else:
-            raise UserError(f"model {model_path} has outputs {names}; expected 'boxes' and 'scores' or "
-                            f"'detections'; export it with edgekit")
+            raise UserError(f"model {model_path} has outputs {names}; expected 'boxes' (or 'rboxes') and 'scores' "
+                            f"or 'detections'; export it with edgekit")
+        self.rotated = self.outputs[0] == "rboxes"
 
     def run(self, batch: np.ndarray, score_threshold: float) -> list[tuple]:
         """A [B, 3, size, size] float batch -> per image (boxes in input pixels, scores, labels)."""
@@ -290,13 +390,15 @@ class Detector:
                                self.max_detections, self.pre_nms_top_k)
 
     def detect(self, image: np.ndarray, score_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Detections in the image's own pixels; large images are tiled at native resolution."""
+        """Detections in the image's own pixels; large images are tiled at native resolution.
+        Boxes are [N, 4], or rotated [N, 5] for an oriented model."""
         h, w = image.shape[:2]
+        width = 5 if self.rotated else 4
         if max(h, w) <= self.size:
             x, scale = to_model_input(image, self.size, self.mean, self.std)
             boxes, scores, labels = self.run(x[None], score_threshold)[0]
-            boxes = boxes / np.float32(scale)
-            return _clip(boxes, scores, labels, h, w)
+            divisor = np.array([scale] * 4 + [1.0] * (width - 4), dtype=np.float32)
+            return _clip(boxes / divisor, scores, labels, h, w)
         windows = tile_windows(h, w, self.size, self.overlap)
         merged = []
         for start in range(0, len(windows), self.batch):
@@ -304,30 +406,44 @@ class Detector:
             batch = np.stack([to_model_input(crop_padded(image, win, self.size), self.size, self.mean, self.std)[0]
                               for win in chunk])
             for (x0, y0, _, _), (b, s, lab) in zip(chunk, self.run(batch, score_threshold)):
-                merged.append((b + np.array([x0, y0, x0, y0], dtype=np.float32), s, lab))
+                shift = [x0, y0, 0, 0, 0] if self.rotated else [x0, y0, x0, y0]
+                merged.append((b + np.array(shift, dtype=np.float32), s, lab))
         if not merged:
-            return _empty()
+            return _empty(width)
         boxes = np.concatenate([m[0] for m in merged]).astype(np.float32)
         scores = np.concatenate([m[1] for m in merged]).astype(np.float32)
         labels = np.concatenate([m[2] for m in merged]).astype(np.int64)
-        keep = batched_nms(boxes, scores, labels, self.iou_threshold)  # duplicates from overlapping tiles
+        nms_fn = batched_rotated_nms if self.rotated else batched_nms
+        keep = nms_fn(boxes, scores, labels, self.iou_threshold)  # duplicates from overlapping tiles
         return _clip(boxes[keep], scores[keep], labels[keep], h, w)
 
 
-def _clip(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, h: int, w: int) -> tuple:
-    """Boxes clipped to the image, less those left with no area (they lay in the padding):
-    edgekit.engine.predict's rule."""
-    boxes = boxes.astype(np.float32, copy=True)
+def clipped_boxes(shapes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Horizontal boxes clipped to the image: the boxes themselves, or rotated boxes' enclosing ones."""
+    boxes = (enclosing_boxes(shapes) if shapes.shape[1] == 5 else shapes).astype(np.float32, copy=True)
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
+    return boxes
+
+
+def _clip(shapes: np.ndarray, scores: np.ndarray, labels: np.ndarray, h: int, w: int) -> tuple:
+    """Boxes clipped to the image (rotated ones kept whole), less those whose clipped box has no
+    area (they lay in the padding): edgekit.engine.detect's rule."""
+    boxes = clipped_boxes(shapes, h, w)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return boxes[keep], scores[keep], labels[keep]
+    shapes = shapes[keep] if shapes.shape[1] == 5 else boxes[keep]
+    return shapes, scores[keep], labels[keep]
 
 
-def to_json(boxes, scores, labels, class_names: list[str]) -> list[dict]:
-    """The schema of edgekit.engine.predict_outputs.detections_to_json."""
-    return [{"box": [round(v, 2) for v in box], "score": round(float(score), 4), "label": class_names[int(label)]}
-            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
+def to_json(shapes, scores, labels, class_names: list[str], size: tuple[int, int]) -> list[dict]:
+    """The schema of edgekit.engine.predict_outputs.detections_to_json (``size``: the image's h, w)."""
+    rows = [{"box": [round(v, 2) for v in box], "score": round(float(score), 4), "label": class_names[int(label)]}
+            for box, score, label in zip(clipped_boxes(shapes, *size).tolist(), scores.tolist(), labels.tolist())]
+    if shapes.shape[1] == 5:
+        for row, rbox, poly in zip(rows, shapes.tolist(), rbox_corners(shapes).reshape(-1, 8).tolist()):
+            row["rbox"] = [round(v, 2) for v in rbox[:4]] + [round(rbox[4], 5)]
+            row["polygon"] = [round(v, 2) for v in poly]
+    return rows
 
 
 # ------------------------------------------------------------------------------------ the bundle
@@ -445,7 +561,7 @@ def main(argv=None, bundle_dir=None) -> int:
             boxes, scores, labels = detector.detect(image, score_threshold)
             ms = 1000 * (time.perf_counter() - start)
             results[str(path)] = {"width": image.shape[1], "height": image.shape[0],
-                                  "detections": to_json(boxes, scores, labels, class_names)}
+                                  "detections": to_json(boxes, scores, labels, class_names, image.shape[:2])}
             counts = {}
             for label in labels.tolist():
                 counts[class_names[label]] = counts.get(class_names[label], 0) + 1

@@ -16,6 +16,7 @@ comparison a test of tie-breaking rather than of the pipeline.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -128,35 +129,33 @@ def _spread_head(model, generator):
 
 
 def _export(model, path: Path, static_batch: int | None = None):
-    """ONNX with outputs boxes [B, N, 4] and scores [B, N, C], as the export stage writes them."""
-    from edgekit.models.detect_post import decode_predictions
+    """ONNX with outputs boxes [B, N, 4] (rboxes [B, N, 5] when oriented) and scores [B, N, C],
+    as the export stage writes them (:class:`edgekit.export.to_onnx.DetectorOutputs`)."""
+    from edgekit.export.to_onnx import DetectorOutputs
 
-    class Raw(torch.nn.Module):
-        def __init__(self, detector):
-            super().__init__()
-            self.detector = detector
-
-        def forward(self, images):
-            return decode_predictions(self.detector(images), self.detector.strides)
-
+    net = DetectorOutputs(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Raw(model).eval(), (torch.zeros(static_batch or 1, 3, SIZE, SIZE),), str(path),
-                          input_names=["images"], output_names=["boxes", "scores"],
+        torch.onnx.export(net, (torch.zeros(static_batch or 1, 3, SIZE, SIZE),), str(path),
+                          input_names=["images"], output_names=list(net.output_names),
                           dynamic_axes=None if static_batch else {"images": {0: "batch"}},
                           opset_version=18, dynamo=False)
     return path
 
 
-def _untrained_detector(deformable: bool):
+def _untrained_detector(deformable: bool, obb: bool = False):
     from edgekit.models import create_model
 
     seed = random.randrange(2**31)
     print(f"model seed {seed}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = create_model("rsdet_atto", class_names=CLASSES, deformable=deformable, grn_backend="torch").eval()
+    model = create_model("rsdet_atto", class_names=CLASSES, deformable=deformable, grn_backend="torch",
+                         obb=obb).eval()
     _spread_head(model, generator)
+    if obb:
+        with torch.no_grad():
+            model.head.angle_out.weight.normal_(0, 0.3, generator=generator)  # angles that differ by location
     return model
 
 
@@ -208,11 +207,16 @@ def _crops(rng, shapes) -> list[np.ndarray]:
 def _top_scores_threshold(model, image: np.ndarray, quantile: float) -> float:
     """A threshold that keeps the top 2% of (location, class) scores: a few dozen candidates per
     tile whatever the random head gives, so edgekit's Python-loop NMS stays quick."""
-    from edgekit.models.detect_post import decode_predictions
-
     with torch.no_grad():
-        _, scores = decode_predictions(model(to_model_input(image, SIZE)[0][None]), model.strides)
+        _, scores = model.decode(model(to_model_input(image, SIZE)[0][None]))
     return float(torch.quantile(scores.flatten().double(), quantile))
+
+
+def _same_rectangle(a, b) -> bool:
+    """Rotated boxes equal as rectangles: angles are equal modulo pi (a box at -pi/2 is the one
+    at pi/2, and float rounding may put the two runtimes on either side of that boundary)."""
+    turn = abs((a[4] - b[4] + math.pi / 2) % math.pi - math.pi / 2)
+    return max(abs(x - y) for x, y in zip(a[:4], b[:4])) < 0.05 and turn < 1e-3
 
 
 def _assert_same_detections(ours: list[dict], ref: dict, threshold: float, where: str):
@@ -223,9 +227,11 @@ def _assert_same_detections(ours: list[dict], ref: dict, threshold: float, where
         return abs(score - threshold) < 2e-4
 
     unmatched = list(ours)
-    for box, score, label in zip(ref["boxes"].tolist(), ref["scores"].tolist(), ref["labels"].tolist()):
+    rboxes = ref["rboxes"].tolist() if "rboxes" in ref else [None] * len(ref["boxes"])
+    for box, rbox, score, label in zip(ref["boxes"].tolist(), rboxes, ref["scores"].tolist(), ref["labels"].tolist()):
         twin = next((d for d in unmatched if d["label"] == CLASSES[label] and abs(d["score"] - score) < 1e-3
-                     and max(abs(a - b) for a, b in zip(d["box"], box)) < 0.05), None)
+                     and max(abs(a - b) for a, b in zip(d["box"], box)) < 0.05
+                     and (rbox is None or _same_rectangle(d["rbox"], rbox))), None)
         assert twin is not None or borderline(score), \
             f"{where}: no infer.py detection matches edgekit's {CLASSES[label]} {score:.4f} {box}"
         if twin is not None:
@@ -236,6 +242,13 @@ def _assert_same_detections(ours: list[dict], ref: dict, threshold: float, where
 
 def test_infer_py_without_torch_matches_detect_array(exported, tmp_path):
     _check_infer_py_matches_detect_array(*exported, tmp_path)
+
+
+def test_infer_py_runs_oriented_models_with_numpy_rotated_nms(tmp_path):
+    """An oriented model's rboxes/scores graph: infer.py's numpy rotated NMS and tiling give
+    detect_array's rotated detections (rbox and enclosing box) and their polygons."""
+    model = _untrained_detector(deformable=False, obb=True)
+    _check_infer_py_matches_detect_array(model, _export(model, tmp_path / "obb.onnx"), tmp_path)
 
 
 @pytest.mark.slow

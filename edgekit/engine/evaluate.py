@@ -91,8 +91,8 @@ def to_original_coordinates(pred: dict, target: dict) -> dict:
 
 def unscale_rboxes(rboxes: torch.Tensor, scale: float) -> torch.Tensor:
     """Rotated boxes in letterboxed pixels -> original pixels (centre and sides scale, the angle stays)."""
-    factor = torch.tensor([1 / scale] * 4 + [1.0], dtype=rboxes.dtype, device=rboxes.device)
-    return rboxes * factor
+    divisor = torch.tensor([scale] * 4 + [1.0], dtype=rboxes.dtype, device=rboxes.device)
+    return rboxes / divisor
 
 
 def target_in_original(target: dict) -> dict:
