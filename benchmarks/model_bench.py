@@ -763,3 +763,63 @@ def model_suite(config) -> BenchResult:
     stem = "model_gpu" if torch.cuda.is_available() else "model_cpu"  # the GPU rows only run on a GPU machine
     result.files = write_outputs(result.record, Path(config.out), stem)
     return result
+
+
+PEER_BACKENDS_RUN = ["ort", "ort-int8", "openvino", "openvino-int8", "ort-static", "nncf"]
+FLOORS = (  # (what, row, reference row, least speed ratio): ratios from the interleaved rounds
+    ("OpenVINO FP32 >= ONNX Runtime FP32 speed", "openvino", "ort", 1.0),
+    ("OpenVINO INT8 >= 1.8x OpenVINO FP32 speed", "openvino-int8", "openvino", 1.8),
+)
+
+
+def peers_suite(config) -> BenchResult:
+    """``edgekit bench peers`` (a :class:`~edgekit.benchmarks.suites.PeersSuiteConfig`): FP32
+    and edgekit's INT8 in ONNX Runtime and OpenVINO beside ONNX Runtime's quantize_static and
+    NNCF, batch 1, timed side by side, mAP on the same split; writes ``peers_cpu.{json,md}``
+    with the floors' ratios (met or by how much not)."""
+    from edgekit.benchmarks.peers import VNNI_FLAGS, has_vnni, int8_weight_bits, openvino_profile
+    from edgekit.fileio import write_json_atomic, write_text_atomic
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-peers-") as tmp:  # the models, kept for the profiles
+        settings = BenchConfig(backends=PEER_BACKENDS_RUN, batch_sizes=[1], threads=config.threads,
+                               duration=config.duration, warmup=2.0, image_size=config.image_size, data=config.data,
+                               interleave=True, roofline=False, out=tmp)
+        result = bench([config.model], settings)
+        record = result.record
+        size = resolve_source(config.model, config.image_size).image_size
+        record["openvino_profile"] = {
+            xml.stem: openvino_profile(xml, size, config.threads) for xml in sorted(Path(tmp, "onnx").glob("*.xml"))}
+    record["settings"]["mode"] = "peers"
+    speed = {(r["model"], r["backend"]): r["speed_vs"] for r in record["interleaved"]["rows"]}
+    floors = []
+    for what, row, ref, least in FLOORS:
+        ratio = next((v.get(ref) for (_, b), v in speed.items() if b == row), None)
+        floors.append({"floor": what, "row": row, "reference": ref, "least": least, "measured": ratio,
+                       "met": ratio is not None and ratio >= least,
+                       "short_by": None if ratio is None or ratio >= least else least / ratio})
+    record["floors"] = floors
+    record["int8"] = {"vnni": has_vnni(), "edgekit_weight_bits": int8_weight_bits(), "vnni_flags": list(VNNI_FLAGS),
+                      "ort_static_reduce_range": not has_vnni()}
+    out = Path(config.out)
+    lines = ["# Peers: edgekit's exports in ONNX Runtime and OpenVINO beside ONNX Runtime quantize_static and NNCF",
+             "", f"CPU {record['machine']['cpu']}, flags {', '.join(record['machine']['cpu_flags']) or 'unknown'}: "
+             + ("VNNI present." if has_vnni() else
+                f"no VNNI ({', '.join(VNNI_FLAGS)} absent): the u8 x s8 integer kernels sum pairs in int16 and "
+                f"saturate with full 8-bit weights, so edgekit's INT8 spec uses {int8_weight_bits()}-bit weights "
+                f"and quantize_static its reduce_range (7-bit weights); NNCF applies its own overflow fix."),
+             "", "Floors (speed ratios: median of per-round ratios in the side-by-side table below):", ""]
+    for f in floors:
+        got = "not measured" if f["measured"] is None else f"{f['measured']:.2f}x"
+        verdict = "met" if f["met"] else ("not measured" if f["measured"] is None else
+                                          f"NOT met: {f['least']:.2f}x needed, short by a factor {f['short_by']:.2f}")
+        lines.append(f"- {f['floor']}: {got} ({verdict})")
+    lines += ["", "OpenVINO per-op time (PERF_COUNT counters, ms per batch-1 inference summed by node type, the IRs "
+              "one after the other, not interleaved) and the kernels its convolutions ran:", ""]
+    for name, prof in record["openvino_profile"].items():
+        top = ", ".join(f"{k} {v:.1f}" for k, v in list(prof["by_type_ms"].items())[:10])
+        kernels = "; ".join(f"{t}: " + ", ".join(f"{k} x{n}" for k, n in kinds.items())
+                            for t, kinds in prof["kernels"].items())
+        lines.append(f"- {name}: total {prof['total_ms']:.1f} ms; {top}. Kernels: {kernels}")
+    text = "\n".join(lines) + "\n\n" + markdown(record).split("\n", 1)[1]
+    result.files = [write_json_atomic(out / "peers_cpu.json", record), write_text_atomic(out / "peers_cpu.md", text)]
+    return result

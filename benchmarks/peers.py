@@ -92,6 +92,34 @@ def nncf_int8(fp32_xml: Path, batches, out_xml: Path) -> Path:
     return Path(out_xml)
 
 
+def openvino_profile(xml: Path, image_size: int, threads: int | None, runs: int = 20) -> dict:
+    """Where an IR's time goes: OpenVINO's per-node counters (``PERF_COUNT``) summed by node
+    type, ms per inference over ``runs`` batch-1 calls, and which kernels (exec types: e.g.
+    ``brgconv_avx2_I8`` for an integer convolution) its convolutions and matmuls ran."""
+    import numpy as np
+
+    from edgekit.export.openvino import compile_model
+
+    compiled = compile_model(xml, threads, profile=True)
+    request = compiled.create_infer_request()
+    x = np.random.default_rng().standard_normal((1, 3, image_size, image_size)).astype(np.float32)
+    for _ in range(3):
+        request.infer([x])
+    by_type: dict[str, float] = {}
+    kernels: dict[str, dict[str, int]] = {}
+    for _ in range(runs):
+        request.infer([x])
+        for info in request.profiling_info:
+            if str(info.status).endswith("EXECUTED") and not str(info.status).endswith("NOT_RUN"):
+                by_type[info.node_type] = by_type.get(info.node_type, 0.0) + info.real_time.total_seconds() * 1e3
+                if info.node_type in ("Convolution", "MatMul", "FullyConnected", "DeformableConvolution"):
+                    kinds = kernels.setdefault(info.node_type, {})
+                    kinds[info.exec_type] = kinds.get(info.exec_type, 0) + 1
+    per_run = {k: v / runs for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])}
+    return {"total_ms": sum(per_run.values()), "by_type_ms": per_run,
+            "kernels": {t: {k: n // runs for k, n in kinds.items()} for t, kinds in kernels.items()}}
+
+
 @contextlib.contextmanager
 def _quiet():
     """NNCF logs INFO lines and draws progress bars; ORT's quantizer prints its own notes:

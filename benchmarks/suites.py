@@ -137,6 +137,25 @@ class OverheadSuiteConfig(StageConfig):
         require(self.duration > 0, "duration", self.duration, "> 0 seconds")
 
 
+@dataclass
+class PeersSuiteConfig(StageConfig):
+    """edgekit's FP32 and INT8 exports in ONNX Runtime and OpenVINO beside ONNX Runtime's
+    quantize_static and NNCF INT8, on the same calibration images, timed side by side."""
+
+    model: str = field(default="rsdet_atto", metadata={"help": "checkpoint (trained, for mAP) or model name"})
+    data: str | None = _help("DOTA split folder: the mAP column and the calibration images")
+    image_size: int | None = _help("input size (default: the checkpoint's)")
+    threads: int = field(default=2, metadata={"help": "intra-op threads of every runtime"})
+    duration: float = field(default=10.0, metadata={"help": "seconds per row (and per row in the rounds)"})
+    out: str = RESULTS
+
+    def check(self) -> None:
+        require(self.threads >= 1, "threads", self.threads, ">= 1")
+        require(self.duration > 0, "duration", self.duration, "> 0 seconds")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+
+
 SUITES = {  # name: (config, "module:function", what it measures)
     "model": (ModelSuiteConfig, "model_bench:model_suite",
               "latency, throughput, memory and accuracy of a model on every backend"),
@@ -152,6 +171,8 @@ SUITES = {  # name: (config, "module:function", what it measures)
     "roofline": (RooflineSuiteConfig, "roofline:roofline_suite",
                  "the roofline latency predictor against measured eager latency on this CPU"),
     "overhead": (OverheadSuiteConfig, "latency:overhead_suite", "the timing harness's own overhead"),
+    "peers": (PeersSuiteConfig, "model_bench:peers_suite",
+              "edgekit's FP32/INT8 in ONNX Runtime and OpenVINO beside quantize_static and NNCF"),
     "label-efficiency": (LabelEfficiencySuiteConfig, "label_efficiency:label_efficiency_suite",
                          "FCMAE pretraining + fine-tuning against scratch at equal total time, 10% and 100% labels"),
     "masking": (MaskingSuiteConfig, "masking:masking_suite",

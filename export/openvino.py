@@ -134,12 +134,13 @@ def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32"
     return xml_path
 
 
-def compile_model(model, threads: int | None = None):
+def compile_model(model, threads: int | None = None, profile: bool = False):
     """A CPU ``CompiledModel`` (from an ``openvino.Model`` or an IR path), float32 inference,
-    latency mode; one line naming the op when the CPU plugin cannot run the graph."""
+    latency mode (``profile``: per-node counters); one line naming the op when the CPU
+    plugin cannot run the graph."""
     ov = require_openvino()
     core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": profile}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
