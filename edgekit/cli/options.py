@@ -42,6 +42,7 @@ def add_quiet(parser) -> None:
 def add_config_flags(parser, config_class, skip=()) -> None:
     """One flag per field of a config dataclass (``--field-name``), typed from its hints;
     every flag defaults to None so that the config sees only what was typed."""
+    import types
     import typing
 
     hints = typing.get_type_hints(config_class)
@@ -49,7 +50,8 @@ def add_config_flags(parser, config_class, skip=()) -> None:
         if f.name in skip:
             continue
         kind = hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+        union = typing.get_origin(kind) in (typing.Union, types.UnionType)  # X | None: the X
+        args = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]
         base = typing.get_origin(args[0]) or args[0]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None

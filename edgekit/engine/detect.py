@@ -25,12 +25,15 @@ from edgekit.data.transforms import to_model_input
 from edgekit.engine.evaluate import scale_and_clip, unscale_rboxes
 
 
+TILE_OVERLAP = 64  # pixels shared by neighbouring tiles (an object cut by one tile is whole in the next)
+
+
 def is_oriented(model) -> bool:
     return bool(getattr(model, "obb", False))
 
 
 @torch.no_grad()
-def detect_array(model, image: np.ndarray, image_size: int, tile_overlap: int = 64, batch_size: int = 8,
+def detect_array(model, image: np.ndarray, image_size: int, tile_overlap: int = TILE_OVERLAP, batch_size: int = 8,
                  score_threshold: float = 0.25, iou_threshold: float = 0.6) -> dict:
     """Detections for one HxWx3 uint8 image held in memory."""
     model.eval()
@@ -82,7 +85,7 @@ def detect_tiles(model, tiles: Iterable[tuple[Window, np.ndarray]], size: tuple[
     return _with_area({**out, "scores": scores, "labels": labels})
 
 
-def detect_scene(model, scene, image_size: int, tile_overlap: int = 64, batch_size: int = 8,
+def detect_scene(model, scene, image_size: int, tile_overlap: int = TILE_OVERLAP, batch_size: int = 8,
                  score_threshold: float = 0.25, iou_threshold: float = 0.6, progress: bool = True) -> dict:
     """Detections for an open raster (:class:`edgekit.data.geo.GeoScene`), streamed tile by tile."""
     windows = scene.windows(image_size, tile_overlap)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from edgekit.config import StageConfig, require
 from edgekit.data.images import list_images, load_image
-from edgekit.engine.detect import detect_array, detect_scene, is_oriented
+from edgekit.engine.detect import TILE_OVERLAP, detect_array, detect_scene, is_oriented
 from edgekit.engine.predict_outputs import (detections_to_json, dota_submission_lines, draw_detections,
                                             write_dota_submission)
 from edgekit.errors import EdgekitError
@@ -34,7 +34,7 @@ class PredictConfig(StageConfig):
     score_threshold: float = 0.25
     iou_threshold: float = 0.6
     draw: bool = True          # also write <image>_pred.png with the boxes drawn
-    tile_overlap: int = 64     # pixels shared by neighbouring tiles of a large image
+    tile_overlap: int = TILE_OVERLAP  # pixels shared by neighbouring tiles of a large image
     batch_size: int = 8        # tiles per model call
     progress: bool = True
 
