@@ -156,6 +156,34 @@ class PeersSuiteConfig(StageConfig):
             check_image_size(self.image_size)
 
 
+@dataclass
+class AccuracyControlSuiteConfig(StageConfig):
+    """quantize --max-drop on the built-in detector against uniform W8A8 PTQ, with an
+    8-calibration-image row (``benchmarks/accuracy_control.py``)."""
+
+    checkpoint: str | None = _help("float rsdet checkpoint to use (with --data) instead of training one")
+    data: str | None = _help("DOTA root (train/ and val/) of --checkpoint")
+    bounds: list[float] | None = _help("--max-drop bounds in mAP points (default 1.0,0.5)")
+    val_images: int = field(default=32, metadata={"help": "validation images of every mAP (a fixed seeded subset)"})
+    calib_images: int = field(default=320, metadata={"help": "PTQ calibration images (the 8-image row is extra)"})
+    quantize_calib_batches: int = field(default=16, metadata={"help": "GHOST rows: calibration batches of 2"})
+    candidates: int = field(default=4, metadata={"help": "accuracy control: moves tried per step"})
+    rounds: int = 20
+    budget_s: float = 120.0
+    threads: int = field(default=2, metadata={"help": "ORT intra-op threads"})
+    train_seconds: float = field(default=330.0, metadata={"help": "training budget without --checkpoint"})
+    seed: int = 0
+    out: str = RESULTS
+
+    def check(self) -> None:
+        require((self.checkpoint is None) == (self.data is None), "data", self.data,
+                "given with --checkpoint (its DOTA root), or neither")
+        require(self.bounds is None or (bool(self.bounds) and all(b >= 0 for b in self.bounds)), "bounds",
+                self.bounds, ">= 0 mAP points")
+        for key in ("val_images", "calib_images", "quantize_calib_batches", "candidates", "rounds", "threads"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+
+
 SUITES = {  # name: (config, "module:function", what it measures)
     "model": (ModelSuiteConfig, "model_bench:model_suite",
               "latency, throughput, memory and accuracy of a model on every backend"),
@@ -171,6 +199,8 @@ SUITES = {  # name: (config, "module:function", what it measures)
     "roofline": (RooflineSuiteConfig, "roofline:roofline_suite",
                  "the roofline latency predictor against measured eager latency on this CPU"),
     "overhead": (OverheadSuiteConfig, "latency:overhead_suite", "the timing harness's own overhead"),
+    "accuracy-control": (AccuracyControlSuiteConfig, "accuracy_control:accuracy_control_suite",
+                         "quantize --max-drop against W8A8 PTQ on the built-in detector, and 8 calibration images"),
     "peers": (PeersSuiteConfig, "model_bench:peers_suite",
               "edgekit's FP32/INT8 in ONNX Runtime and OpenVINO beside quantize_static and NNCF"),
     "label-efficiency": (LabelEfficiencySuiteConfig, "label_efficiency:label_efficiency_suite",
