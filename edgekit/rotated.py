@@ -210,11 +210,22 @@ def rbox_iou(a, b, max_pairs: int = 1 << 15, floor: float | None = None):
 
 
 @_torch_io
-def rotated_nms(rboxes, scores, iou_threshold: float, block: int = 256):
+def rotated_nms(rboxes, scores, iou_threshold: float):
     """Greedy NMS of rotated boxes by exact polygon IoU (the DOTA metric's overlap); kept
-    indices by decreasing score. Memory stays O(block^2) (see :func:`edgekit.boxes.nms`)."""
-    return nms(rboxes.to(torch.float64), scores, iou_threshold, block=block,
-               iou=functools.partial(rbox_iou, floor=iou_threshold))
+    indices by decreasing score. One compiled loop (:func:`edgekit.rotated_clip.greedy_nms`)
+    that clips only pairs whose IoU could exceed the threshold: memory O(N), and a dense
+    head's 1000 candidates take milliseconds instead of the seconds of pairwise matrices."""
+    from edgekit.rotated_clip import greedy_nms
+
+    if rboxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=rboxes.device)
+    order = scores.argsort(descending=True)
+    ordered = rboxes[order].to(torch.float64)
+    corners = rbox_to_poly(ordered).cpu().numpy()
+    hbb = np.concatenate([corners.min(1), corners.max(1)], axis=1)
+    areas = (ordered[:, 2] * ordered[:, 3]).cpu().numpy()
+    kept = greedy_nms(np.ascontiguousarray(corners), hbb, areas, float(iou_threshold))
+    return order[torch.from_numpy(kept).to(order.device)]
 
 
 @_torch_io

@@ -53,3 +53,38 @@ def clipped_areas(pa, pb, ia, ib):
     for k in range(ia.shape[0]):
         out[k] = _pair_area(pa[ia[k]], pb[ib[k]], xs, ys, tx, ty)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def greedy_nms(corners, hbb, areas, iou_threshold):
+    """Greedy NMS over boxes already sorted by decreasing score: corners [N, 4, 2], enclosing
+    boxes [N, 4], areas [N]. A box is dropped when its polygon IoU with a kept one exceeds the
+    threshold; pairs whose enclosing boxes miss, or whose IoU bound (see
+    :func:`edgekit.rotated.rbox_iou`) cannot exceed it, are never clipped. Returns the kept
+    positions in order."""
+    n = areas.shape[0]
+    suppressed = np.zeros(n, dtype=np.bool_)
+    keep = np.empty(n, dtype=np.int64)
+    xs, ys = np.empty(16), np.empty(16)
+    tx, ty = np.empty(16), np.empty(16)
+    count = 0
+    for i in range(n):
+        if suppressed[i]:
+            continue
+        keep[count] = i
+        count += 1
+        for j in range(i + 1, n):
+            if suppressed[j]:
+                continue
+            w = min(hbb[i, 2], hbb[j, 2]) - max(hbb[i, 0], hbb[j, 0])
+            h = min(hbb[i, 3], hbb[j, 3]) - max(hbb[i, 1], hbb[j, 1])
+            if w < 0 or h < 0:
+                continue
+            bound = min(w * h, areas[i], areas[j])
+            if bound <= iou_threshold * (areas[i] + areas[j] - bound):
+                continue
+            inter = _pair_area(corners[i], corners[j], xs, ys, tx, ty)
+            union = areas[i] + areas[j] - inter
+            if union > 0 and inter / union > iou_threshold:
+                suppressed[j] = True
+    return keep[:count]

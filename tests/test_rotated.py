@@ -203,7 +203,9 @@ def test_rotated_nms_matches_bruteforce_greedy(rng):
         thr = float(rng.uniform(0.1, 0.7))
         want = greedy_reference(r, scores.tolist(), thr)
         assert rotated_nms(torch.tensor(r), scores, thr).tolist() == want
-        assert rotated_nms(torch.tensor(r), scores, thr, block=7).tolist() == want
+    dense = random_rboxes(rng, 150, size=25.0)  # crowded: the IoU bound and the exact clipping both decide
+    scores = torch.tensor(rng.permutation(150), dtype=torch.float64)
+    assert rotated_nms(torch.tensor(dense), scores, 0.3).tolist() == greedy_reference(dense, scores.tolist(), 0.3)
     assert rotated_nms(torch.zeros(0, 5), torch.zeros(0), 0.5).numel() == 0
 
 
