@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from edgekit.boxes import class_aware_nms, nms
+from edgekit.boxes import class_aware_nms
 
 
 def _torch_io(fn):
@@ -164,16 +164,11 @@ def _inside(points, rboxes, tol):
 
 
 @_torch_io
-def rbox_iou(a, b, max_pairs: int = 1 << 15, floor: float | None = None):
+def rbox_iou(a, b, max_pairs: int = 1 << 15):
     """Exact pairwise IoU [N, M] of rotated boxes (polygon intersection over union), float64.
 
     Only pairs whose enclosing horizontal boxes overlap are intersected, ``max_pairs``
     at a time (~2 kB of temporaries each): in NMS over a scene most pairs are far apart.
-    With ``floor``, pairs whose IoU provably cannot exceed it are reported as 0 without
-    being intersected (what NMS needs: only "IoU > threshold" decides). The bound:
-    the intersection is at most ``min(area_a, area_b, overlap of the enclosing boxes)``
-    = I, so IoU <= I / (area_a + area_b - I); in a dense head's candidates most pairs
-    differ in size or barely touch, and the exact polygon clipping is the cost.
 
     The clipping (:func:`edgekit.rotated_clip.clipped_areas`) is a Numba loop over pairs of
     corner lists computed once per box: vectorised torch geometry cost ~25 us per pair,
@@ -192,13 +187,8 @@ def rbox_iou(a, b, max_pairs: int = 1 << 15, floor: float | None = None):
     rows = max(1, (max_pairs * 16) // max(1, b.shape[0]))  # the overlap mask is 1 byte per pair
     for start in range(0, a.shape[0], rows):
         stop = min(a.shape[0], start + rows)
-        sides = (torch.minimum(ha[start:stop, None, 2:], hb[None, :, 2:])
-                 - torch.maximum(ha[start:stop, None, :2], hb[None, :, :2]))
-        near = (sides >= 0).all(-1)
-        if floor is not None:
-            bound = torch.minimum(sides.clamp(min=0).prod(-1),
-                                  torch.minimum(area_a[start:stop, None], area_b[None, :]))
-            near &= bound > floor * (area_a[start:stop, None] + area_b[None, :] - bound)
+        near = ((torch.minimum(ha[start:stop, None, 2:], hb[None, :, 2:])
+                 - torch.maximum(ha[start:stop, None, :2], hb[None, :, :2])) >= 0).all(-1)
         i, j = near.nonzero(as_tuple=True)
         for first in range(0, i.numel(), max_pairs):
             ii, jj = i[first:first + max_pairs] + start, j[first:first + max_pairs]

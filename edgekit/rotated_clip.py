@@ -59,9 +59,9 @@ def clipped_areas(pa, pb, ia, ib):
 def greedy_nms(corners, hbb, areas, iou_threshold):
     """Greedy NMS over boxes already sorted by decreasing score: corners [N, 4, 2], enclosing
     boxes [N, 4], areas [N]. A box is dropped when its polygon IoU with a kept one exceeds the
-    threshold; pairs whose enclosing boxes miss, or whose IoU bound (see
-    :func:`edgekit.rotated.rbox_iou`) cannot exceed it, are never clipped. Returns the kept
-    positions in order."""
+    threshold; pairs whose enclosing boxes miss, or whose IoU bound cannot exceed it, are never
+    clipped: the intersection is at most I = min(area_i, area_j, overlap of the enclosing
+    boxes), so IoU <= I / (area_i + area_j - I). Returns the kept positions in order."""
     n = areas.shape[0]
     suppressed = np.zeros(n, dtype=np.bool_)
     keep = np.empty(n, dtype=np.int64)
