@@ -184,6 +184,42 @@ class AccuracyControlSuiteConfig(StageConfig):
             require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
 
 
+@dataclass
+class NeonSuiteConfig(StageConfig):
+    """rsdet_atto fine-tuned on real NEON tree crowns (VOC) from a synthetic-set start, from
+    scratch and (optionally) from an FCMAE start, within one training budget each; scored on
+    the other site's validation tile, then the quantization rows on the fine-tuned model."""
+
+    data: str = field(default="", metadata={"help": "the NEON tree-crown folder (train/ and val/, Pascal VOC)"})
+    out: str = RESULTS
+    init: str | None = _help("detector checkpoint trained on the synthetic set (default: train one here)")
+    arms: list[str] | None = _help("synthetic, scratch and/or fcmae (default: all three)")
+    train_seconds: float = field(default=720.0, metadata={"help": "fine-tuning budget per arm, seconds"})
+    start_seconds: float = field(default=330.0, metadata={"help": "budget of the synthetic and FCMAE starts"})
+    unlabeled: list[str] | None = _help("more folders of unlabeled images for the FCMAE start")
+    tile_size: int = 416
+    overlap: int = 96
+    batch_size: int = 4
+    deformable: bool = field(default=False, metadata={"help": "deformable layers in the detector (slower on CPU)"})
+    score_threshold: float = field(default=0.1, metadata={"help": "score threshold of the precision/recall rows"})
+    quantize: bool = field(default=True, metadata={"help": "the quantization rows on the fine-tuned model"})
+    quick: bool = field(default=False, metadata={"help": "smoke run: two tiles, one step per arm"})
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        from edgekit.benchmarks.neon import ARMS, check_neon_folder
+
+        check_neon_folder(self.data)
+        require(not self.arms or set(self.arms) <= set(ARMS), "arms", self.arms, " and/or ".join(ARMS))
+        check_image_size(self.tile_size, "tile_size")
+        require(0 <= self.overlap < self.tile_size, "overlap", self.overlap, "in [0, --tile-size)")
+        require(self.train_seconds > 0 and self.start_seconds > 0, "train_seconds", self.train_seconds,
+                "> 0 seconds (and --start-seconds too)")
+        require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "an integer in [1, 256]")
+        require(0 <= self.score_threshold < 1, "score_threshold", self.score_threshold, "in [0, 1)")
+
+
 SUITES = {  # name: (config, "module:function", what it measures)
     "model": (ModelSuiteConfig, "model_bench:model_suite",
               "latency, throughput, memory and accuracy of a model on every backend"),
@@ -199,6 +235,8 @@ SUITES = {  # name: (config, "module:function", what it measures)
     "roofline": (RooflineSuiteConfig, "roofline:roofline_suite",
                  "the roofline latency predictor against measured eager latency on this CPU"),
     "overhead": (OverheadSuiteConfig, "latency:overhead_suite", "the timing harness's own overhead"),
+    "neon": (NeonSuiteConfig, "neon:neon_suite",
+             "rsdet_atto fine-tuned on real NEON tree crowns, scored on another site, then quantized"),
     "accuracy-control": (AccuracyControlSuiteConfig, "accuracy_control:accuracy_control_suite",
                          "quantize --max-drop against W8A8 PTQ on the built-in detector, and 8 calibration images"),
     "peers": (PeersSuiteConfig, "model_bench:peers_suite",

@@ -39,7 +39,7 @@ def overlaps(truth, predicted) -> tuple[np.ndarray, np.ndarray]:
     w = np.minimum(t[:, None, 2], p[None, :, 2]) - np.maximum(t[:, None, 0], p[None, :, 0])
     h = np.minimum(t[:, None, 3], p[None, :, 3]) - np.maximum(t[:, None, 1], p[None, :, 1])
     inter = np.clip(w, 0, None) * np.clip(h, 0, None)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     return inter, area(t)[:, None] + area(p)[None, :] - inter
 
 
