@@ -24,4 +24,5 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert f"{report['val']['map50']:.3f}" in md  # the markdown shows the measured figure
     assert "## Deployment" in md and f"{sizes[1]:.2f}" in md
     assert (out / "predictions.png").stat().st_size > 0
-    assert "demo: mAP@.5" in capsys.readouterr().out
+    assert "demo (oriented boxes): DOTA mAP@.5" in capsys.readouterr().out
+    assert report["val"]["boxes"] == "oriented" and "DOTA Task 1" in md
