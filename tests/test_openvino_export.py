@@ -138,7 +138,7 @@ def test_fp16_and_int8_ir(files, tmp_path, capsys, fast_export):  # noqa: F811
     # 7-bit weights: int8 kernels of CPUs without VNNI saturate with 8 (see export/openvino.py)
     calibrate_checkpoint(files["plain"], files["data"], CalibrateConfig(batches=1, batch_size=2, progress=False,
                                                                         weight_bits=7), out=spec)
-    code, stdout, err = run_cli([files["plain"], "--format", "openvino-int8", "--calibration", spec, "--out", out],
+    code, _, err = run_cli([files["plain"], "--format", "openvino-int8", "--calibration", spec, "--out", out],
                                 capsys)
     assert code == 0, err
     report = json.loads((out / "openvino_int8.parity.json").read_text())
