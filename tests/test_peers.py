@@ -153,3 +153,37 @@ def test_peers_need_a_torch_model(fp32, tmp_path):
     ok = [r["backend"] for r in result.rows if r["status"] == "ok"]
     assert ok == ["openvino", "openvino"]  # the .onnx (converted here) and the .xml
     assert all("quantizes a torch model's export" in r["reason"] for r in result.rows if r["backend"] != "openvino")
+
+
+def test_peers_suite_reports_each_floor_met_or_by_how_much_not(tmp_path, monkeypatch, rng):
+    """The floors come from the side-by-side ratios: met, or short by least / measured."""
+    from edgekit.benchmarks.suites import PeersSuiteConfig
+
+    fp32_speed, int8_speed = float(rng.uniform(1.0, 1.5)), float(rng.uniform(1.0, 1.7))
+    seen = {}
+
+    def fake_bench(models, config):
+        seen["config"] = config
+        rows = [{"model": "m", "backend": b, "format": b, "status": "ok"} for b in MB.PEER_BACKENDS_RUN]
+        speed = {"openvino": {"ort": fp32_speed, "openvino": 1.0},
+                 "openvino-int8": {"ort": 2.0, "openvino": int8_speed}}
+        inter = [{"model": "m", "backend": b, "format": b, "median_ms": 1.0, "p90_ms": 1.0, "spread": 1.0,
+                  "repeats": 10, "speed_vs": speed.get(b, {"ort": 1.0, "openvino": 1.0})} for b in MB.PEER_BACKENDS_RUN]
+        record = {"format": MB.BENCH_FORMAT, "machine": {"cpu": "x", "cpu_flags": [], "cores": 2, "torch_threads": 2,
+                                                         "load_average_1_5_15": None, "platform": "p", "versions": {},
+                                                         "date": "d", "command": "c"},
+                  "settings": {"backends": MB.PEER_BACKENDS_RUN, "batch_sizes": [1], "threads": 2, "duration_s": 1,
+                               "warmup_s": 0, "image_size": None},
+                  "rows": rows, "interleaved": {"rounds": 10, "gap_s": 0.05, "threads": 2, "batch": 1, "rows": inter}}
+        return MB.BenchResult(record)
+
+    monkeypatch.setattr(MB, "bench", fake_bench)
+    monkeypatch.setattr(peers, "has_vnni", lambda: False)
+    MB.peers_suite(PeersSuiteConfig(out=str(tmp_path)))
+    assert seen["config"].interleave and seen["config"].batch_sizes == [1] and seen["config"].threads == 2
+    floors = json.loads((tmp_path / "peers_cpu.json").read_text())["floors"]
+    assert [f["met"] for f in floors] == [True, False]
+    assert floors[0]["measured"] == fp32_speed and floors[1]["short_by"] == pytest.approx(1.8 / int8_speed)
+    md = (tmp_path / "peers_cpu.md").read_text()
+    assert f"{int8_speed:.2f}x (NOT met: 1.80x needed, short by a factor {1.8 / int8_speed:.2f})" in md
+    assert "no VNNI" in md
