@@ -111,7 +111,8 @@ def export_ir(files, out, fmt, capsys, *extra):  # noqa: F811
     stem = fmt.replace("-", "_")
     code, stdout, err = run_cli([files["plain"], "--format", fmt, "--out", out, *extra], capsys)
     assert code == 0, err
-    assert stdout.startswith(f"exported {fmt} -> {out / (stem + '.xml')}"), stdout
+    size = sum((out / f"{stem}.{ext}").stat().st_size for ext in ("xml", "bin")) / 1e6
+    assert stdout.startswith(f"exported {fmt} -> {out / (stem + '.xml')} ({size:.1f} MB, 3 files)"), stdout
     report = json.loads((out / f"{stem}.parity.json").read_text())
     assert report["passed"] and report["format"] == fmt
     return report

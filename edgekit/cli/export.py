@@ -40,8 +40,9 @@ def _export(args) -> int:
 
     config = config_from_args(ExportConfig, args)
     result = export(args.checkpoint, config)
-    print(f"exported {config.format} -> {result.target} ({result.target.stat().st_size / 1e6:.1f} MB, "
-          f"{len(result.files)} files)")
+    weights = result.target.with_suffix(".bin")  # an OpenVINO IR keeps its weights beside the .xml
+    size = result.target.stat().st_size + (weights.stat().st_size if result.target.suffix == ".xml" else 0)
+    print(f"exported {config.format} -> {result.target} ({size / 1e6:.1f} MB, {len(result.files)} files)")
     print(summary_line(result.parity) if result.parity is not None else "parity: skipped (--no-parity)")
     if result.bundle:
         print(f"bundle -> {result.bundle}")
