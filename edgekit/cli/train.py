@@ -45,6 +45,9 @@ def add_commands(sub) -> None:
     p.add_argument("--no-draw", dest="draw", action="store_false", default=None)
     p.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles of a large image (default 64)")
     p.add_argument("--batch-size", type=int, help="tiles per model call (default 8)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="skip images whose out/records/<stem>.json exists (continue a stopped run; under torchrun "
+                        "each worker takes every WORLD_SIZE-th image)")
     add_quiet(p)
     p.set_defaults(func=_predict)
 
@@ -80,8 +83,11 @@ def _predict(args) -> int:
     result = predict(args.checkpoint, args.images, config_from_args(PredictConfig, args))
     import sys
 
-    print(f"{result.detections} detections in {len(result.images)} images -> {result.out / 'predictions.json'} "
-          f"(DOTA submission files in {result.submission})")
+    if result.submission is None and not result.failed:  # a torchrun worker other than the first: it merges
+        return 0
+    skipped = f", {result.skipped} done before" if result.skipped else ""
+    print(f"{result.detections} detections in {len(result.images)} images{skipped} -> "
+          f"{result.out / 'predictions.json'} (DOTA submission files in {result.submission})")
     for note in result.notes:
         print(f"edgekit predict: note: {note}", file=sys.stderr)
     if result.failed:

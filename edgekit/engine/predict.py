@@ -1,6 +1,15 @@
 """Inference on image files and raster scenes: detections out as JSON, DOTA submission
 files and drawn images, and as GeoJSON in the map's CRS for georeferenced rasters.
 
+Each image's result is also written on its own as ``out/records/<stem>.json`` as soon as it
+is done: ``resume`` skips images whose record is there (a run stopped half-way, or a
+worker that died, continues where it was), and under ``torchrun`` each worker takes every
+``WORLD_SIZE``-th image and the first one merges all records into the outputs. torchrun is
+the scale-out engine because it is already edgekit's (training's DDP) and needs no other
+runtime: the work is one independent task per scene, with nothing to exchange but the end
+of the run, and torchrun's ``--nnodes`` spreads it over machines, its ``--max-restarts``
+restarts a failed worker, which ``resume`` then lets skip what was done.
+
 Image files (PNG, JPEG, BMP, plain TIFF) are decoded whole; rasters (GeoTIFF and anything
 else rasterio reads: ``RASTER_SUFFIXES``) are streamed window by window through
 :func:`edgekit.engine.detect.detect_scene`, so a 20000 x 20000 scene is never held in
@@ -34,6 +43,7 @@ class PredictConfig(StageConfig):
     score_threshold: float = 0.25
     iou_threshold: float = 0.6
     draw: bool = True          # also write <image>_pred.png with the boxes drawn
+    resume: bool = False       # skip images whose out/records/<stem>.json exists (a restarted run)
     tile_overlap: int = TILE_OVERLAP  # pixels shared by neighbouring tiles of a large image
     batch_size: int = 8        # tiles per model call
     progress: bool = True
@@ -56,6 +66,7 @@ class PredictResult:
     failed: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     submission: Path | None = None   # the DOTA submission folder
+    skipped: int = 0                 # images already done (resume)
 
     @property
     def detections(self) -> int:
@@ -85,27 +96,73 @@ def predict(checkpoint, images, config: PredictConfig | None = None) -> PredictR
 
 def _predict_files(model, class_names: list[str], paths: list[Path], out_dir: Path, image_size: int,
                    config: PredictConfig) -> PredictResult:
+    from edgekit.engine import distributed as dist
+
+    rank, world = dist.init_distributed()
     result = PredictResult(out_dir)
+    # Two inputs with one stem (a.png, a.jpg, or two folders) must not overwrite each other.
     stems = [p.stem for p in paths]
-    submission: dict[str, list[str]] = {}
-    for index, path in enumerate(tqdm(paths, desc="predict", disable=not config.progress)):
-        # Two inputs with one stem (a.png, a.jpg, or two folders) must not overwrite each other.
-        stem = path.stem if stems.count(path.stem) == 1 else f"{path.stem}_{index}"
-        try:
-            record = _predict_one(model, class_names, path, stem, out_dir, image_size, config, result)
-        except EdgekitError as exc:
-            result.failed[str(path)] = str(exc)
+    stems = [stem if stems.count(stem) == 1 else f"{stem}_{i}" for i, stem in enumerate(stems)]
+    mine = [i for i in range(len(paths)) if i % world == rank]
+    for index in tqdm(mine, desc="predict", disable=not (config.progress and rank == 0)):
+        path, record_path = paths[index], out_dir / "records" / f"{stems[index]}.json"
+        if config.resume and _read_record(record_path, path) is not None:
+            result.skipped += 1
             continue
+        try:
+            record = _predict_one(model, class_names, path, stems[index], out_dir, image_size, config, result)
+        except EdgekitError as exc:
+            record = {"error": str(exc)}
+        write_json_atomic(record_path, {"source": str(path), **record})
+    dist.barrier()  # every worker's records are on disk
+    if rank == 0:
+        _merge_records(result, class_names, paths, stems, is_oriented(model))
+    dist.cleanup()
+    return result
+
+
+def _read_record(record_path: Path, source: Path) -> dict | None:
+    """A finished image's record (None if absent, unreadable, of another file, or a failure)."""
+    import json
+
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("source") != str(source) or "error" in record:
+        return None
+    return record
+
+
+def _merge_records(result: PredictResult, class_names, paths, stems, oriented: bool) -> None:
+    """predictions.json and the DOTA files from every image's record, in input order."""
+    import json
+
+    submission: dict[str, list[str]] = {}
+    for path, stem in zip(paths, stems):
+        record_path = result.out / "records" / f"{stem}.json"
+        record = _read_record(record_path, path)
+        if record is None:
+            try:
+                result.failed[str(path)] = json.loads(record_path.read_text()).get("error", "no result")
+            except (OSError, ValueError):
+                result.failed[str(path)] = "no result (its worker did not finish)"
+            continue
+        record.pop("source")
         result.images[str(path)] = record
-        for name, lines in dota_submission_lines(stem, record.pop("_detections"), class_names).items():
+        for name, lines in dota_submission_lines(stem, record["detections"]).items():
             submission.setdefault(name, []).extend(lines)
     if result.images:
-        result.submission = write_dota_submission(out_dir / "dota", submission, class_names, is_oriented(model))
-        write_json_atomic(out_dir / "predictions.json", result.images)
+        result.submission = write_dota_submission(result.out / "dota", submission, class_names, oriented)
+        write_json_atomic(result.out / "predictions.json", result.images)
     elif result.failed:
+        from edgekit.fileio import remove_if_empty
+
+        for stem in stems:  # nothing to resume from: leave no failure records behind
+            (result.out / "records" / f"{stem}.json").unlink(missing_ok=True)
+        remove_if_empty(result.out / "records")
         first = next(iter(result.failed.values()))
         raise EdgekitError(f"no image could be read ({len(result.failed)} failed; first: {first})")
-    return result
 
 
 def _predict_one(model, class_names, path: Path, stem: str, out_dir: Path, image_size: int,
@@ -143,7 +200,6 @@ def _predict_one(model, class_names, path: Path, stem: str, out_dir: Path, image
         with atomic_target(out_dir / f"{stem}_pred.png") as tmp:
             draw_detections(image, dets, class_names).save(tmp, format="PNG")
     record["detections"] = detections_to_json(dets, class_names)
-    record["_detections"] = dets
     return record
 
 

@@ -63,14 +63,13 @@ def detections_to_json(detections: dict, class_names: list[str]) -> list[dict]:
     return rows
 
 
-def dota_submission_lines(image_id: str, detections: dict, class_names: list[str]) -> dict[str, list[str]]:
-    """Per class name, the submission lines of one image's detections."""
-    polygons = polygons_of(detections)
-    shapes = polygons if polygons is not None else np.asarray(detections["boxes"], dtype=np.float64).reshape(-1, 4)
+def dota_submission_lines(image_id: str, rows: list[dict]) -> dict[str, list[str]]:
+    """Per class name, the submission lines of one image's detections (rows of
+    :func:`detections_to_json`: the polygon of an oriented detection, else its box)."""
     lines: dict[str, list[str]] = {}
-    for shape, score, label in zip(shapes, detections["scores"].tolist(), detections["labels"].tolist()):
-        coords = " ".join(f"{v:.1f}" for v in shape)
-        lines.setdefault(class_names[int(label)], []).append(f"{image_id} {score:.4f} {coords}")
+    for row in rows:
+        coords = " ".join(f"{v:.1f}" for v in row.get("polygon", row["box"]))
+        lines.setdefault(row["label"], []).append(f"{image_id} {row['score']:.4f} {coords}")
     return lines
 
 
