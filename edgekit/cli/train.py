@@ -19,8 +19,9 @@ def add_commands(sub) -> None:
     p.add_argument("--workers", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", help="last.state.pt of an interrupted run")
-    p.add_argument("--init", help="FCMAE checkpoint (edgekit pretrain's last.safetensors or an official *_fcmae.pt) "
-                                  "whose encoder initialises the detector's backbone")
+    p.add_argument("--init", help="start weights: an FCMAE checkpoint (edgekit pretrain's last.safetensors or an "
+                                  "official *_fcmae.pt) for the backbone, or a detector checkpoint of the same model "
+                                  "(every tensor that fits; class- and box-type-specific layers start fresh)")
     p.add_argument("--no-ema", dest="ema", action="store_false", default=None)
     p.add_argument("--no-deformable", dest="deformable", action="store_false", default=None)
     p.add_argument("--obb", action="store_true", default=None,

@@ -31,7 +31,7 @@ class TrainConfig(StageConfig):
     time_limit: float = 0.0             # seconds; 0 = no limit (the schedule is then cut short)
     eval_every: int = 0                 # epochs between evaluations; 0 = only at the end
     resume: str | None = None           # a last.state.pt to resume from
-    init: str | None = None             # FCMAE checkpoint whose encoder initialises the backbone
+    init: str | None = None             # FCMAE checkpoint (encoder -> backbone) or a detector checkpoint to start from
     progress: bool = True
     extra: dict = field(default_factory=dict)  # model kwargs passed to create_model
 

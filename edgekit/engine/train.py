@@ -133,9 +133,9 @@ def _check_resume_state(state, path) -> dict:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a detector as ``cfg`` says; returns the result and writes out/train.json."""
     if cfg.init is not None:  # checked before anything is written
-        from edgekit.models.fcmae import encoder_state_dict, read_state_file
+        from edgekit.engine.init_weights import check_init
 
-        encoder_state_dict(read_state_file(cfg.init))
+        check_init(cfg.init, cfg.model)
     check_output_dir(cfg.out)
     train_dir, val_dir = split_dirs(cfg.data)
     rank, world = dist.init_distributed()
@@ -156,10 +156,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise EdgekitError(f"model {cfg.model!r} is not a detector; edgekit train takes one of {', '.join(detectors)}")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (EMA copies them before DDP syncs)
     model = create_model(cfg.model, **model_kwargs)
+    start = None
     if cfg.init is not None:
-        from edgekit.models.fcmae import load_pretrained_encoder
+        from edgekit.engine.init_weights import initialise
 
-        load_pretrained_encoder(model, cfg.init)
+        start = initialise(model, cfg.init)
     torch.manual_seed(cfg.seed + rank)
     ema = ModelEMA(model, ema_decay_for(cfg.ema_decay, cfg.epochs * len(loader)),
                    warmup_steps=max(20, len(loader))) if cfg.ema else None
@@ -245,7 +246,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "epoch": epoch, "history": history, "total_epochs": total_epochs, "config_epochs": cfg.epochs})
         dist.barrier()
 
-    record = {"config": cfg.to_dict(), "classes": list(classes), "history": history,
+    record = {"config": cfg.to_dict(), "classes": list(classes), "init": start, "history": history,
               "train_seconds": time.perf_counter() - t_start, "world_size": world,
               "checkpoint": str(out / "last.safetensors")}
     result = TrainResult(out / "last.safetensors", out, None, history, list(classes), record["train_seconds"], world)
