@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgekit.benchmarks.label_efficiency import LabelEfficiencySuiteConfig
 from edgekit.benchmarks.masking import MaskingSuiteConfig
+from edgekit.benchmarks.scenes import ScenesSuiteConfig
 from edgekit.config import StageConfig, check_image_size, require
 
 RESULTS = str(Path(__file__).resolve().parent / "results")
@@ -138,53 +139,6 @@ class OverheadSuiteConfig(StageConfig):
 
 
 @dataclass
-class PeersSuiteConfig(StageConfig):
-    """edgekit's FP32 and INT8 exports in ONNX Runtime and OpenVINO beside ONNX Runtime's
-    quantize_static and NNCF INT8, on the same calibration images, timed side by side."""
-
-    model: str = field(default="rsdet_atto", metadata={"help": "checkpoint (trained, for mAP) or model name"})
-    data: str | None = _help("DOTA split folder: the mAP column and the calibration images")
-    image_size: int | None = _help("input size (default: the checkpoint's)")
-    threads: int = field(default=2, metadata={"help": "intra-op threads of every runtime"})
-    duration: float = field(default=10.0, metadata={"help": "seconds per row (and per row in the rounds)"})
-    out: str = RESULTS
-
-    def check(self) -> None:
-        require(self.threads >= 1, "threads", self.threads, ">= 1")
-        require(self.duration > 0, "duration", self.duration, "> 0 seconds")
-        if self.image_size is not None:
-            check_image_size(self.image_size)
-
-
-@dataclass
-class AccuracyControlSuiteConfig(StageConfig):
-    """quantize --max-drop on the built-in detector against uniform W8A8 PTQ, with an
-    8-calibration-image row (``benchmarks/accuracy_control.py``)."""
-
-    checkpoint: str | None = _help("float rsdet checkpoint to use (with --data) instead of training one")
-    data: str | None = _help("DOTA root (train/ and val/) of --checkpoint")
-    bounds: list[float] | None = _help("--max-drop bounds in mAP points (default 1.0,0.5)")
-    val_images: int = field(default=32, metadata={"help": "validation images of every mAP (a fixed seeded subset)"})
-    calib_images: int = field(default=320, metadata={"help": "PTQ calibration images (the 8-image row is extra)"})
-    quantize_calib_batches: int = field(default=16, metadata={"help": "GHOST rows: calibration batches of 2"})
-    candidates: int = field(default=4, metadata={"help": "accuracy control: moves tried per step"})
-    rounds: int = 20
-    budget_s: float = 120.0
-    threads: int = field(default=2, metadata={"help": "ORT intra-op threads"})
-    train_seconds: float = field(default=330.0, metadata={"help": "training budget without --checkpoint"})
-    seed: int = 0
-    out: str = RESULTS
-
-    def check(self) -> None:
-        require((self.checkpoint is None) == (self.data is None), "data", self.data,
-                "given with --checkpoint (its DOTA root), or neither")
-        require(self.bounds is None or (bool(self.bounds) and all(b >= 0 for b in self.bounds)), "bounds",
-                self.bounds, ">= 0 mAP points")
-        for key in ("val_images", "calib_images", "quantize_calib_batches", "candidates", "rounds", "threads"):
-            require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
-
-
-@dataclass
 class NeonSuiteConfig(StageConfig):
     """rsdet_atto fine-tuned on real NEON tree crowns (VOC) from a synthetic-set start, from
     scratch and (optionally) from an FCMAE start, within one training budget each; scored on
@@ -220,6 +174,53 @@ class NeonSuiteConfig(StageConfig):
         require(0 <= self.score_threshold < 1, "score_threshold", self.score_threshold, "in [0, 1)")
 
 
+@dataclass
+class AccuracyControlSuiteConfig(StageConfig):
+    """quantize --max-drop on the built-in detector against uniform W8A8 PTQ, with an
+    8-calibration-image row (``benchmarks/accuracy_control.py``)."""
+
+    checkpoint: str | None = _help("float rsdet checkpoint to use (with --data) instead of training one")
+    data: str | None = _help("DOTA root (train/ and val/) of --checkpoint")
+    bounds: list[float] | None = _help("--max-drop bounds in mAP points (default 1.0,0.5)")
+    val_images: int = field(default=32, metadata={"help": "validation images of every mAP (a fixed seeded subset)"})
+    calib_images: int = field(default=320, metadata={"help": "PTQ calibration images (the 8-image row is extra)"})
+    quantize_calib_batches: int = field(default=16, metadata={"help": "GHOST rows: calibration batches of 2"})
+    candidates: int = field(default=4, metadata={"help": "accuracy control: moves tried per step"})
+    rounds: int = 20
+    budget_s: float = 120.0
+    threads: int = field(default=2, metadata={"help": "ORT intra-op threads"})
+    train_seconds: float = field(default=330.0, metadata={"help": "training budget without --checkpoint"})
+    seed: int = 0
+    out: str = RESULTS
+
+    def check(self) -> None:
+        require((self.checkpoint is None) == (self.data is None), "data", self.data,
+                "given with --checkpoint (its DOTA root), or neither")
+        require(self.bounds is None or (bool(self.bounds) and all(b >= 0 for b in self.bounds)), "bounds",
+                self.bounds, ">= 0 mAP points")
+        for key in ("val_images", "calib_images", "quantize_calib_batches", "candidates", "rounds", "threads"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+
+
+@dataclass
+class PeersSuiteConfig(StageConfig):
+    """edgekit's FP32 and INT8 exports in ONNX Runtime and OpenVINO beside ONNX Runtime's
+    quantize_static and NNCF INT8, on the same calibration images, timed side by side."""
+
+    model: str = field(default="rsdet_atto", metadata={"help": "checkpoint (trained, for mAP) or model name"})
+    data: str | None = _help("DOTA split folder: the mAP column and the calibration images")
+    image_size: int | None = _help("input size (default: the checkpoint's)")
+    threads: int = field(default=2, metadata={"help": "intra-op threads of every runtime"})
+    duration: float = field(default=10.0, metadata={"help": "seconds per row (and per row in the rounds)"})
+    out: str = RESULTS
+
+    def check(self) -> None:
+        require(self.threads >= 1, "threads", self.threads, ">= 1")
+        require(self.duration > 0, "duration", self.duration, "> 0 seconds")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+
+
 SUITES = {  # name: (config, "module:function", what it measures)
     "model": (ModelSuiteConfig, "model_bench:model_suite",
               "latency, throughput, memory and accuracy of a model on every backend"),
@@ -235,16 +236,18 @@ SUITES = {  # name: (config, "module:function", what it measures)
     "roofline": (RooflineSuiteConfig, "roofline:roofline_suite",
                  "the roofline latency predictor against measured eager latency on this CPU"),
     "overhead": (OverheadSuiteConfig, "latency:overhead_suite", "the timing harness's own overhead"),
-    "neon": (NeonSuiteConfig, "neon:neon_suite",
-             "rsdet_atto fine-tuned on real NEON tree crowns, scored on another site, then quantized"),
-    "accuracy-control": (AccuracyControlSuiteConfig, "accuracy_control:accuracy_control_suite",
-                         "quantize --max-drop against W8A8 PTQ on the built-in detector, and 8 calibration images"),
     "peers": (PeersSuiteConfig, "model_bench:peers_suite",
               "edgekit's FP32/INT8 in ONNX Runtime and OpenVINO beside quantize_static and NNCF"),
+    "accuracy-control": (AccuracyControlSuiteConfig, "accuracy_control:accuracy_control_suite",
+                         "quantize --max-drop against W8A8 PTQ on the built-in detector, and 8 calibration images"),
+    "neon": (NeonSuiteConfig, "neon:neon_suite",
+             "rsdet_atto fine-tuned on real NEON tree crowns, scored on another site, then quantized"),
     "label-efficiency": (LabelEfficiencySuiteConfig, "label_efficiency:label_efficiency_suite",
                          "FCMAE pretraining + fine-tuning against scratch at equal total time, 10% and 100% labels"),
     "masking": (MaskingSuiteConfig, "masking:masking_suite",
                 "disjoint vs random FCMAE masking: held-out loss per step and per second"),
+    "scenes": (ScenesSuiteConfig, "scenes:scenes_suite",
+               "large GeoTIFF scenes through predict: peak memory against scene size, tiles per second"),
 }
 
 
