@@ -200,3 +200,53 @@ def test_corrupt_geotiff_is_skipped_with_one_line(tiny_run, tmp_path):
     with pytest.raises(EdgekitError, match="broken.tif"):
         predict(tiny_run[0].checkpoint, [bad], PredictConfig(out=str(tmp_path / "p"), progress=False))
     assert not (tmp_path / "p").exists()
+
+
+DOTA_EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dota_example"
+
+
+def _read_submission(folder: Path) -> dict:
+    """DOTA Task 1 submission files read as the devkit reads them: per image, polygons, scores, classes."""
+    per_image: dict = {}
+    for path in folder.glob("Task1_*.txt"):
+        name = path.stem.removeprefix("Task1_")
+        for line in path.read_text().splitlines():
+            image, score, *coords = line.split()
+            entry = per_image.setdefault(image, {"polygons": [], "scores": [], "labels": []})
+            entry["polygons"].append([float(v) for v in coords])
+            entry["scores"].append(float(score))
+            entry["labels"].append(name)
+    return per_image
+
+
+@pytest.mark.skipif(not (DOTA_EXAMPLE / "labelTxt" / "P0706.txt").exists(), reason="shared DOTA data not present")
+def test_real_dota_scene_through_oriented_predict_and_the_devkit_metric(tiny_obb_run, tmp_path):
+    """A real DOTA scene, tiled by predict; its Task 1 submission files, read back, score
+    the same as the detections in predictions.json, and the ground truth written in the same
+    format scores 1."""
+    from edgekit.api import PredictConfig, predict
+    from edgekit.data.dota import read_dota_labels
+    from edgekit.engine.dota_metric import dota_task1_map
+    from edgekit.engine.predict_outputs import write_dota_submission
+
+    result, _ = tiny_obb_run
+    image = DOTA_EXAMPLE / "images" / "P0706.png"
+    truth = read_dota_labels(DOTA_EXAMPLE / "labelTxt" / "P0706.txt")
+    classes = result.classes
+    truth.objects = [o for o in truth.objects if o.label in classes]
+    out = predict(result.checkpoint, [image], PredictConfig(out=str(tmp_path / "p"), score_threshold=0.05,
+                                                              draw=False, progress=False))
+    rows = out.images[str(image)]["detections"]
+    in_memory = {"polygons": [r["polygon"] for r in rows], "scores": [r["score"] for r in rows],
+                 "labels": [r["label"] for r in rows]}
+    read_back = _read_submission(out.submission).get("P0706", {"polygons": [], "scores": [], "labels": []})
+    assert len(read_back["scores"]) == len(rows)
+    want = dota_task1_map([truth], [in_memory], classes)
+    got = dota_task1_map([truth], [read_back], classes)
+    assert got["map"] == pytest.approx(want["map"], abs=1e-3)
+
+    lines = {}
+    for o in truth.objects:
+        lines.setdefault(o.label, []).append("P0706 1.0000 " + " ".join(f"{v:.1f}" for v in np.ravel(o.poly)))
+    oracle = write_dota_submission(tmp_path / "oracle", lines, classes, oriented=True)
+    assert dota_task1_map([truth], [_read_submission(oracle)["P0706"]], classes)["map"] == pytest.approx(1.0)
