@@ -251,6 +251,7 @@ def test_quantize_cli_writes_the_record_and_files_that_agree(tmp_path, tiny_run,
     spec = json.loads((out / "quant_spec.json").read_text())
     assert spec["accuracy_control"] == record and record["feasible"]
     assert record["final_drop"] <= 0 and record["validation_images"] == 4
+    assert record["final_metric"] == pytest.approx(record["metric"], abs=1e-9)  # the written model is the one evaluated
     assert "accuracy bound met" in text
     config = QuantConfig.load(out / "qconfig.json")
     floats = {p for p, b in record["bits"].items() if b == FLOAT}
