@@ -23,6 +23,7 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert f"{report['val']['map50']:.3f}" in md  # the markdown shows the measured figure
     assert "## Deployment" in md and f"{sizes[1]:.2f}" in md
+    assert "Mixed model, as a user should ship it:" in md  # the mixed model judged against FP32 and INT8
     assert (out / "predictions.png").stat().st_size > 0
     assert "demo (oriented boxes): DOTA mAP@.5" in capsys.readouterr().out
     assert report["val"]["boxes"] == "oriented" and "DOTA Task 1" in md
