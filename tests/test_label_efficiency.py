@@ -9,7 +9,7 @@ import pytest
 
 from conftest import one_line_error
 from edgekit.benchmarks.label_efficiency import LabelEfficiencySuiteConfig, label_subset
-from edgekit.benchmarks.masking import MaskingSuiteConfig, steps_to_reach, summarise
+from edgekit.benchmarks.masking import MaskingSuiteConfig, resummarise, steps_to_reach, steps_to_stay, summarise
 from edgekit.benchmarks.suites import SUITES
 from edgekit.cli import main
 from edgekit.data.synthetic import generate_synthetic_dataset
@@ -82,6 +82,18 @@ def test_steps_to_reach_matches_a_dense_reading_of_the_curve(rng):
     assert steps_to_reach(list(xs), list(losses), losses[0] + 0.01) == xs[0]
 
 
+def test_steps_to_stay_matches_a_dense_reading_of_a_noisy_curve(rng):
+    xs = np.cumsum(rng.integers(1, 30, 16)).astype(float)
+    losses = np.linspace(1.0, 0.6, 16) + rng.uniform(-0.08, 0.08, 16)  # dips below and climbs back
+    target = float(rng.uniform(losses[-1], losses.max()))
+    dense = np.linspace(xs[0], xs[-1], 200_001)
+    above = np.nonzero(np.interp(dense, xs, losses) > target)[0]
+    expected = dense[above[-1] + 1] if len(above) else xs[0]
+    assert steps_to_stay(list(xs), list(losses), target) == pytest.approx(expected, abs=(xs[-1] - xs[0]) / 1e5)
+    assert steps_to_stay(list(xs), list(losses), target) >= steps_to_reach(list(xs), list(losses), target)
+    assert steps_to_stay(list(xs), list(losses), losses[-1] - 0.01) is None
+
+
 def test_summary_ratios_are_against_the_one_view_random_run(rng):
     steps = [0, 10, 20]
     base_loss = [1.0, 0.8, float(rng.uniform(0.5, 0.7))]
@@ -93,6 +105,28 @@ def test_summary_ratios_are_against_the_one_view_random_run(rng):
     assert rows["random x1"]["step_ratio"] == 1.0 and rows["random x1"]["seconds_ratio"] == 1.0
     assert rows["disjoint x2"]["step_ratio"] == pytest.approx(0.5)
     assert rows["disjoint x2"]["seconds_ratio"] == pytest.approx(1.0)
+    assert rows["disjoint x2"]["stay_step_ratio"] == pytest.approx(0.5)
+
+
+def test_resummarise_rewrites_the_verdict_from_the_stored_curves(tmp_path, rng):
+    loss = float(rng.uniform(0.5, 0.7))
+    curves = [{"masking": "random", "views": 1, "steps": [0, 10, 20], "seconds": [0, 5, 10],
+               "eval_loss": [1.0, 0.8, loss], "train_loss": [None, 0.9, 0.7]},
+              {"masking": "random", "views": 2, "steps": [0, 10, 20], "seconds": [0, 9, 18],
+               "eval_loss": [1.0, 0.9, 0.8], "train_loss": [None, 0.9, 0.8]},
+              {"masking": "disjoint", "views": 2, "steps": [0, 10, 20], "seconds": [0, 10, 20],
+               "eval_loss": [1.0, loss - 0.01, loss + 0.01], "train_loss": [None, 0.8, 0.5]}]
+    record = {"config": MaskingSuiteConfig().to_dict(), "steps": 20, "seeds_done": [3], "num_images": 8,
+              "source_size": 256, "machine": {"command": "c", "date": "d", "cpu": "x", "cores": 2, "versions": {}},
+              "runs": [{"seed": 3, "curves": curves, "config": {"decoder_dim": 8, "input_size": 128},
+                        "train_images": 6, "held_out_images": True, "eval_crops": 4, "warmup_steps": 1}]}
+    path = tmp_path / "masking_cpu.json"
+    path.write_text(json.dumps(record))
+    out = resummarise(path)
+    assert out["disjoint_step_ratios"][0] < 0.7 and out["floor_met_every_seed"]  # a dip at step ~10
+    assert out["disjoint_stay_step_ratios"] == [None] and not out["stay_floor_met_every_seed"]  # ends above
+    assert json.loads(path.read_text())["disjoint_stay_step_ratios"] == [None]
+    assert "NOT met" in (tmp_path / "masking_cpu.md").read_text()
 
 
 def test_the_suites_are_on_the_command_line(capsys):
