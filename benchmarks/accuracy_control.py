@@ -150,7 +150,7 @@ def run(config) -> dict:
               "candidates_per_step": config.candidates, "quantize_calibration_images": 2 * config.quantize_calib_batches,
               "ort_threads": config.threads, "seed": config.seed, "machine": environment(), "rows": rows,
               "floor_bound_holds": all(r["drop"] <= r["bound"] + 1e-9 for r in bounded),
-              "not_run": {"nncf quantize_with_accuracy_control": "NNCF is not installed in this environment",
+              "not_run": {"nncf quantize_with_accuracy_control": "not wired into this benchmark",
                           "onnxruntime quantize_static": "not wired into this benchmark",
                           "measured-latency cost": "--max-drop-cost latency is not implemented (bops, size)"},
               "log": lines}
