@@ -97,7 +97,7 @@ def _mixed_verdict(r: dict) -> list[str]:
     size = r["exports"]["ghost"]["size_mb"], r["exports"]["int8"]["size_mb"]
     speed = rows["ghost"]["ms_per_img"], rows["int8"]["ms_per_img"]
     checks = [(drop <= 1.0, f"mAP@[.5:.95] {100 * maps['ghost']:.1f} vs FP32 {100 * maps['fp32']:.1f} "
-                            f"({drop:+.1f} points lower; at most 1)"),
+                            f"({drop:.1f} points lower; at most 1)"),
               (size[0] < size[1], f"{size[0]:.2f} MB vs INT8 {size[1]:.2f} MB"),
               (speed[0] <= speed[1] * 1.05, f"{speed[0]:.1f} vs INT8 {speed[1]:.1f} ms/img (within 5%, one "
                                             f"bench run on a shared machine)")]
