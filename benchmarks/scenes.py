@@ -90,7 +90,7 @@ def scenes_suite(config: ScenesSuiteConfig) -> dict:
 
     from edgekit.data.tiling import tile_windows
     from edgekit.engine.detect import TILE_OVERLAP
-    from edgekit.fileio import write_json_atomic
+    from edgekit.fileio import write_json_atomic, write_text_atomic
     from edgekit.sysinfo import environment
 
     rows = []
@@ -118,15 +118,18 @@ def scenes_suite(config: ScenesSuiteConfig) -> dict:
               "environment": environment()}
     out = Path(config.out)
     write_json_atomic(out / "scenes_cpu.json", record)
-    (out / "scenes_cpu.md").write_text(markdown(record))
+    write_text_atomic(out / "scenes_cpu.md", markdown(record))
     return record
 
 
 def markdown(record: dict) -> str:
     env = record["environment"]
+    load = ", ".join(f"{v:.1f}" for v in env.get("load_average_1_5_15") or ())
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
     lines = ["# Large scenes through `predict`: peak memory and throughput", "",
-             f"Machine: {env.get('cpu', '?')}; {record['config']['threads']} threads; command: "
-             f"`{env.get('command', 'edgekit bench scenes')}`.", "",
+             f"Machine: {env.get('cpu', '?')} ({', '.join(env.get('cpu_flags', []))}), {env.get('cores')} cores, "
+             f"{record['config']['threads']} threads, load average (1/5/15 min, at the end) {load}; {versions}; "
+             f"{env.get('date')}. Command: `{env.get('command', 'edgekit bench scenes')}`.", "",
              "Untrained detector (cost does not depend on the weights); random-texture GeoTIFFs, tiled and "
              "deflate-compressed; end to end in a fresh process: read, tile, model, merge, write JSON/DOTA/GeoJSON.", "",
              "| scene (px) | MP | decoded size (MB) | tiles | seconds | tiles/s | peak RSS (MB) |",
