@@ -204,3 +204,19 @@ def deploy_passes(model) -> dict[str, int]:
             "castlike_resolved": resolve_castlike(model),
             "batch_reshapes_made_constant": constant_batch_reshapes(model),
             "dead_nodes_removed": prune_dead_nodes(model)}
+
+
+def weights_folded_copy(onnx_path, out_path) -> int:
+    """Write ``onnx_path`` to ``out_path`` with :func:`fold_weight_reshapes` applied; return
+    how many weights it folded.
+
+    For tools that compress weights they find as Conv constants (OpenVINO's IR compression
+    of NNCF's weight FakeQuantize): behind a Reshape, those weights stay float32 on disk (measured: NNCF's IR of the demo detector
+    13.8 MB with the Reshapes, against the FP32 IR's 15.5 MB)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path))
+    folded = fold_weight_reshapes(proto)
+    onnx.save(proto, str(out_path))
+    return folded
+

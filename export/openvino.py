@@ -125,8 +125,15 @@ def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32"
     on the CPU so that a graph OpenVINO reads but cannot run is refused here."""
     if precision not in PRECISIONS:
         raise EdgekitError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    import tempfile
+
+    from edgekit.export.graph_passes import weights_folded_copy
+
     ov = require_openvino()
-    model = read_onnx(onnx_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = Path(tmp) / Path(onnx_path).name
+        weights_folded_copy(onnx_path, folded)  # Conv weights as IR constants: NNCF and compression find them
+        model = read_onnx(folded)
     model.set_rt_info(precision, ["edgekit", "precision"])
     compile_model(model)
     xml_path = Path(xml_path)

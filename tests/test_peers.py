@@ -24,6 +24,7 @@ from edgekit.benchmarks import model_bench as MB  # noqa: E402
 from edgekit.benchmarks import peers  # noqa: E402
 from edgekit.benchmarks.backends import Runner, Skipped, make_runner  # noqa: E402
 from edgekit.export.deform_export import export_backends  # noqa: E402
+from edgekit.export.deploy_form import to_deploy_form  # noqa: E402
 from edgekit.export.openvino import convert  # noqa: E402
 from edgekit.models import create_model  # noqa: E402
 
@@ -35,13 +36,43 @@ def cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def reshape_pointwise_weights(path) -> int:
+    """Give every 1x1 Conv of the ONNX file at ``path`` its weight as ``Reshape([out, in] ->
+    [out, in, 1, 1])``, the form edgekit's deploy export writes (the Linear's own weight, so
+    the parameter keeps its name); return how many."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes, count = [], 0
+    for node in proto.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "Conv" else None
+        if weight is not None and list(weight.dims[2:]) == [1, 1]:
+            value = numpy_helper.to_array(weight)
+            weight.CopyFrom(numpy_helper.from_array(value.reshape(value.shape[:2]), weight.name))
+            shape = f"{weight.name}.conv_shape"
+            proto.graph.initializer.append(numpy_helper.from_array(np.array(value.shape, np.int64), shape))
+            nodes.append(helper.make_node("Reshape", [weight.name, shape], [f"{weight.name}.as_conv"]))
+            node.input[1] = f"{weight.name}.as_conv"
+            count += 1
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return count
+
+
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory):
-    """(model, FP32 ONNX, its OpenVINO IR) of an untrained, non-deformable rsdet_atto."""
+    """(model, FP32 ONNX, its OpenVINO IR) of an untrained, non-deformable rsdet_atto, its
+    pointwise weights reshaped as in the deploy export."""
     root = tmp_path_factory.mktemp("peers")
     model = create_model("rsdet_atto", num_classes=3, deformable=False, grn_backend="torch").eval()
     with export_backends():
-        onnx_path = export_raw_detector(model, root / "m.onnx", SIZE)
+        onnx_path = export_raw_detector(to_deploy_form(model), root / "m.onnx", SIZE)
+    assert reshape_pointwise_weights(onnx_path) >= 20
     return model, onnx_path, convert(onnx_path, root / "m.xml")
 
 
@@ -86,6 +117,10 @@ def test_ort_static_is_per_channel_qdq_close_to_fp32(fp32, tmp_path, rng, monkey
     weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts
                and consts[n.input[0]].dtype == np.int8 and consts[n.input[0]].ndim == 4]
     assert weights, "no quantized conv weight"
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    float_weights = [n.name for n in convs if producers.get(n.input[1]) != "DequantizeLinear"]
+    assert not float_weights, f"{len(float_weights)} of {len(convs)} convs kept float weights"
     for node in weights:
         q = consts[node.input[0]]
         assert consts[node.input[1]].shape == (q.shape[0],)  # one scale per output channel
@@ -102,6 +137,8 @@ def test_nncf_int8_is_fake_quantized_and_close_to_fp32(fp32, tmp_path, rng):
     out = peers.nncf_int8(xml, _calibration(rng), tmp_path / "nncf.xml")
     ops = [op.get_type_name() for op in ov.Core().read_model(str(out)).get_ops()]
     assert ops.count("FakeQuantize") >= 10, ops.count("FakeQuantize")
+    # every conv weight stored as int8: the IR well under half the FP32 IR's weights on disk
+    assert out.with_suffix(".bin").stat().st_size < 0.45 * xml.with_suffix(".bin").stat().st_size
     runner = make_runner("nncf", onnx_path=out, threads=1)
     assert runner.format == "OpenVINO CPU (NNCF INT8)" and runner.precision == "int8"
     x = _calibration(rng)[0]
