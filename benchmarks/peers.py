@@ -38,7 +38,7 @@ def int8_weight_bits() -> int:
     return 8 if has_vnni() else 7
 
 
-def _arrays(batches) -> list:
+def calibration_arrays(batches) -> list:
     """Calibration batches ((images, targets) or tensors) -> float32 NCHW numpy arrays."""
     import numpy as np
 
@@ -56,7 +56,7 @@ def ort_static(fp32_onnx: Path, batches, out: Path) -> Path:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
-    arrays = _arrays(batches)
+    arrays = calibration_arrays(batches)
     name = onnx.load(str(fp32_onnx), load_external_data=False).graph.input[0].name
 
     class Reader(CalibrationDataReader):
@@ -68,7 +68,7 @@ def ort_static(fp32_onnx: Path, batches, out: Path) -> Path:
             return None if x is None else {name: x}
 
     out = Path(out)
-    with _quiet():
+    with quiet_tools():
         quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=not has_vnni(), activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
@@ -83,9 +83,9 @@ def nncf_int8(fp32_xml: Path, batches, out_xml: Path) -> Path:
     with no_telemetry():
         import nncf
 
-    samples = [x[i:i + 1] for x in _arrays(batches) for i in range(x.shape[0])]  # NNCF's statistics are per sample
+    samples = [x[i:i + 1] for x in calibration_arrays(batches) for i in range(x.shape[0])]  # NNCF's statistics are per sample
     model = ov.Core().read_model(str(fp32_xml))
-    with _quiet():
+    with quiet_tools():
         quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
     quantized.set_rt_info("int8", ["edgekit", "precision"])
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
@@ -121,7 +121,7 @@ def openvino_profile(xml: Path, image_size: int, threads: int | None, runs: int 
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_tools():
     """NNCF logs INFO lines and draws progress bars; ORT's quantizer prints its own notes:
     the bench's output stays edgekit's (EDGEKIT_VERBOSE=1 keeps them)."""
     from edgekit.output import verbose

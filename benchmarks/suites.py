@@ -177,7 +177,8 @@ class NeonSuiteConfig(StageConfig):
 @dataclass
 class AccuracyControlSuiteConfig(StageConfig):
     """quantize --max-drop on the built-in detector against uniform W8A8 PTQ, with an
-    8-calibration-image row (``benchmarks/accuracy_control.py``)."""
+    8-calibration-image row, ORT quantize_static and NNCF accuracy control beside them
+    (``benchmarks/accuracy_control.py``)."""
 
     checkpoint: str | None = _help("float rsdet checkpoint to use (with --data) instead of training one")
     data: str | None = _help("DOTA root (train/ and val/) of --checkpoint")
