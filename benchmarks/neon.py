@@ -127,7 +127,7 @@ def finetune(root: str, out: Path, init: str | None, config, seconds: float) -> 
     from edgekit.api import TrainConfig, train
 
     run = train(TrainConfig(data=root, out=str(out), model="rsdet_atto", classes=CLASSES, image_size=config.tile_size,
-                            epochs=1 if config.quick else 100_000, batch_size=config.batch_size,
+                            epochs=1 if config.quick else 100_000, batch_size=config.batch_size, lr=config.lr,
                             time_limit=0.0 if config.quick else seconds, deformable=config.deformable, init=init,
                             seed=config.seed, progress=config.progress))
     last = run.history[-1]
@@ -366,7 +366,8 @@ def render_markdown(record: dict) -> str:
              f"Data: {d['train_scenes']} training scenes (YELL, {d['train_boxes']} boxes) cut into {d['tiles']} tiles "
              f"of {d['tile_size']} px (overlap {d['overlap']}); validation: {d['val_images']} tile of another site "
              f"(OSBS, {d['val_boxes']} boxes) at native scale. Model input {cfg['tile_size']} px, batch "
-             f"{cfg['batch_size']}, deformable layers {'on' if cfg['deformable'] else 'off'}, fine-tuning budget "
+             f"{cfg['batch_size']}, lr {cfg.get('lr', 2e-3):g}, deformable layers {'on' if cfg['deformable'] else 'off'}, "
+             f"fine-tuning budget "
              f"{cfg['train_seconds']:.0f} s per arm.", "",
              "## Arms (fine-tuned within the same budget, scored on the validation tile)", "",
              "| arm | start (s) | fine-tune (s) | epochs | mAP@.5 | mAP@[.5:.95] | P@0.4 | R@0.4 | P@0.5 | R@0.5 |",

@@ -154,6 +154,8 @@ class NeonSuiteConfig(StageConfig):
     tile_size: int = 416
     overlap: int = 96
     batch_size: int = 4
+    lr: float = field(default=2e-3, metadata={"help": "fine-tuning learning rate (train's default; real imagery "
+                                                       "may need less)"})
     deformable: bool = field(default=False, metadata={"help": "deformable layers in the detector (slower on CPU)"})
     score_threshold: float = field(default=0.1, metadata={"help": "score threshold of the precision/recall rows"})
     quantize: bool = field(default=True, metadata={"help": "the quantization rows on the fine-tuned model"})
@@ -171,6 +173,7 @@ class NeonSuiteConfig(StageConfig):
         require(self.train_seconds > 0 and self.start_seconds > 0, "train_seconds", self.train_seconds,
                 "> 0 seconds (and --start-seconds too)")
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "an integer in [1, 256]")
+        require(0 < self.lr <= 10, "lr", self.lr, "in (0, 10]")
         require(0 <= self.score_threshold < 1, "score_threshold", self.score_threshold, "in [0, 1)")
 
 

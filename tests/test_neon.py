@@ -37,6 +37,7 @@ def test_options_that_do_not_fit_are_refused():
     assert "--arms" in one_line_error(NeonSuiteConfig, data=str(NEON), arms=["imagenet"])
     assert "--tile-size" in one_line_error(NeonSuiteConfig, data=str(NEON), tile_size=400)
     assert "--overlap" in one_line_error(NeonSuiteConfig, data=str(NEON), overlap=416)
+    assert "--lr" in one_line_error(NeonSuiteConfig, data=str(NEON), lr=0.0)
 
 
 def test_backbone_encoder_initialises_the_detector_backbone(tmp_path, fresh_torch_seed):
