@@ -15,6 +15,10 @@ Every file gets: the checker (full check) and strict shape inference, onnxslim
 simplification only when the simplified graph gives the same outputs, and metadata
 (edgekit version, model name, classes, input size, normalisation, precision, deform
 mode, form, plus the caller's entries) that :func:`read_metadata` returns as Python values.
+
+Each node the exporter made keeps where it came from (:func:`node_origins`): torch's module
+scopes and the source line that made it, which onnxslim would drop; TensorRT builds use them
+to find the layers of FP16-pinned modules (:func:`edgekit.export.tensorrt.module_nodes`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ INPUT_NAME = "images"
 # Metadata values that are not strings are stored as JSON; this key lists them, so
 # :func:`read_metadata` gives back exactly what was written (strings stay readable).
 JSON_KEYS = "edgekit.json_keys"
+# Node metadata: the dynamo exporter's module scopes (['', 'model', 'model.backbone', ...,
+# op name]) and stack trace, and the trace's innermost source line as export_onnx keeps it.
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+STACK_KEY = "pkg.torch.onnx.stack_trace"
+SOURCE_KEY = "edgekit.source_line"
 
 
 class DetectorOutputs(nn.Module):
@@ -254,6 +263,31 @@ def _strip_prefix(model, prefix: str) -> None:
     rename_values(model, renames)
 
 
+def node_origins(graph) -> dict[str, tuple[str, str]]:
+    """{node name: (module scopes as the exporter wrote them, source line that made the node)}
+    for the nodes that carry torch's scopes (the exporter's own, or those export_onnx kept)."""
+    origins = {}
+    for node in graph.node:
+        meta = {entry.key: entry.value for entry in node.metadata_props}
+        if SCOPES_KEY in meta:
+            trace = meta.get(STACK_KEY, "").strip().splitlines()
+            origins[node.name] = (meta[SCOPES_KEY], meta.get(SOURCE_KEY, trace[-1].strip() if trace else ""))
+    return origins
+
+
+def _keep_origins(graph, origins: dict) -> None:
+    """Put each recorded origin back on the node of that name: onnxslim and the graph passes
+    drop node metadata but keep the names of the nodes they keep. Only the scopes and one
+    source line travel (the full trace would ship this machine's file paths)."""
+    for node in graph.node:
+        if node.name in origins:
+            have = {entry.key for entry in node.metadata_props}
+            for key, value in zip((SCOPES_KEY, SOURCE_KEY), origins[node.name]):
+                if key not in have:
+                    entry = node.metadata_props.add()
+                    entry.key, entry.value = key, value
+
+
 def _metadata(model: nn.Module, image_size, precision, deform, opset, extra: dict | None, form: str) -> dict:
     import edgekit
     from edgekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -373,6 +407,7 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
                            f"{len(proto.graph.output)} outputs; export_onnx takes detectors (RSDet -> boxes, scores) "
                            f"and models returning one tensor (-> logits): wrap the model so that forward returns one")
     _strip_prefix(proto, prefix)
+    origins = node_origins(proto.graph)
     proto.producer_name = "edgekit"
     meta = _metadata(model, image_size, precision, deform, opset, metadata, form)
     if model_name is not None:
@@ -391,6 +426,7 @@ def export_onnx(model: nn.Module, path, *, image_size: int, precision: str = "fp
             passes[name] += count
         onnx_checks.check(proto, output_names)
         meta["graph_passes"] = passes
+    _keep_origins(proto.graph, origins)
     set_metadata(proto, meta)
     from edgekit.fileio import write_bytes_atomic
 
