@@ -227,10 +227,14 @@ def _export_graphs(loaded, config: ExportConfig, spec, stage: Path, image_size: 
     float_graph = stage / f"{stem}.float.onnx" if spec is not None else raw
     from edgekit.calibration.fp16_safety import export_pins, pinned_fp32, pins_record
 
-    pins = export_pins(loaded.model, image_size, config.data) if onnx_precision == "fp16" else None
-    if pins is not None:  # layers whose FP16 run overflows or loses accuracy stay float32 in the graph
-        meta["fp16_safety"] = pins_record(pins)
-    with pinned_fp32(loaded.model, pins.pin_fp32 if pins is not None else ()):
+    # Layers whose FP16 run overflows or loses accuracy stay float32: in an FP16 graph itself, and
+    # for TensorRT 10's FP16 flag on an FP32 graph as layer precision constraints (build_engine).
+    pins = export_pins(loaded.model, image_size, config.data) if "fp16" in (onnx_precision, engine_precision) \
+        else None
+    if pins is not None:
+        meta["fp16_safety"] = {**pins_record(pins), "pinned_in": "graph" if onnx_precision == "fp16"
+                               else "tensorrt layer precision constraints"}
+    with pinned_fp32(loaded.model, pins.pin_fp32 if pins is not None and onnx_precision == "fp16" else ()):
         export_onnx(loaded.model, float_graph, image_size=image_size, precision=onnx_precision,
                     deform=config.deform, model_name=loaded.name, metadata=meta, form=config.form)
     if spec is not None:
@@ -253,7 +257,9 @@ def _export_graphs(loaded, config: ExportConfig, spec, stage: Path, image_size: 
     if config.format == "tensorrt":
         from edgekit.export.tensorrt import build_engine
 
-        result["engine"] = build_engine(final, stage / f"{stem}.engine", precision=engine_precision)
+        constrain = pins.pin_fp32 if pins is not None and onnx_precision == "fp32" else ()
+        result["engine"] = build_engine(final, stage / f"{stem}.engine", precision=engine_precision,
+                                        fp32_layers=constrain)
     return result
 
 
