@@ -375,3 +375,49 @@ def _export_detector(model, path):
     export_onnx(model, path, image_size=64)
     assert read_metadata(path)["simplified"].startswith("yes")
     return path
+
+
+@pytest.mark.slow
+def test_export_stage_pins_grn_as_tensorrt10_constraints(tmp_path, monkeypatch):
+    """export --format tensorrt --nms on TensorRT 10 (stand-in): the FP16 safety pins (set to
+    every GRN: random weights overflow nothing) reach the builder as constraints on the real graph."""
+    from edgekit.api import ExportConfig, export
+    from edgekit.calibration import fp16_safety
+    from edgekit.export import to_onnx
+    from edgekit.engine.checkpoint import save_checkpoint
+    from edgekit.models import create_model
+    from edgekit.models.grn import GRN
+
+    kw = {"num_classes": 3, "class_names": ["a", "b", "c"]}
+    model = create_model("rsdet_atto", **kw)
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", model, "rsdet_atto", kw, {"image_size": 64})
+    grns = [name for name, m in model.named_modules() if isinstance(m, GRN)]
+    check = fp16_safety.export_pins
+
+    def pins(*args, **kwargs):
+        report = check(*args, **kwargs)
+        report.pin_fp32 = grns
+        return report
+
+    rec = LayeredTensorRT("10.3.0")
+    export_onnx = to_onnx.export_onnx
+
+    def export_without_stand_in(*args, **kwargs):  # torch's exporter probes sys.modules["tensorrt"].__spec__
+        monkeypatch.delitem(sys.modules, "tensorrt")
+        try:
+            return export_onnx(*args, **kwargs)
+        finally:
+            monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
+
+    monkeypatch.setattr(fp16_safety, "export_pins", pins)
+    monkeypatch.setattr(to_onnx, "export_onnx", export_without_stand_in)
+    monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
+    result = export(checkpoint, ExportConfig(format="tensorrt", out=str(tmp_path / "out"), nms=True))
+    graph = onnx.load(str(result.out / "model.onnx"))
+    nodes = set().union(*(grn_nodes_by_dataflow(graph.graph, grn.rpartition(".")[0]) for grn in grns))
+    constrained = {layer.metadata[13:-1] for layer in rec.layers if layer.set_precision == "float32"}
+    assert constrained == {n.name for n in graph.graph.node if n.name in nodes and n.op_type != "Constant"}
+    assert ("flag", "OBEY") in rec.calls
+    record = to_onnx.read_metadata(graph)["fp16_safety"]
+    assert set(grns) <= set(record["pin_fp32"]) and record["pinned_in"] == "tensorrt layer precision constraints"
+    assert "--precisionConstraints=obey" in (result.out / "model.engine.trtexec.sh").read_text()
