@@ -135,8 +135,13 @@ def test_tensorrt_format_with_a_stand_in_tensorrt(files, tmp_path, capsys, fast_
 
     from export_helpers import FakeTensorRT
 
+    from edgekit.calibration import fp16_safety
+
     rec = FakeTensorRT("10.3.0")
     monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
+    # No FP16 pins: fast_export's graph carries no module scopes to constrain (pinned layers
+    # through the CLI: test_export_tensorrt.py, on real exports).
+    monkeypatch.setattr(fp16_safety, "export_pins", lambda *a, **k: fp16_safety.Fp16SafetyReport({}, [], 1e-2, 0))
     out = tmp_path / "trt"
     code, stdout, err = run_cli([files["plain"], "--format", "tensorrt", "--out", out, "--nms"], capsys)
     assert code == 0, err
