@@ -12,6 +12,12 @@ seeded subset of the validation split, so that every trial sees the same images.
 A move raises a layer below 8 bits to 8, and an 8-bit layer to float (NNCF's and AIMET's
 "revert to higher precision"); with ``candidates`` the loop tries only that many moves per
 step, those whose weight-error drop per unit cost is largest (all moves: ``candidates=0``).
+
+``max_drop_on="onnxruntime"`` scores each spec as deployed instead: its QDQ graph run by
+ONNX Runtime (:mod:`edgekit.export.deployed_metric`, handed in by the caller as
+``deployed_measure``: this package cannot import the export package, which reads its
+specs). Slower per trial, but the bound then holds for the file a user ships: the
+simulation and the deployed graph differ by tenths of a point on small validation sets.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from edgekit.errors import EdgekitError
 SEED = 0                     # calibration images and the validation subset are drawn with it
 FEW_IMAGES = 300             # fewer calibration images than this: a warning (Ultralytics' 8-image pitfall)
 COSTS = ("bops", "size")
+MEASURES = ("fake-quant", "onnxruntime")
 DEFAULT_IMAGES = 64
 DEFAULT_CANDIDATES = 8
 METRIC = "mAP@[.5:.95] x100"
@@ -43,6 +50,7 @@ class BoundOptions:
     max_drop_images: int | None = None       # validation images per evaluation (default 64)
     max_drop_candidates: int | None = None   # moves tried per step (default 8; 0: every move)
     val_data: str | None = None              # validation split (default: the val/ split beside --data)
+    max_drop_on: str | None = None           # fake-quant (default: torch simulation) | onnxruntime (deployed)
 
     @property
     def bounded(self) -> bool:
@@ -58,11 +66,12 @@ class BoundOptions:
         require(self.max_drop_relative is None or 0 <= self.max_drop_relative < 1, "max_drop_relative",
                 self.max_drop_relative, "in [0, 1) (a fraction of the float model's mAP)")
         if not self.bounded:
-            loop_only = ("max_drop_cost", "max_drop_candidates")
+            loop_only = ("max_drop_cost", "max_drop_candidates", "max_drop_on")
             for key in loop_only if validation else (*loop_only, "val_data", "max_drop_images"):
                 if getattr(self, key) is not None:
                     raise EdgekitError(f"{flag(key)} applies only with --max-drop or --max-drop-relative; remove it")
         require(self.max_drop_cost in (None, *COSTS), "max_drop_cost", self.max_drop_cost, " | ".join(COSTS))
+        require(self.max_drop_on in (None, *MEASURES), "max_drop_on", self.max_drop_on, " | ".join(MEASURES))
         require(self.max_drop_images is None or 1 <= self.max_drop_images <= 100_000, "max_drop_images",
                 self.max_drop_images, "in [1, 100000]")
         require(self.max_drop_candidates is None or 0 <= self.max_drop_candidates <= 100_000, "max_drop_candidates",
@@ -194,16 +203,32 @@ def _weight_error_proxy(model, bits: dict):
     return lambda layer, b_from, b_to: error(layer, b_from) - error(layer, b_to)
 
 
+def spec_metric(model, batches, classes, measure=None):
+    """``spec -> mAP points``: ``measure`` (a deployed measure) or the spec's fake
+    quantization of ``model`` in torch."""
+    from edgekit.calibration.ptq import apply_fake_quant
+
+    if measure is not None:
+        return measure
+    return lambda spec: map_points(apply_fake_quant(model, spec), batches, classes)
+
+
+def measured_by(options: BoundOptions) -> str:
+    """What the record says the bound was measured on."""
+    return ("ONNX Runtime (the spec's QDQ graph)" if options.max_drop_on == "onnxruntime"
+            else "torch fake quantization (apply_fake_quant)")
+
+
 def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions, image_size: int,
-               log=lambda _: None, baseline: float | None = None) -> tuple[dict, dict]:
+               log=lambda _: None, baseline: float | None = None, measure=None) -> tuple[dict, dict]:
     """Run the accuracy-control loop on ``spec`` for the float ``model``; returns (the spec
     of the chosen assignment with the record under ``accuracy_control``, the record).
+    ``measure``: ``spec -> mAP points`` (default: :func:`spec_metric`'s fake quantization).
 
     The record: metric, baseline (float) and quantized mAP, the bound, each step (layer,
     bits before/after, mAP and drop after it, cost), the stop reason, feasibility."""
     from edgekit.calibration.accuracy_control import bits_from_spec, bops_cost, restore_until_bound, size_cost
     from edgekit.calibration.profiler import measure_layers
-    from edgekit.calibration.ptq import apply_fake_quant
 
     relative = options.max_drop_relative is not None
     bound = options.max_drop_relative if relative else options.max_drop
@@ -215,24 +240,25 @@ def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions,
     kind = options.max_drop_cost or "bops"
     cost = bops_cost(model, image_size) if kind == "bops" else size_cost(model, image_size)
     count = DEFAULT_CANDIDATES if options.max_drop_candidates is None else options.max_drop_candidates
-    trials = []
+    trials, score = [], spec_metric(model, batches, classes, measure)
 
     def evaluate(bits: dict) -> float:
-        value = map_points(apply_fake_quant(model, spec_for_bits(spec, model, bits)), batches, classes)
+        value = score(spec_for_bits(spec, model, bits))
         trials.append(value)
         return value
 
     unit = "%" if relative else " points"
     shown = bound * 100 if relative else bound
     log(f"accuracy control: float {METRIC} {baseline:.2f} on {sum(len(t) for _, t in batches)} validation images; "
-        f"bound: drop <= {shown:g}{unit}")
+        f"bound: drop <= {shown:g}{unit}, measured by {measured_by(options)}")
     ladders = _ladders(start, measure_layers(model, image_size))
     result = restore_until_bound(start, evaluate, cost, ladders, bound, baseline, relative=relative,
                                  proxy=_weight_error_proxy(model, start) if count else None, top_n=count or None)
     for number, step in enumerate(result.path, 1):
         log(f"  step {number}: {step.layer} {step.bits_from} -> {step.bits_to} bits: {METRIC} {step.metric:.2f} "
             f"(drop {step.drop * 100 if relative else step.drop:.3g}{unit}, tried {step.tried})")
-    record = {"metric_name": METRIC, "cost_unit": kind, "validation_images": sum(len(t) for _, t in batches),
+    record = {"metric_name": METRIC, "measured_by": measured_by(options), "cost_unit": kind,
+              "validation_images": sum(len(t) for _, t in batches),
               "candidates_per_step": count or "all", **result.to_dict()}
     chosen = spec_for_bits(spec, model, result.bits)
     chosen["accuracy_control"] = record

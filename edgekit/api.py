@@ -25,6 +25,7 @@ _EXPORTS = {
     "QuantizeResult": "edgekit.calibration.pipeline", "quantize_model": "edgekit.calibration.pipeline",
     "calibrate_checkpoint": "edgekit.calibration.pipeline", "CalibrateConfig": "edgekit.calibration.pipeline",
     "CalibrateResult": "edgekit.calibration.pipeline",
+    "onnxruntime_measure": "edgekit.export.deployed_metric",  # deployed_measure for max_drop_on="onnxruntime"
     "export": "edgekit.export.pipeline", "ExportConfig": "edgekit.export.pipeline",
     "ExportResult": "edgekit.export.pipeline", "ParityError": "edgekit.export.parity",
     "bench": "edgekit.benchmarks.model_bench", "BenchConfig": "edgekit.benchmarks.model_bench",

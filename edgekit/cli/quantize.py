@@ -76,7 +76,7 @@ def add_commands(sub) -> None:
 
 
 def _add_bound_flags(parser) -> None:
-    from edgekit.calibration.accuracy_bound import COSTS, DEFAULT_CANDIDATES, DEFAULT_IMAGES
+    from edgekit.calibration.accuracy_bound import COSTS, DEFAULT_CANDIDATES, DEFAULT_IMAGES, MEASURES
 
     bound = parser.add_mutually_exclusive_group()
     bound.add_argument("--max-drop", type=float,
@@ -91,8 +91,20 @@ def _add_bound_flags(parser) -> None:
     parser.add_argument("--max-drop-candidates", type=int,
                         help=f"layers tried per step, those whose weight error drops most per cost (default "
                              f"{DEFAULT_CANDIDATES}; 0: all)")
+    parser.add_argument("--max-drop-on", choices=MEASURES,
+                        help="what the bound is measured on: fake-quant (default: the spec simulated in torch) or "
+                             "onnxruntime (the spec's QDQ graph, as deployed; slower per step)")
     parser.add_argument("--val-data", help="validation split (images/ + labelTxt/) for --max-drop and --observer "
                                            "auto (default: the val/ split beside --data)")
+
+
+def _deployed_measure(options):
+    """ONNX Runtime's measure for ``--max-drop-on onnxruntime`` (export's code: the stages cannot import it)."""
+    if options.max_drop_on != "onnxruntime":
+        return None
+    from edgekit.export.deployed_metric import onnxruntime_measure
+
+    return onnxruntime_measure
 
 
 def _bound_failed(record, written) -> None:
@@ -123,7 +135,7 @@ def _quantize(args) -> int:
 
     recipe = config_from_args(QuantizeRecipe, args)
     result = quantize_checkpoint(args.checkpoint, recipe, data=args.data, out=args.out,
-                                 log=lambda line: print(line, flush=True))
+                                 log=lambda line: print(line, flush=True), deployed_measure=_deployed_measure(recipe))
     t = result.totals
     seconds = result.search.seconds if result.search else 0.0
     print(f"{result.model_name}: {t['bops'] / 1e9:.3f} GBOPs, {t['size_mb']:.4f} MB, search {seconds:.2f} s "
@@ -137,7 +149,7 @@ def _calibrate(args) -> int:
 
     config = config_from_args(CalibrateConfig, args)
     result = calibrate_checkpoint(args.checkpoint, args.data, config, out=args.out,
-                                  log=lambda line: print(line, flush=True))
+                                  log=lambda line: print(line, flush=True), deployed_measure=_deployed_measure(config))
     print(f"calibrated {len(result.spec['layers'])} layers on {result.images} images ({result.observer}, "
           f"W{config.weight_bits}A{config.act_bits}) -> {result.path}")
     _bound_failed(result.accuracy, result.path)
