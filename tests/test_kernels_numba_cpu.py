@@ -488,7 +488,9 @@ def test_deform_empty_batch_gives_empty_output_and_gradients():
 
 
 def test_deform_channels_last_input_matches_nchw_input():
-    """A channels_last input is used in place (no copy); the results are the same."""
+    """A channels_last input is used in place (no copy); the results are the same: the output
+    bit for bit, the gradients to float32 rounding (the backward sums per-thread input-gradient
+    buffers, and which thread takes which chunk varies from run to run under load)."""
     seed = fresh_seed()
     case = random_deform_case(np.random.default_rng(seed), dtype=torch.float32, requires_grad=True, min_size=3)
     args = tensor_args(case)
@@ -499,7 +501,7 @@ def test_deform_channels_last_input_matches_nchw_input():
     out, grads_nchw = grads(numba_cpu.deform_conv2d, nchw, seed % 2**31)
     assert torch.equal(out_cl, out), f"seed {seed}"
     for a, b in zip(grads_cl, grads_nchw):
-        assert torch.equal(a, b), f"seed {seed}"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
 
 
 # ----------------------------------------------------------------- routing and modules
