@@ -207,6 +207,26 @@ class AccuracyControlSuiteConfig(StageConfig):
 
 
 @dataclass
+class SafeDefaultsSuiteConfig(StageConfig):
+    """The detector-safe defaults one at a time: each group quantize keeps at 8 bits (first
+    layer, box regression outputs, score logits) lowered to 4 bits, simulated and in ONNX
+    Runtime (``benchmarks/safe_defaults.py``)."""
+
+    checkpoint: str = field(default="", metadata={"help": "float rsdet checkpoint"})
+    data: str = field(default="", metadata={"help": "DOTA root (train/ and val/) of --checkpoint"})
+    val_images: int = field(default=32, metadata={"help": "validation images of every mAP (a fixed seeded subset)"})
+    calib_batches: int = field(default=16, metadata={"help": "calibration batches of 2"})
+    out: str = RESULTS
+
+    def check(self) -> None:
+        require(Path(self.checkpoint).is_file(), "checkpoint", self.checkpoint, "a float rsdet checkpoint file")
+        require(Path(self.data, "val").is_dir() and Path(self.data, "train").is_dir(), "data", self.data,
+                "a DOTA root with train/ and val/")
+        for key in ("val_images", "calib_batches"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+
+
+@dataclass
 class PeersSuiteConfig(StageConfig):
     """edgekit's FP32 and INT8 exports in ONNX Runtime and OpenVINO beside ONNX Runtime's
     quantize_static and NNCF INT8, on the same calibration images, timed side by side."""
@@ -244,6 +264,8 @@ SUITES = {  # name: (config, "module:function", what it measures)
               "edgekit's FP32/INT8 in ONNX Runtime and OpenVINO beside quantize_static and NNCF"),
     "accuracy-control": (AccuracyControlSuiteConfig, "accuracy_control:accuracy_control_suite",
                          "quantize --max-drop against W8A8 PTQ on the built-in detector, and 8 calibration images"),
+    "safe-defaults": (SafeDefaultsSuiteConfig, "safe_defaults:safe_defaults_suite",
+                      "each 8-bit default of quantize (first layer, box outputs, score logits) lowered to 4 bits"),
     "neon": (NeonSuiteConfig, "neon:neon_suite",
              "rsdet_atto fine-tuned on real NEON tree crowns, scored on another site, then quantized"),
     "label-efficiency": (LabelEfficiencySuiteConfig, "label_efficiency:label_efficiency_suite",
