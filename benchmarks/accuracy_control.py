@@ -76,7 +76,7 @@ def run(config) -> dict:
     from edgekit.calibration.profiler import profile_model
 
     from edgekit.engine.checkpoint import load
-    from edgekit.fileio import write_json_atomic, write_text_atomic
+    from edgekit.fileio import write_results
     from edgekit.sysinfo import environment
 
     torch.manual_seed(config.seed)
@@ -133,9 +133,7 @@ def run(config) -> dict:
               "not_run": {"measured-latency cost": "--max-drop-cost latency is not implemented (bops, size): on "
                                                    "this CPU's ORT every sub-8-bit layer runs the same int8 kernel"},
               "log": lines}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "accuracy_control_cpu.json", record)
-    write_text_atomic(out / "accuracy_control_cpu.md", markdown(record))
+    write_results(out, "accuracy_control_cpu", record, markdown(record))
     return record
 
 

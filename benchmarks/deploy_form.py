@@ -217,7 +217,7 @@ def run(out: Path, *, image_size: int = 256, rounds: int = 40, threads: int = 2,
     from edgekit.benchmarks.latency import measure_interleaved, ratio_of_rounds
     from edgekit.export.parity import check_parity
     from edgekit.export.to_onnx import export_onnx, read_metadata
-    from edgekit.fileio import write_json_atomic, write_text_atomic
+    from edgekit.fileio import write_results
     from edgekit.sysinfo import environment
 
     out = Path(out)
@@ -268,9 +268,7 @@ def run(out: Path, *, image_size: int = 256, rounds: int = 40, threads: int = 2,
               "deploy_graph_passes": deploy_meta.get("graph_passes"),
               "deploy_simplified": deploy_meta.get("simplified"),
               "ablation_nodes_rewritten": rewritten, "results": rows, "op_time_shares": profiles}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "deploy_form_cpu.json", record)
-    write_text_atomic(out / "deploy_form_cpu.md", markdown(record))
+    write_results(out, "deploy_form_cpu", record, markdown(record))
     return record
 
 

@@ -41,7 +41,7 @@ def run(config) -> dict:
     from edgekit.calibration.quantize import default_example_input, quantizable_layers, trace_layers
     from edgekit.engine.checkpoint import load
     from edgekit.export.deployed_metric import OnnxRuntimeMeasure
-    from edgekit.fileio import write_json_atomic, write_text_atomic
+    from edgekit.fileio import write_results
     from edgekit.sysinfo import environment
 
     started = time.perf_counter()
@@ -74,10 +74,7 @@ def run(config) -> dict:
               "float_map": baseline, "calibration_images": 2 * config.calib_batches, "rows": rows,
               "first_layers": sorted(graph.first), "output_layers": sorted(graph.last),
               "seconds": time.perf_counter() - started, "machine": environment()}
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "safe_defaults_cpu.json", record)
-    write_text_atomic(out / "safe_defaults_cpu.md", markdown(record))
+    write_results(config.out, "safe_defaults_cpu", record, markdown(record))
     return record
 
 

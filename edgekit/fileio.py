@@ -75,6 +75,14 @@ def write_json_atomic(path: str | Path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def write_results(out: str | Path, stem: str, record: dict, text: str) -> list[Path]:
+    """A benchmark's result pair, ``<stem>.json`` (the record) and ``<stem>.md`` (``text``),
+    under ``out`` (made if missing), each written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return [write_json_atomic(out / f"{stem}.json", record), write_text_atomic(out / f"{stem}.md", text)]
+
+
 def read_json(path: str | Path, what: str, fix: str):
     """Parse a JSON file; a missing or corrupt file is one line: ``"{what} {path} ..., {fix}"``."""
     path = Path(path)
