@@ -127,14 +127,16 @@ def test_loss_decreases_on_a_fixed_image(tmp_path, rng):
     pixels = scene(rng, 64, 64)
     Image.fromarray(pixels).save(folder / "fixed.png")  # the crop is the whole image
     cfg = PretrainConfig(data=str(folder), out=str(tmp_path / "run"), input_size=64, batch_size=2, epochs=2,
-                         crops_per_image=50, mask_ratio=0.5, lr=3e-3, warmup_epochs=0.2, reconstructions=0, **FAST)
+                         crops_per_image=80, mask_ratio=0.5, lr=2e-3, grad_clip=1.0, warmup_epochs=0.2,
+                         reconstructions=0, **FAST)
     result = pretrain(cfg)
-    assert sum(h["steps"] for h in result.history) == 50
+    assert sum(h["steps"] for h in result.history) == 80
     image = to_tensor(pixels)[None]
     trained = all_masks_loss(load_fcmae_checkpoint(result.checkpoint)[0], image)
     untrained = all_masks_loss(FCMAE(**load_fcmae_checkpoint(result.checkpoint)[1]["kwargs"]), image)
-    print(f"loss before {untrained:.3f}, after 50 steps {trained:.3f}; per epoch {result.history}")
-    # 14 runs gave 0.40-0.72 of the untrained loss (mean 0.55); a model that does not learn stays near 1
+    print(f"loss before {untrained:.3f}, after 80 steps {trained:.3f}; per epoch {result.history}")
+    # lr 3e-3 without clipping diverged on one seed in 20 (1.05); at this setting the 7 hardest of 21 seeds
+    # gave 0.41-0.70 of the untrained loss (50 steps: 0.36-0.75 over 21); a model that does not learn stays near 1
     assert trained < 0.85 * untrained
 
 
