@@ -18,6 +18,10 @@ ONNX Runtime (:mod:`edgekit.export.deployed_metric`, handed in by the caller as
 ``deployed_measure``: this package cannot import the export package, which reads its
 specs). Slower per trial, but the bound then holds for the file a user ships: the
 simulation and the deployed graph differ by tenths of a point on small validation sets.
+
+``max_drop_cost="latency"`` prices moves by each layer's latency measured alone in ONNX
+Runtime at each width (:mod:`edgekit.export.layer_latency`, handed in as ``layer_cost``
+for the same reason); the signed table goes into the record.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from edgekit.errors import EdgekitError
 
 SEED = 0                     # calibration images and the validation subset are drawn with it
 FEW_IMAGES = 300             # fewer calibration images than this: a warning (Ultralytics' 8-image pitfall)
-COSTS = ("bops", "size")
+COSTS = ("bops", "size", "latency")
 MEASURES = ("fake-quant", "onnxruntime")
 DEFAULT_IMAGES = 64
 DEFAULT_CANDIDATES = 8
@@ -46,7 +50,7 @@ class BoundOptions:
 
     max_drop: float | None = None
     max_drop_relative: float | None = None
-    max_drop_cost: str | None = None         # bops (default) | size
+    max_drop_cost: str | None = None         # bops (default) | size | latency (measured in ONNX Runtime)
     max_drop_images: int | None = None       # validation images per evaluation (default 64)
     max_drop_candidates: int | None = None   # moves tried per step (default 8; 0: every move)
     val_data: str | None = None              # validation split (default: the val/ split beside --data)
@@ -220,10 +224,13 @@ def measured_by(options: BoundOptions) -> str:
 
 
 def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions, image_size: int,
-               log=lambda _: None, baseline: float | None = None, measure=None) -> tuple[dict, dict]:
+               log=lambda _: None, baseline: float | None = None, measure=None,
+               layer_cost=None) -> tuple[dict, dict]:
     """Run the accuracy-control loop on ``spec`` for the float ``model``; returns (the spec
     of the chosen assignment with the record under ``accuracy_control``, the record).
     ``measure``: ``spec -> mAP points`` (default: :func:`spec_metric`'s fake quantization).
+    ``layer_cost``: with the latency cost, ``(model, spec, image_size, ladders, log) ->
+    (cost, table)``.
 
     The record: metric, baseline (float) and quantized mAP, the bound, each step (layer,
     bits before/after, mAP and drop after it, cost), the stop reason, feasibility."""
@@ -238,7 +245,14 @@ def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions,
     if not start:
         raise EdgekitError("the quant spec has no quantized layer; nothing to bound")
     kind = options.max_drop_cost or "bops"
-    cost = bops_cost(model, image_size) if kind == "bops" else size_cost(model, image_size)
+    ladders = _ladders(start, measure_layers(model, image_size))
+    table = None
+    if kind == "latency":
+        if layer_cost is None:
+            raise EdgekitError("max_drop_cost='latency' needs layer_cost (edgekit.export.layer_latency)")
+        cost, table = layer_cost(model, spec, image_size, ladders, log)
+    else:
+        cost = bops_cost(model, image_size) if kind == "bops" else size_cost(model, image_size)
     count = DEFAULT_CANDIDATES if options.max_drop_candidates is None else options.max_drop_candidates
     trials, score = [], spec_metric(model, batches, classes, measure)
 
@@ -251,7 +265,6 @@ def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions,
     shown = bound * 100 if relative else bound
     log(f"accuracy control: float {METRIC} {baseline:.2f} on {sum(len(t) for _, t in batches)} validation images; "
         f"bound: drop <= {shown:g}{unit}, measured by {measured_by(options)}")
-    ladders = _ladders(start, measure_layers(model, image_size))
     result = restore_until_bound(start, evaluate, cost, ladders, bound, baseline, relative=relative,
                                  proxy=_weight_error_proxy(model, start) if count else None, top_n=count or None)
     for number, step in enumerate(result.path, 1):
@@ -260,6 +273,8 @@ def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions,
     record = {"metric_name": METRIC, "measured_by": measured_by(options), "cost_unit": kind,
               "validation_images": sum(len(t) for _, t in batches),
               "candidates_per_step": count or "all", **result.to_dict()}
+    if table is not None:
+        record["latency_seconds"] = table  # {layer: {width: seconds alone in ONNX Runtime}}
     chosen = spec_for_bits(spec, model, result.bits)
     chosen["accuracy_control"] = record
     return chosen, record

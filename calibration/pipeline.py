@@ -237,13 +237,19 @@ def build_quantized(model, config, calibration: list, image_size: int, progress:
     return qmodel
 
 
-def _check_measure(options: BoundOptions, deployed_measure) -> None:
-    """``--max-drop-on onnxruntime`` and the deployed measure come together (before any work)."""
+def _check_measure(options: BoundOptions, deployed_measure, layer_cost=None) -> None:
+    """``--max-drop-on onnxruntime`` and the deployed measure come together, as do
+    ``--max-drop-cost latency`` and the layer latency table's factory (before any work)."""
     if options.max_drop_on == "onnxruntime" and deployed_measure is None:
         raise EdgekitError("max_drop_on='onnxruntime' needs deployed_measure="
                            "edgekit.export.deployed_metric.onnxruntime_measure (the command line passes it)")
     if deployed_measure is not None and options.max_drop_on != "onnxruntime":
         raise EdgekitError("deployed_measure applies only with max_drop_on='onnxruntime' (--max-drop-on); remove it")
+    if options.max_drop_cost == "latency" and layer_cost is None:
+        raise EdgekitError("max_drop_cost='latency' needs layer_cost="
+                           "edgekit.export.layer_latency.onnxruntime_latency (the command line passes it)")
+    if layer_cost is not None and options.max_drop_cost != "latency":
+        raise EdgekitError("layer_cost applies only with max_drop_cost='latency' (--max-drop-cost); remove it")
 
 
 @contextlib.contextmanager
@@ -258,7 +264,8 @@ def _measure(deployed_measure, model, size: int, validation, classes):
 
 
 def quantize_checkpoint(checkpoint, recipe: QuantizeRecipe | None = None, data=None, out=None,
-                        log: Callable[[str], None] = lambda _: None, deployed_measure=None) -> QuantizeResult:
+                        log: Callable[[str], None] = lambda _: None, deployed_measure=None,
+                        layer_cost=None) -> QuantizeResult:
     """Quantize a float checkpoint (or a registered model name: random weights) by
     ``recipe``; calibration and sensitivity batches come from ``data`` (a DOTA split, or a
     root whose train/ split is used), drawn at random with a fixed seed, or, without it,
@@ -266,14 +273,15 @@ def quantize_checkpoint(checkpoint, recipe: QuantizeRecipe | None = None, data=N
     ``recipe.max_drop``, the mAP drop on the validation split is bounded afterwards (see
     :mod:`edgekit.calibration.accuracy_bound`; ``result.accuracy`` holds the record, whose
     ``feasible`` is False when the bound could not be met), on ``deployed_measure``'s
-    metric with ``recipe.max_drop_on="onnxruntime"``. With ``out``, writes the stage's
-    files there (see the module doc)."""
+    metric with ``recipe.max_drop_on="onnxruntime"``, with ``layer_cost``'s measured
+    latencies as the cost with ``recipe.max_drop_cost="latency"``. With ``out``, writes
+    the stage's files there (see the module doc)."""
     from edgekit.calibration.accuracy_bound import split_folders
     from edgekit.engine.checkpoint import load
     from edgekit.fileio import check_output_dir
 
     recipe = recipe or QuantizeRecipe()
-    _check_measure(recipe, deployed_measure)
+    _check_measure(recipe, deployed_measure, layer_cost)
     if recipe.qat_epochs and not recipe.qat_data:
         raise EdgekitError("--qat-epochs needs --qat-data (a DOTA root with train/ and val/)")
     if recipe.qat_epochs and out is None:
@@ -307,7 +315,7 @@ def quantize_checkpoint(checkpoint, recipe: QuantizeRecipe | None = None, data=N
     _add_conv_outputs(result, recipe, loaded, calib_split)
     if validation is not None:
         with _measure(deployed_measure, model, size, validation, model.class_names) as measure:
-            _bound_quantized(result, recipe, loaded, validation, calib_split, log, measure)
+            _bound_quantized(result, recipe, loaded, validation, calib_split, log, measure, layer_cost)
     if out is not None:
         result.out = Path(out)
         result.files = _write_quantized(result, recipe, loaded, Path(out))
@@ -338,7 +346,7 @@ def _add_conv_outputs(result: QuantizeResult, recipe: QuantizeRecipe, loaded, ca
 
 
 def _bound_quantized(result: QuantizeResult, recipe: QuantizeRecipe, loaded, validation: list, calib_split,
-                     log, measure=None) -> None:
+                     log, measure=None, layer_cost=None) -> None:
     """Accuracy control on the quantized model's spec; the model of the assignment it
     settles on is rebuilt (the recipe's build step) and measured once more, so that the
     record's final figures are those of the files written. The rebuild keeps the grids the
@@ -351,7 +359,8 @@ def _bound_quantized(result: QuantizeResult, recipe: QuantizeRecipe, loaded, val
     from edgekit.calibration.quantize import quant_spec_from_model
 
     model, classes, size = loaded.model, loaded.model.class_names, result.image_size
-    _, record = ab.bound_spec(model, result.spec, validation, classes, recipe, size, log, measure=measure)
+    _, record = ab.bound_spec(model, result.spec, validation, classes, recipe, size, log, measure=measure,
+                              layer_cost=layer_cost)
     if record["bits"] != bits_from_spec(result.spec):
         config = ab.config_for_bits(result.config, record["bits"])
         calibration = [x for x, _ in sample_batches(model, size, recipe.calib_batches, calib_split)]
@@ -486,13 +495,15 @@ class CalibrateResult:
 
 
 def calibrate_checkpoint(checkpoint, data, config: CalibrateConfig | None = None, out=None,
-                         log: Callable[[str], None] = lambda _: None, deployed_measure=None) -> CalibrateResult:
+                         log: Callable[[str], None] = lambda _: None, deployed_measure=None,
+                         layer_cost=None) -> CalibrateResult:
     """PTQ: observe a float detector checkpoint on ``config.batches`` batches of a DOTA
     split (or a root's train/ split), drawn at random with a fixed seed, and return its
     quant spec (written to ``out``, a JSON file path, when given). ``observer="auto"``
     calibrates with each observer and keeps the best by validation mAP; ``max_drop``
     then bounds the drop (``result.accuracy``; ``feasible`` False when it could not), on
-    ``deployed_measure``'s metric with ``config.max_drop_on="onnxruntime"``."""
+    ``deployed_measure``'s metric with ``config.max_drop_on="onnxruntime"`` (and
+    ``layer_cost``'s latencies with ``config.max_drop_cost="latency"``)."""
     from edgekit.calibration import accuracy_bound as ab
     from edgekit.calibration.ptq import apply_fake_quant, calibrate
     from edgekit.calibration.spec import save_spec
@@ -500,7 +511,7 @@ def calibrate_checkpoint(checkpoint, data, config: CalibrateConfig | None = None
     from edgekit.fileio import check_output_file
 
     config = config or CalibrateConfig()
-    _check_measure(config, deployed_measure)
+    _check_measure(config, deployed_measure, layer_cost)
     if out is not None:
         check_output_file(out, "--out")
     if data is None or not Path(data).is_dir():
@@ -540,7 +551,7 @@ def calibrate_checkpoint(checkpoint, data, config: CalibrateConfig | None = None
     if config.bounded:
         with _measure(deployed_measure, loaded.model, loaded.image_size, validation, classes) as measure:
             spec, record = ab.bound_spec(loaded.model, spec, validation, classes, config, loaded.image_size, log,
-                                         baseline=baseline, measure=measure)
+                                         baseline=baseline, measure=measure, layer_cost=layer_cost)
         ab.recheck(record, record["metric"])  # the spec evaluated is the spec written
         log(ab.summary_line(record))
     return CalibrateResult(spec, images, save_spec(spec, out) if out is not None else None, scores, record)

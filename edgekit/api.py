@@ -26,6 +26,7 @@ _EXPORTS = {
     "calibrate_checkpoint": "edgekit.calibration.pipeline", "CalibrateConfig": "edgekit.calibration.pipeline",
     "CalibrateResult": "edgekit.calibration.pipeline",
     "onnxruntime_measure": "edgekit.export.deployed_metric",  # deployed_measure for max_drop_on="onnxruntime"
+    "onnxruntime_latency": "edgekit.export.layer_latency",  # layer_cost for max_drop_cost="latency"
     "export": "edgekit.export.pipeline", "ExportConfig": "edgekit.export.pipeline",
     "ExportResult": "edgekit.export.pipeline", "ParityError": "edgekit.export.parity",
     "bench": "edgekit.benchmarks.model_bench", "BenchConfig": "edgekit.benchmarks.model_bench",

@@ -184,7 +184,7 @@ def test_bound_options_are_checked():
         assert "--max-drop-relative" in one_line_error(config, max_drop_relative=-0.1)
         assert "not both" in one_line_error(config, max_drop=1.0, max_drop_relative=0.01)
         assert "applies only with --max-drop" in one_line_error(config, max_drop_cost="size")
-        assert "--max-drop-cost" in one_line_error(config, max_drop=1.0, max_drop_cost="latency")
+        assert "--max-drop-cost" in one_line_error(config, max_drop=1.0, max_drop_cost="energy")
     assert "applies only with --max-drop" in one_line_error(QuantizeRecipe, val_data="somewhere")
     assert "--qat-epochs" in one_line_error(QuantizeRecipe, max_drop=1.0, qat_epochs=1, qat_data="x")
     CalibrateConfig(observer="auto", val_data="somewhere", max_drop_images=4)  # auto reads validation data too

@@ -85,7 +85,9 @@ def _add_bound_flags(parser) -> None:
                             "cannot)")
     bound.add_argument("--max-drop-relative", type=float,
                        help="the same as a fraction of the float model's mAP (0.01: 1 %%)")
-    parser.add_argument("--max-drop-cost", choices=COSTS, help="the cost a restored layer is charged (default bops)")
+    parser.add_argument("--max-drop-cost", choices=COSTS,
+                        help="the cost a restored layer is charged (default bops; latency: each layer timed alone "
+                             "in ONNX Runtime at each width)")
     parser.add_argument("--max-drop-images", type=int,
                         help=f"validation images per evaluation, a fixed seeded subset (default {DEFAULT_IMAGES})")
     parser.add_argument("--max-drop-candidates", type=int,
@@ -105,6 +107,15 @@ def _deployed_measure(options):
     from edgekit.export.deployed_metric import onnxruntime_measure
 
     return onnxruntime_measure
+
+
+def _layer_cost(options):
+    """ONNX Runtime's per-layer latency table for ``--max-drop-cost latency`` (export's code, likewise)."""
+    if options.max_drop_cost != "latency":
+        return None
+    from edgekit.export.layer_latency import onnxruntime_latency
+
+    return onnxruntime_latency
 
 
 def _bound_failed(record, written) -> None:
@@ -135,7 +146,8 @@ def _quantize(args) -> int:
 
     recipe = config_from_args(QuantizeRecipe, args)
     result = quantize_checkpoint(args.checkpoint, recipe, data=args.data, out=args.out,
-                                 log=lambda line: print(line, flush=True), deployed_measure=_deployed_measure(recipe))
+                                 log=lambda line: print(line, flush=True), deployed_measure=_deployed_measure(recipe),
+                                 layer_cost=_layer_cost(recipe))
     t = result.totals
     seconds = result.search.seconds if result.search else 0.0
     print(f"{result.model_name}: {t['bops'] / 1e9:.3f} GBOPs, {t['size_mb']:.4f} MB, search {seconds:.2f} s "
@@ -149,7 +161,8 @@ def _calibrate(args) -> int:
 
     config = config_from_args(CalibrateConfig, args)
     result = calibrate_checkpoint(args.checkpoint, args.data, config, out=args.out,
-                                  log=lambda line: print(line, flush=True), deployed_measure=_deployed_measure(config))
+                                  log=lambda line: print(line, flush=True), deployed_measure=_deployed_measure(config),
+                                  layer_cost=_layer_cost(config))
     print(f"calibrated {len(result.spec['layers'])} layers on {result.images} images ({result.observer}, "
           f"W{config.weight_bits}A{config.act_bits}) -> {result.path}")
     _bound_failed(result.accuracy, result.path)
