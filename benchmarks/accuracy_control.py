@@ -10,7 +10,9 @@ Rows (one detector, one fixed seeded validation subset for every mAP, the subset
 - the detector-safe default, shown by a pair: W4A8 with the first and last layers (the
   stem and the head's box/score outputs) kept at 8 bits, against every layer at 4 bits;
 - the two per-layer bit choosers: GHOST's threshold rule and the cluster-validity index;
-- GHOST with ``--max-drop`` for each bound: the drop reached on the written model, the path;
+- GHOST with ``--max-drop`` for each bound, measured in simulation, in ONNX Runtime, and in
+  ONNX Runtime with each layer's measured latency as the cost: the drop reached on the
+  written model, the path;
 - the peers (:mod:`edgekit.benchmarks.accuracy_peers`): ``quantize_static`` on the same
   calibration images, NNCF's ``quantize_with_accuracy_control`` at each bound.
 
@@ -178,25 +180,31 @@ def _searched_rows(config, checkpoint, data, loaded, val, baseline, work, log) -
 
     from edgekit.export.deployed_metric import onnxruntime_measure
 
-    plans = [(name, options, None, None) for name, options in SEARCHED]
-    for bound in config.bounds or BOUNDS:
-        plans += [(f"ghost + --max-drop {bound:g}", {"method": "ghost"}, bound, None),
-                  (f"ghost + --max-drop {bound:g} --max-drop-on onnxruntime", {"method": "ghost"}, bound, "onnxruntime")]
+    from edgekit.export.layer_latency import onnxruntime_latency
+
+    plans = [(name, options, None, None, None) for name, options in SEARCHED]
+    for bound in config.bounds or BOUNDS:  # bounded in simulation, in ORT, in ORT with measured latency as the cost
+        on_ort = f"ghost + --max-drop {bound:g} --max-drop-on onnxruntime"
+        plans += [(f"ghost + --max-drop {bound:g}", {"method": "ghost"}, bound, None, None),
+                  (on_ort, {"method": "ghost"}, bound, "onnxruntime", None),
+                  (f"{on_ort} --max-drop-cost latency", {"method": "ghost"}, bound, "onnxruntime", "latency")]
     rows = []
-    for index, (name, options, bound, measure) in enumerate(plans):
+    for index, (name, options, bound, measure, cost) in enumerate(plans):
         started = time.perf_counter()
         extra = {"max_drop": bound, "max_drop_images": config.val_images, "max_drop_on": measure,
-                 "max_drop_candidates": config.candidates} if bound is not None else {}
+                 "max_drop_cost": cost, "max_drop_candidates": config.candidates} if bound is not None else {}
         recipe = QuantizeRecipe(calib_batches=config.quantize_calib_batches, progress=False, **options, **extra)
         target = work / f"searched_{index}"
         result = quantize_checkpoint(checkpoint, recipe, data=data / "train", out=target, log=log,
-                                     deployed_measure=onnxruntime_measure if measure else None)
+                                     deployed_measure=onnxruntime_measure if measure else None,
+                                     layer_cost=onnxruntime_latency if cost == "latency" else None)
         record = result.accuracy if bound is not None else None
         metric = (record["final_metric"] if record is not None
                   else ab.map_points(apply_fake_quant(loaded.model, result.spec), val, loaded.detector_classes()))
         row = {"row": name, "tool": "edgekit quantize", "map": metric, "drop": baseline - metric,
                "bops": result.totals["bops"], "size_mb": result.totals["size_mb"], "bound": bound,
                "measured_on": None if bound is None else (measure or "fake-quant"),
+               "cost_unit": None if bound is None else (cost or "bops"),
                "feasible": None if record is None else record["feasible"],
                "steps": None if record is None else [
                    {k: s[k] for k in ("layer", "bits_from", "bits_to", "metric", "drop", "tried")}
@@ -280,7 +288,8 @@ def _comparisons(rows: list[dict], baseline: float) -> list[dict]:
         theirs = next((r for r in rows if r.get("bound") == ours["bound"] and r["tool"] == "nncf"), None)
         if theirs is None:
             continue
-        entry = {"bound": ours["bound"], "measured_on": ours["measured_on"], "edgekit_drop": _deployed_drop(ours, baseline),
+        entry = {"bound": ours["bound"], "measured_on": ours["measured_on"], "cost_unit": ours.get("cost_unit", "bops"),
+                 "edgekit_drop": _deployed_drop(ours, baseline),
                  "nncf_drop": _deployed_drop(theirs, baseline),
                  "edgekit_file_mb": ours.get("file_mb"), "nncf_file_mb": theirs.get("file_mb")}
         if ours.get("file_mb") and theirs.get("file_mb"):
@@ -336,10 +345,11 @@ def markdown(record: dict) -> str:
                      f"{r.get('evaluations') or r.get('nncf_validations') or ''} |")
     if record.get("comparisons"):
         lines += ["", "## edgekit against NNCF at the same bound", "",
-                  "| bound | edgekit measured on | edgekit drop (ORT) | NNCF drop (OV) | file MB edgekit / NNCF "
+                  "| bound | edgekit measured on, cost | edgekit drop (ORT) | NNCF drop (OV) | file MB edgekit / NNCF "
                   "| NNCF OV ms / edgekit ORT ms | NNCF OV ms / edgekit OV ms |", "|---|---|---|---|---|---|---|"]
         for c in record["comparisons"]:
-            lines.append(f"| {c['bound']:g} | {c.get('measured_on', 'fake-quant')} | {_cell(c['edgekit_drop'])} | "
+            lines.append(f"| {c['bound']:g} | {c.get('measured_on', 'fake-quant')}, {c.get('cost_unit', 'bops')} | "
+                         f"{_cell(c['edgekit_drop'])} | "
                          f"{_cell(c['nncf_drop'])} | "
                          f"{_cell(c['edgekit_file_mb'], '{:.3f}')} / {_cell(c['nncf_file_mb'], '{:.3f}')} | "
                          f"{_cell(c.get('speed_ratio_ort_ms_vs_nncf_openvino'))} | "
