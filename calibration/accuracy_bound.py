@@ -21,7 +21,7 @@ simulation and the deployed graph differ by tenths of a point on small validatio
 
 ``max_drop_cost="latency"`` prices moves by each layer's latency measured alone in ONNX
 Runtime at each width (:mod:`edgekit.export.layer_latency`, handed in as ``layer_cost``
-for the same reason); the signed table goes into the record.
+for the same reason); the seconds per layer and width go into the record.
 """
 
 from __future__ import annotations
@@ -247,6 +247,8 @@ def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions,
     kind = options.max_drop_cost or "bops"
     ladders = _ladders(start, measure_layers(model, image_size))
     table = None
+    if layer_cost is not None and kind != "latency":
+        raise EdgekitError("layer_cost applies only with max_drop_cost='latency' (--max-drop-cost); remove it")
     if kind == "latency":
         if layer_cost is None:
             raise EdgekitError("max_drop_cost='latency' needs layer_cost (edgekit.export.layer_latency)")

@@ -196,8 +196,9 @@ def restore_until_bound(spec_or_bits, evaluate, cost, candidates, max_drop: floa
                     stop = STOP_EXHAUSTED
                     break
                 costs = {move: _checked_cost(cost(*move), move) for move in moves}
-                if top_n is not None:
-                    moves = sorted(moves, key=lambda m: -_ratio(float(proxy(*m)), costs[m]))[:top_n]
+                if top_n is not None:  # ties (free moves: an infinite ratio) go to the larger proxy
+                    ranked = {m: float(proxy(*m)) for m in moves}
+                    moves = sorted(moves, key=lambda m: (-_ratio(ranked[m], costs[m]), -ranked[m]))[:top_n]
                 trials = [(move, run({**bits, move[0]: move[2]})) for move in moves]
                 move, after = _pick(trials, metric, costs)
                 bits[move[0]] = move[2]

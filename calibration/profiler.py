@@ -101,10 +101,33 @@ def _image_hw(image_size) -> tuple:
     return image_size
 
 
+def forward_once(model, image_size=256, in_channels: int | None = None) -> None:
+    """One batch-1 forward of zeros in eval mode without gradients (the hooks' pass), the
+    training mode restored; ``in_channels`` defaults to the first conv's. A model that
+    cannot run at that size is one line naming the size."""
+    import torch
+    import torch.nn as nn
+
+    h, w = _image_hw(image_size)
+    if in_channels is None:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        in_channels = first.in_channels if first is not None else 3
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, h, w, device=param.device, dtype=param.dtype))
+    except (RuntimeError, ValueError) as exc:
+        raise EdgekitError(f"a forward pass at image size {h}x{w} failed ({str(exc).splitlines()[0]}); "
+                           f"choose another --image-size (ConvNeXt models need sides >= 32)") from None
+    finally:
+        model.train(was_training)
+
+
 def measure_layers(model, image_size=256, in_channels: int | None = None) -> dict:
     """``{path: (type, weight params, MACs, sampling MACs)}`` for every Conv2d, Linear and
     deformable conv that runs in one forward pass of a batch-1 image (summed over calls)."""
-    import torch
     import torch.nn as nn
 
     from edgekit.models.deform import DeformConv2d
@@ -136,22 +159,11 @@ def measure_layers(model, image_size=256, in_channels: int | None = None) -> dic
         if isinstance(module, (nn.Conv2d, nn.Linear, DeformConv2d)):
             handles.append(module.register_forward_hook(
                 lambda m, a, k, o, path=path: hook(m, a, k, o, path), with_kwargs=True))
-    if in_channels is None:
-        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        in_channels = first.in_channels if first is not None else 3
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, in_channels, h, w, device=param.device, dtype=param.dtype))
-    except (RuntimeError, ValueError) as exc:
-        raise EdgekitError(f"a forward pass at image size {h}x{w} failed ({str(exc).splitlines()[0]}); "
-                           f"choose another --image-size (ConvNeXt models need sides >= 32)") from None
+        forward_once(model, (h, w), in_channels)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return found
 
 

@@ -7,24 +7,28 @@ faster than a float one. So each layer a quant spec covers is exported alone, at
 input shape it sees in a batch-1 forward (a head shared across levels sees several), at
 each width the loop can move it to, as the deployed op (the spec's QDQ rewrite with
 native INT4/INT8 storage, the file :mod:`edgekit.export.deployed_metric` scores; a
-pointwise Linear as the deploy form's 1x1 Conv), and timed by ONNX Runtime with the
-widths interleaved round by round (median per width, so load drifts hit them alike).
+Linear as a 1x1 Conv, the deploy form's pointwise layer; other layers as the training
+form has them: a deformable conv with its offset branch, a float cost common to every
+width), and timed by ONNX Runtime with the widths interleaved round by round (median per
+width, so load drifts hit them alike).
 
 A move's cost is the latency it adds, floored at 0: a move that makes the model faster
-is free, and the loop takes a free move that helps first. The table keeps the signed
-figures for the record. What a layer costs alone is not what it costs in the fused whole
-graph (the Q/DQ pairs at its edges are shared there); the table ranks moves, it does not
-predict the model's latency.
+is free, and the loop takes a free move that helps first (free moves rank by their
+weight-error proxy). The record keeps the seconds per width. What a layer costs alone is
+not what it costs in the fused whole graph (the Q/DQ pairs at its edges are shared
+there); the table ranks moves, it does not predict the model's latency.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -35,33 +39,43 @@ RUNS_PER_ROUND = 5  # session runs timed together in a round
 
 
 def layer_inputs(model, image_size: int, paths) -> dict:
-    """``{path: [input shape of each call]}`` of the layers ``paths`` in one batch-1 forward."""
+    """``{path: [input shapes of each call]}`` of the layers ``paths`` in one batch-1
+    forward: every tensor the layer takes (a plain deformable conv also takes its offset
+    and mask), positional first, then ``offset`` and ``mask`` if passed by keyword."""
+    from edgekit.calibration.profiler import forward_once
+
     modules = dict(model.named_modules())
     missing = [p for p in paths if p not in modules]
     if missing:
         raise EdgekitError(f"layer latency: the quant spec names layers the model does not have: {missing[:3]}")
     shapes = {p: [] for p in paths}
-    handles = [modules[p].register_forward_pre_hook(
-        lambda module, args, p=p: shapes[p].append(tuple(args[0].shape))) for p in paths]
+
+    def record(path, args, kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors += [kwargs[k] for k in ("offset", "mask") if isinstance(kwargs.get(k), torch.Tensor)]
+        shapes[path].append(tuple(tuple(t.shape) for t in tensors))
+
+    handles = [modules[p].register_forward_pre_hook(lambda module, args, kwargs, p=p: record(p, args, kwargs),
+                                                    with_kwargs=True) for p in paths]
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, image_size, image_size))
+        forward_once(model, image_size)
     finally:
         for handle in handles:
             handle.remove()
     return shapes
 
 
-def _alone(module, shape):
-    """(module to export, NCHW input shape): a Linear becomes the deploy form's 1x1 Conv."""
+def _alone(module, shapes):
+    """(module to export, input shapes): a Linear runs as a 1x1 Conv (as the deploy form runs
+    the pointwise ones) over its leading dims laid out as (1, C, rows, 1); others as they are."""
     if not isinstance(module, nn.Linear):
-        return module, shape
+        return module, shapes
     conv = nn.Conv2d(module.in_features, module.out_features, 1, bias=module.bias is not None)
     conv.weight.data = module.weight.detach()[:, :, None, None].clone()
     if module.bias is not None:
         conv.bias.data = module.bias.detach().clone()
-    spatial = shape[1:-1] if len(shape) == 4 else (1, 1)  # channels-last (N, H, W, C) or (N, C)
-    return conv, (1, module.in_features, *spatial)
+    rows = math.prod(shapes[0][:-1])  # (N, H, W, C) channels-last, (N, L, C) tokens or (N, C)
+    return conv, ((1, module.in_features, rows, 1),)
 
 
 class _Alone(nn.Module):
@@ -71,19 +85,31 @@ class _Alone(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer(*inputs)
 
 
-def _graphs(folder: Path, module, shape, entries: dict, spec: dict) -> dict:
-    """``{width: ONNX path}``: the layer alone as float, and under each width's spec entry."""
+def _example(shapes, rng) -> list:
+    """Inputs for timing: normal images; a deformable conv's offsets within a pixel and mask in (0, 1)."""
+    import numpy as np
+
+    arrays = [rng.standard_normal(shapes[0]).astype(np.float32)]
+    arrays += [rng.uniform(-1, 1, s).astype(np.float32) if i == 0 else rng.uniform(0, 1, s).astype(np.float32)
+               for i, s in enumerate(shapes[1:])]
+    return arrays
+
+
+def _graphs(folder: Path, module, shapes, entries: dict, spec: dict) -> tuple[dict, tuple]:
+    """(``{width: ONNX path}``: the layer alone as float and under each width's spec entry,
+    the graph's input shapes)."""
     from edgekit.export.qdq import quantize_onnx
     from edgekit.export.to_onnx import torch_to_onnx
 
-    layer, input_shape = _alone(module, shape)
+    layer, input_shapes = _alone(module, shapes)
     net = _Alone(layer).eval()
-    proto = torch_to_onnx(net, (torch.randn(input_shape),), input_names=["x"], output_names=["y"],
-                          opset=20, dynamic_batch=False)
+    names = [f"input{i}" for i in range(len(input_shapes))]
+    example = tuple(torch.from_numpy(a) for a in _example(input_shapes, np.random.default_rng(0)))
+    proto = torch_to_onnx(net, example, input_names=names, output_names=["y"], opset=20, dynamic_batch=False)
     float_path = folder / "float.onnx"
     float_path.write_bytes(proto.SerializeToString())
     paths = {}
@@ -93,12 +119,11 @@ def _graphs(folder: Path, module, shape, entries: dict, spec: dict) -> dict:
             continue
         paths[width] = quantize_onnx(float_path, dict(spec, layers={"layer": entry}), folder / f"w{width}.onnx",
                                      model=net, weight_storage="native")
-    return paths
+    return paths, input_shapes
 
 
-def _time_interleaved(paths: dict, input_shape, threads: int) -> dict:
+def _time_interleaved(paths: dict, input_shapes, threads: int) -> dict:
     """``{width: median seconds per run}`` with the widths' sessions timed round-robin."""
-    import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -106,7 +131,8 @@ def _time_interleaved(paths: dict, input_shape, threads: int) -> dict:
     options.log_severity_level = 3
     sessions = {w: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                 for w, p in paths.items()}
-    feed = {"x": np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)}
+    arrays = _example(input_shapes, np.random.default_rng(0))
+    feed = {f"input{i}": a for i, a in enumerate(arrays)}
     times = {w: [] for w in sessions}
     for session in sessions.values():  # warm-up: first runs allocate
         session.run(None, feed)
@@ -140,9 +166,8 @@ def latency_table(model, spec: dict, image_size: int, widths: dict, threads: int
             for call, shape in enumerate(shapes[path]):
                 folder = Path(tmp) / f"{len(table)}-{call}"
                 folder.mkdir()
-                graphs = _graphs(folder, modules[path], shape, entries, spec)
-                input_shape = _alone(modules[path], shape)[1]
-                for width, seconds in _time_interleaved(graphs, input_shape, threads).items():
+                graphs, input_shapes = _graphs(folder, modules[path], shape, entries, spec)
+                for width, seconds in _time_interleaved(graphs, input_shapes, threads).items():
                     total[width] += seconds
             table[path] = total
     return table
@@ -161,7 +186,7 @@ def latency_cost(table: dict):
 
 def onnxruntime_latency(model, spec: dict, image_size: int, ladders: dict, log=lambda _: None):
     """The ``layer_cost`` factory the quantize and calibrate stages take for
-    ``--max-drop-cost latency``: (cost function, the signed table for the record)."""
+    ``--max-drop-cost latency``: (cost function, ``{layer: {width: seconds}}`` for the record)."""
     started = time.perf_counter()
     widths = {path: (spec["layers"][path]["weight"]["bits"], *ladder) for path, ladder in ladders.items()}
     table = latency_table(model, spec, image_size, widths)

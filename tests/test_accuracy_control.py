@@ -164,6 +164,21 @@ def test_proxy_top_n_bounds_evaluations(rng):
     assert all(s.tried == 1 for s in cheap.path) and cheap.evaluations == syn.calls == 1 + len(cheap.path)
     assert cheap.evaluations < full.evaluations
 
+def test_free_moves_are_ranked_by_their_proxy(rng):
+    """With every move free (a latency cost floored at 0), the pre-selection must still pick
+    the moves with the largest proxy, not the first layers in order."""
+    syn = Synthetic(rng, 12)
+    start = {n: 2 for n in syn.names}
+
+    def exact_gain(layer, bits_from, bits_to):
+        return syn.s[layer] * (4.0 ** -bits_from - 4.0 ** -bits_to)
+
+    best = max(syn.names, key=lambda n: exact_gain(n, 2, 3))
+    res = restore_until_bound(start, syn.evaluate, lambda *move: 0.0, syn.names, 0.0, syn.baseline,
+                              proxy=exact_gain, top_n=1, max_steps=1)
+    assert res.path[0].layer == best and res.path[0].tried == 1 and res.path[0].cost == 0.0
+
+
 
 def test_spec_input_and_float_ladder():
     from edgekit.calibration.spec import new_spec

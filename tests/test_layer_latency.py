@@ -15,11 +15,14 @@ from edgekit.export import layer_latency as ll
 from test_accuracy_control_stage import IMAGE, boxnet_case  # noqa: F401  (a fixture)
 
 
-def run_onnx(path, x: np.ndarray) -> np.ndarray:
+def run_onnx(path, *arrays, optimized: bool = True) -> np.ndarray:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    options = ort.SessionOptions()
+    if not optimized:  # Q/DQ run as written, no fused integer kernels: the simulation's arithmetic
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {f"input{i}": a for i, a in enumerate(arrays)})[0]
 
 
 def initializer_types(path) -> set:
@@ -29,60 +32,78 @@ def initializer_types(path) -> set:
 
 
 def test_a_layer_alone_computes_what_it_does_in_the_model(tmp_path, fresh_torch_seed, rng):
-    """A channels-last pointwise Linear becomes the deploy form's 1x1 Conv on NCHW; a conv stays itself."""
-    import onnx
+    """A Linear (channels-last, or on tokens) becomes a 1x1 Conv on (1, C, rows, 1); a conv and a
+    plain deformable conv (offset and mask as inputs) stay themselves."""
+    from edgekit.models.deform import DeformConv2d
 
     height, width = (int(v) for v in rng.integers(3, 9, size=2))
     linear = torch.nn.Linear(int(rng.integers(4, 12)), int(rng.integers(4, 12)))
-    conv = torch.nn.Conv2d(5, 7, 3, padding=1, groups=1)
-    cases = [(linear, (1, height, width, linear.in_features)), (conv, (1, 5, height, width))]
-    for case, (module, shape) in enumerate(cases):
-        x = torch.randn(shape)
+    deform = DeformConv2d(4, 6, 3, padding=1)
+    cases = [(linear, ((1, height, width, linear.in_features),)),
+             (linear, ((1, height * width, linear.in_features),)),
+             (torch.nn.Conv2d(5, 7, 3, padding=1), ((1, 5, height, width),)),
+             (deform, ((1, 4, height, width), (1, 18, height, width), (1, 9, height, width)))]
+    for case, (module, shapes) in enumerate(cases):
+        makers = (torch.randn, lambda shape: torch.rand(shape) * 2 - 1, torch.rand)  # image, offsets, mask
+        inputs = [make(shape) for make, shape in zip(makers, shapes)]
         with torch.no_grad():
-            want = module(x)
-        if isinstance(module, torch.nn.Linear):
-            want = want.permute(0, 3, 1, 2)
-            x = x.permute(0, 3, 1, 2)
+            want = module(*inputs)
+        if isinstance(module, torch.nn.Linear):  # the same numbers, laid out as the 1x1 Conv's output
+            want = want.reshape(1, -1, linear.out_features).permute(0, 2, 1)[..., None]
+            inputs = [inputs[0].reshape(1, -1, linear.in_features).permute(0, 2, 1)[..., None]]
         folder = tmp_path / str(case)
         folder.mkdir()
-        graphs = ll._graphs(folder, module, shape, {FLOAT: None}, {})
-        assert tuple(ll._alone(module, shape)[1]) == tuple(x.shape)
-        got = run_onnx(graphs[FLOAT], np.ascontiguousarray(x.numpy()))
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
-        assert {n.op_type for n in onnx.load(str(graphs[FLOAT])).graph.node} == {"Conv"}
+        graphs, input_shapes = ll._graphs(folder, module, shapes, {FLOAT: None}, {})
+        assert input_shapes == tuple(tuple(t.shape) for t in inputs)
+        got = run_onnx(graphs[FLOAT], *(np.ascontiguousarray(t.numpy()) for t in inputs))
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4, err_msg=str(case))
 
 
-def test_each_width_is_stored_as_the_deployed_file_stores_it(tmp_path, fresh_torch_seed):
-    """4 bits: INT4 weights (no integer kernel in ORT); 8 bits: INT8; float: no quantized tensor."""
+def test_each_width_is_stored_and_computed_as_the_spec_says(tmp_path, fresh_torch_seed, rng):
+    """4 bits: INT4 weights (no integer kernel in ORT); 8 bits: INT8; float: no quantized tensor;
+    each quantized graph, run without fusion, computes the spec's fake quantization."""
     from onnx import TensorProto
 
-    from edgekit.calibration.ptq import calibrate
+    from edgekit.calibration.ptq import apply_fake_quant, calibrate
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1)).eval()
-    x = np.random.default_rng().standard_normal((1, 3, 16, 16)).astype(np.float32)
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
     spec = calibrate(model, [torch.from_numpy(x)], model_name=None, progress=False)  # ranges cover x
-    entries = {w: None if w == FLOAT else ab.spec_for_bits(spec, model, {"0": w})["layers"]["0"] for w in (4, 8, FLOAT)}
-    graphs = ll._graphs(tmp_path, model[0], (1, 3, 16, 16), entries, spec)
+    specs = {w: ab.spec_for_bits(spec, model, {"0": w}) for w in (4, 8)}
+    entries = {FLOAT: None, **{w: s["layers"]["0"] for w, s in specs.items()}}
+    graphs, _ = ll._graphs(tmp_path, model[0], ((1, 3, 16, 16),), entries, spec)
     assert TensorProto.INT4 in initializer_types(graphs[4]) and TensorProto.INT8 not in initializer_types(graphs[4])
     assert TensorProto.INT8 in initializer_types(graphs[8])
     assert initializer_types(graphs[FLOAT]) == {TensorProto.FLOAT}
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
-    scale = float(np.abs(want).max())
-    for width, tolerance in ((8, 0.02), (4, 0.15)):  # near the float layer (outputs' percentile grid clips tails)
-        assert np.abs(run_onnx(graphs[width], x) - want).mean() < tolerance * scale, width
+    for width, width_spec in specs.items():
+        with torch.no_grad():
+            want = apply_fake_quant(model, width_spec)(torch.from_numpy(x)).numpy()
+        step = float(width_spec["layers"]["0"]["output"]["scale"])  # the output grid's step: one rounding apart
+        got = run_onnx(graphs[width], x, optimized=False)
+        assert np.abs(got - want).max() <= step * 1.01, width
 
 
 def test_layer_inputs_records_every_call():
     from edgekit.models import create_model
 
-    model = create_model("rsdet_atto", num_classes=3)
+    model = create_model("rsdet_atto", num_classes=3).train()
     shapes = ll.layer_inputs(model, 128, ["backbone.downsample_layers.0.0", "head.box_out"])
-    assert shapes["backbone.downsample_layers.0.0"] == [(1, 3, 128, 128)]
+    assert model.training  # its mode is restored
+    assert shapes["backbone.downsample_layers.0.0"] == [((1, 3, 128, 128),)]
     levels = len(model.strides)
     assert len(shapes["head.box_out"]) == levels and len(set(shapes["head.box_out"])) == levels  # one per level
     with pytest.raises(EdgekitError, match="does not have"):
         ll.layer_inputs(model, 128, ["head.nothing"])
+
+
+def test_timing_gives_each_width_a_median(tmp_path, fresh_torch_seed):
+    from edgekit.calibration.ptq import calibrate
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)).eval()
+    spec = calibrate(model, [torch.randn(1, 3, 8, 8)], model_name=None, progress=False)
+    graphs, shapes = ll._graphs(tmp_path, model[0], ((1, 3, 8, 8),), {FLOAT: None, 8: spec["layers"]["0"]}, spec)
+    times = ll._time_interleaved(graphs, shapes, threads=1)
+    assert set(times) == {FLOAT, 8} and all(0 < t < 1 for t in times.values())
 
 
 def test_latency_cost_is_the_signed_difference_floored_at_zero(rng):
@@ -94,20 +115,34 @@ def test_latency_cost_is_the_signed_difference_floored_at_zero(rng):
         cost("b", 4, 8)
 
 
-def test_the_loop_charges_each_move_its_measured_latency(boxnet_case):  # noqa: F811
+def test_the_loop_charges_each_move_its_measured_latency(boxnet_case, monkeypatch):  # noqa: F811
+    """Timing replaced by a fixed time per weight storage read from each graph (INT4 slow,
+    INT8 fast, float between): the table, every step's cost and the zero floor follow."""
+    from onnx import TensorProto
+
+    def storage_seconds(path) -> float:
+        types = initializer_types(path)
+        return 3.0 if TensorProto.INT4 in types else 1.0 if TensorProto.INT8 in types else 2.0
+
+    def fake_timing(paths, shapes, threads):
+        return {w: storage_seconds(p) for w, p in paths.items()}
+
+    monkeypatch.setattr(ll, "_time_interleaved", fake_timing)
     model, _, batches, spec = boxnet_case
     options = ab.BoundOptions(max_drop=0.0, max_drop_cost="latency", max_drop_candidates=2)
     _, record = ab.bound_spec(model, spec, batches, model.class_names, options, IMAGE,
                               layer_cost=ll.onnxruntime_latency)
     table = record["latency_seconds"]
     assert record["cost_unit"] == "latency" and set(table) == set(spec["layers"])
-    assert all(set(row) == {"2", "8", FLOAT} and min(row.values()) > 0 for row in table.values())
+    assert all(row == {"2": 3.0, "8": 1.0, FLOAT: 2.0} for row in table.values())  # 2 bits are stored as INT4
     assert record["path"]
     for step in record["path"]:
-        row = table[step["layer"]]
-        assert step["cost"] == pytest.approx(max(0.0, row[str(step["bits_to"])] - row[str(step["bits_from"])]))
+        assert step["cost"] == (0.0 if step["bits_to"] == 8 else 1.0)  # 2 -> 8 is faster: free; 8 -> float: +1 s
     with pytest.raises(EdgekitError, match="needs layer_cost"):
         ab.bound_spec(model, spec, batches, model.class_names, options, IMAGE)
+    with pytest.raises(EdgekitError, match="applies only with max_drop_cost"):
+        ab.bound_spec(model, spec, batches, model.class_names, ab.BoundOptions(max_drop=0.0), IMAGE,
+                      layer_cost=ll.onnxruntime_latency)
 
 
 def test_the_latency_factory_goes_with_its_option(tmp_path, tiny_data):
@@ -116,6 +151,10 @@ def test_the_latency_factory_goes_with_its_option(tmp_path, tiny_data):
     needs = QuantizeRecipe(method="uniform", max_drop=1.0, max_drop_cost="latency", progress=False)
     assert "layer_cost" in one_line_error(quantize_checkpoint, "rsdet_atto", needs, data=tiny_data / "train",
                                           out=tmp_path / "q")
+    bops = QuantizeRecipe(method="uniform", max_drop=1.0, progress=False)
+    assert "applies only with max_drop_cost" in one_line_error(quantize_checkpoint, "rsdet_atto", bops,
+                                                               data=tiny_data / "train", out=tmp_path / "q",
+                                                               layer_cost=ll.onnxruntime_latency)
     plain = CalibrateConfig(max_drop=1.0, progress=False)
     assert "applies only with max_drop_cost" in one_line_error(
         calibrate_checkpoint, "rsdet_atto", tiny_data / "train", plain, out=tmp_path / "s.json",
