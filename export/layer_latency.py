@@ -189,6 +189,8 @@ def onnxruntime_latency(model, spec: dict, image_size: int, ladders: dict, log=l
     ``--max-drop-cost latency``: (cost function, ``{layer: {width: seconds}}`` for the record)."""
     started = time.perf_counter()
     widths = {path: (spec["layers"][path]["weight"]["bits"], *ladder) for path, ladder in ladders.items()}
+    log(f"accuracy control: timing {len(widths)} layers alone in ONNX Runtime at each width they can take "
+        f"(about 2 s a layer) ...")
     table = latency_table(model, spec, image_size, widths)
     log(f"accuracy control: measured {len(table)} layers' latency per width in ONNX Runtime "
         f"({time.perf_counter() - started:.0f} s)")
