@@ -230,7 +230,7 @@ def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions,
     of the chosen assignment with the record under ``accuracy_control``, the record).
     ``measure``: ``spec -> mAP points`` (default: :func:`spec_metric`'s fake quantization).
     ``layer_cost``: with the latency cost, ``(model, spec, image_size, ladders, log) ->
-    (cost, table)``.
+    (cost, measurements for the record)``.
 
     The record: metric, baseline (float) and quantized mAP, the bound, each step (layer,
     bits before/after, mAP and drop after it, cost), the stop reason, feasibility."""
@@ -276,7 +276,7 @@ def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions,
               "validation_images": sum(len(t) for _, t in batches),
               "candidates_per_step": count or "all", **result.to_dict()}
     if table is not None:
-        record["latency_seconds"] = table  # {layer: {width: seconds alone in ONNX Runtime}}
+        record["latency"] = table  # seconds per layer and width alone in ONNX Runtime, and their spread
     chosen = spec_for_bits(spec, model, result.bits)
     chosen["accuracy_control"] = record
     return chosen, record

@@ -7,10 +7,13 @@ order, ONNX Runtime fuses Q/DQ pairs into integer kernels, and the float ops aro
 round differently. On the demo detector (32 validation images) the deployed mAP@[.5:.95]
 differed from the simulated one by 0.1 to 0.45 points, in either direction, with ONNX
 Runtime's graph optimizations on or off: the size of the bounds users ask for. So here
-each spec becomes the ``onnx-mixed`` deliverable (native INT4/INT8 storage: the same
-integers as packed bit planes) of one FP32 deploy-form export of the float model, and
-ONNX Runtime scores it on the loop's validation batches with the decoding, NMS and
-metric of :func:`edgekit.engine.evaluate.evaluate_model`.
+each spec becomes the ``onnx-mixed`` deliverable ``edgekit export`` writes by default
+(packed storage: ONNX Runtime folds the bit planes into INT8 weights and runs every
+quantized layer on its integer kernels) of one FP32 deploy-form export of the float
+model, and ONNX Runtime scores it on the loop's validation batches with the decoding,
+NMS and metric of :func:`edgekit.engine.evaluate.evaluate_model`. Not the native
+storage: its INT4 weights get no integer kernel (DequantizeLinear + float Conv), which
+rounds differently (boxes up to 2.6 px apart on the demo detector) and ran 1.3-1.6x slower.
 
 It lives in the export package (the quantize stage cannot import export: export reads
 quant specs), and the stages take it as ``deployed_measure``.
@@ -57,7 +60,7 @@ class OnnxRuntimeMeasure:
         from edgekit.export.qdq import quantize_onnx
 
         graph = Path(self._folder.name) / "deployed.onnx"
-        quantize_onnx(self.float_graph, spec, graph, model=self.model, weight_storage="native")
+        quantize_onnx(self.float_graph, spec, graph, model=self.model)  # export's default storage
         self.evaluations += 1
         return onnx_map_points(graph, self.batches, self.classes, self.oriented)
 

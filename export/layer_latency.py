@@ -1,20 +1,22 @@
 """Measured latency as the accuracy-control loop's cost unit (``--max-drop-cost latency``).
 
 BOPs and bytes say what a move costs on paper; on a CPU with ONNX Runtime the paper is
-wrong in both directions: INT4 weights get no integer kernel (DequantizeLinear + a float
-Conv, so 4 -> 8 bits can make a layer faster), and without VNNI an INT8 Conv is not much
-faster than a float one. So each layer a quant spec covers is exported alone, at every
+wrong: every weight below 8 bits runs the same INT8 kernel (packed bit planes are folded
+into INT8 weights), so 4 -> 8 bits costs nothing, and without VNNI an INT8 Conv is not
+always faster than a float one (a layer's Q/DQ at its edges can cost more than its
+arithmetic). So each layer a quant spec covers is exported alone, at every
 input shape it sees in a batch-1 forward (a head shared across levels sees several), at
 each width the loop can move it to, as the deployed op (the spec's QDQ rewrite with
-native INT4/INT8 storage, the file :mod:`edgekit.export.deployed_metric` scores; a
+export's default packed storage, the file :mod:`edgekit.export.deployed_metric` scores; a
 Linear as a 1x1 Conv, the deploy form's pointwise layer; other layers as the training
 form has them: a deformable conv with its offset branch, a float cost common to every
 width), and timed by ONNX Runtime with the widths interleaved round by round (median per
 width, so load drifts hit them alike).
 
-A move's cost is the latency it adds, floored at 0: a move that makes the model faster
-is free, and the loop takes a free move that helps first (free moves rank by their
-weight-error proxy). The record keeps the seconds per width. What a layer costs alone is
+A move's cost is the latency it adds, floored at 0: a move that makes the model faster,
+or slower by no more than twice the timing's spread, is free, and the loop takes a free
+move that helps first (free moves rank by their weight-error proxy, not by noise). The
+record keeps the seconds per width and the spread. What a layer costs alone is
 not what it costs in the fused whole graph (the Q/DQ pairs at its edges are shared
 there); the table ranks moves, it does not predict the model's latency.
 """
@@ -118,12 +120,13 @@ def _graphs(folder: Path, module, shapes, entries: dict, spec: dict) -> tuple[di
             paths[width] = float_path
             continue
         paths[width] = quantize_onnx(float_path, dict(spec, layers={"layer": entry}), folder / f"w{width}.onnx",
-                                     model=net, weight_storage="native")
+                                     model=net)
     return paths, input_shapes
 
 
 def _time_interleaved(paths: dict, input_shapes, threads: int) -> dict:
-    """``{width: median seconds per run}`` with the widths' sessions timed round-robin."""
+    """``{width: (median seconds per run, median absolute deviation over the rounds)}``,
+    the widths' sessions timed round-robin."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -142,18 +145,21 @@ def _time_interleaved(paths: dict, input_shapes, threads: int) -> dict:
             for _ in range(RUNS_PER_ROUND):
                 session.run(None, feed)
             times[w].append((time.perf_counter() - start) / RUNS_PER_ROUND)
-    return {w: statistics.median(t) for w, t in times.items()}
+    medians = {w: statistics.median(t) for w, t in times.items()}
+    return {w: (medians[w], statistics.median(abs(v - medians[w]) for v in t)) for w, t in times.items()}
 
 
-def latency_table(model, spec: dict, image_size: int, widths: dict, threads: int = 2) -> dict:
-    """``{layer: {width: seconds}}`` for each layer of ``widths`` (``{layer: [widths]}``,
-    ints or ``"float"``), summed over the layer's calls in one batch-1 forward."""
+def latency_table(model, spec: dict, image_size: int, widths: dict, threads: int = 2) -> tuple[dict, dict]:
+    """(``{layer: {width: seconds}}``, ``{layer: noise seconds}``) for each layer of
+    ``widths`` (``{layer: [widths]}``, ints or ``"float"``), summed over the layer's calls
+    in one batch-1 forward; a layer's noise is the largest spread (median absolute
+    deviation over the rounds) among its widths."""
     from edgekit.calibration.accuracy_bound import spec_for_bits
     from edgekit.calibration.accuracy_control import FLOAT, width_rank
 
     shapes = layer_inputs(model, image_size, list(widths))
     modules = dict(model.named_modules())
-    table = {}
+    table, noise = {}, {}
     with tempfile.TemporaryDirectory(prefix="edgekit-latency-") as tmp:
         for path, ladder in widths.items():
             if not shapes[path]:
@@ -162,36 +168,47 @@ def latency_table(model, spec: dict, image_size: int, widths: dict, threads: int
             for width in sorted(set(ladder), key=width_rank):
                 layers = spec_for_bits(spec, model, {path: width})["layers"]
                 entries[width] = None if width == FLOAT else copy.deepcopy(layers[path])
-            total = dict.fromkeys(entries, 0.0)
+            total, spread = dict.fromkeys(entries, 0.0), 0.0
             for call, shape in enumerate(shapes[path]):
                 folder = Path(tmp) / f"{len(table)}-{call}"
                 folder.mkdir()
                 graphs, input_shapes = _graphs(folder, modules[path], shape, entries, spec)
-                for width, seconds in _time_interleaved(graphs, input_shapes, threads).items():
+                timed = _time_interleaved(graphs, input_shapes, threads)
+                for width, (seconds, _) in timed.items():
                     total[width] += seconds
-            table[path] = total
-    return table
+                spread += max(deviation for _, deviation in timed.values())
+            table[path], noise[path] = total, spread
+    return table, noise
 
 
-def latency_cost(table: dict):
-    """``cost(layer, from, to)``: the seconds a move adds by ``table``, floored at 0."""
+NOISE_FACTOR = 2.0  # a difference within this many spreads of the timing is no difference
+
+
+def latency_cost(table: dict, noise: dict | None = None):
+    """``cost(layer, from, to)``: the seconds a move adds by ``table``; 0 when it saves time
+    or adds no more than ``NOISE_FACTOR`` x the layer's ``noise`` (then free moves are
+    ranked by the loop's proxy, not by timing noise)."""
+    noise = noise or {}
 
     def cost(layer, bits_from, bits_to):
         if layer not in table or bits_from not in table[layer] or bits_to not in table[layer]:
             raise EdgekitError(f"layer latency: no measurement of {layer!r} at {bits_from} and {bits_to} bits")
-        return max(0.0, table[layer][bits_to] - table[layer][bits_from])
+        added = table[layer][bits_to] - table[layer][bits_from]
+        return added if added > NOISE_FACTOR * noise.get(layer, 0.0) else 0.0
 
     return cost
 
 
 def onnxruntime_latency(model, spec: dict, image_size: int, ladders: dict, log=lambda _: None):
     """The ``layer_cost`` factory the quantize and calibrate stages take for
-    ``--max-drop-cost latency``: (cost function, ``{layer: {width: seconds}}`` for the record)."""
+    ``--max-drop-cost latency``: (cost function, the record's ``{"seconds": {layer: {width:
+    seconds}}, "noise": {layer: seconds}}``)."""
     started = time.perf_counter()
     widths = {path: (spec["layers"][path]["weight"]["bits"], *ladder) for path, ladder in ladders.items()}
     log(f"accuracy control: timing {len(widths)} layers alone in ONNX Runtime at each width they can take "
         f"(about 2 s a layer) ...")
-    table = latency_table(model, spec, image_size, widths)
+    table, noise = latency_table(model, spec, image_size, widths)
     log(f"accuracy control: measured {len(table)} layers' latency per width in ONNX Runtime "
         f"({time.perf_counter() - started:.0f} s)")
-    return latency_cost(table), {p: {str(w): s for w, s in row.items()} for p, row in table.items()}
+    seconds = {p: {str(w): s for w, s in row.items()} for p, row in table.items()}
+    return latency_cost(table, noise), {"seconds": seconds, "noise": noise}

@@ -74,8 +74,8 @@ def test_the_deployed_measure_goes_with_its_option(tmp_path, tiny_data):
 
 @pytest.mark.slow
 def test_the_measure_scores_the_graph_that_export_writes(tmp_path, tiny_run, tiny_data):
-    """A spec's deployed mAP equals ONNX Runtime's mAP of ``edgekit export --format onnx-mixed
-    --weight-storage native`` of the same spec, on the same images."""
+    """A spec's deployed mAP equals ONNX Runtime's mAP of ``edgekit export --format
+    onnx-mixed`` (default storage) of the same spec, on the same images."""
     from edgekit.calibration.pipeline import CalibrateConfig, calibrate_checkpoint
     from edgekit.engine.checkpoint import load
     from edgekit.export.pipeline import ExportConfig, export
@@ -91,6 +91,6 @@ def test_the_measure_scores_the_graph_that_export_writes(tmp_path, tiny_run, tin
     finally:
         measure.close()
     assert not measure.float_graph.exists()
-    result = export(checkpoint, ExportConfig(format="onnx-mixed", out=str(tmp_path / "x"), weight_storage="native",
+    result = export(checkpoint, ExportConfig(format="onnx-mixed", out=str(tmp_path / "x"),
                                              calibration=spec, parity=False))
     assert measured == pytest.approx(onnx_map_points(result.target, batches, loaded.detector_classes()), abs=1e-9)

@@ -60,11 +60,12 @@ def test_a_layer_alone_computes_what_it_does_in_the_model(tmp_path, fresh_torch_
 
 
 def test_each_width_is_stored_and_computed_as_the_spec_says(tmp_path, fresh_torch_seed, rng):
-    """4 bits: INT4 weights (no integer kernel in ORT); 8 bits: INT8; float: no quantized tensor;
-    each quantized graph, run without fusion, computes the spec's fake quantization."""
+    """Export's default storage: 4 bits as bit planes, 8 bits as INT8; float: no quantized
+    tensor; each quantized graph, run without fusion, computes the spec's fake quantization."""
     from onnx import TensorProto
 
     from edgekit.calibration.ptq import apply_fake_quant, calibrate
+    from edgekit.export.to_onnx import read_metadata
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1)).eval()
     x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
@@ -72,7 +73,8 @@ def test_each_width_is_stored_and_computed_as_the_spec_says(tmp_path, fresh_torc
     specs = {w: ab.spec_for_bits(spec, model, {"0": w}) for w in (4, 8)}
     entries = {FLOAT: None, **{w: s["layers"]["0"] for w, s in specs.items()}}
     graphs, _ = ll._graphs(tmp_path, model[0], ((1, 3, 16, 16),), entries, spec)
-    assert TensorProto.INT4 in initializer_types(graphs[4]) and TensorProto.INT8 not in initializer_types(graphs[4])
+    assert read_metadata(graphs[4])["weight_storage"] == {"layer": "bitplane4"}
+    assert read_metadata(graphs[8])["weight_storage"] == {"layer": "int8"}
     assert TensorProto.INT8 in initializer_types(graphs[8])
     assert initializer_types(graphs[FLOAT]) == {TensorProto.FLOAT}
     for width, width_spec in specs.items():
@@ -103,38 +105,43 @@ def test_timing_gives_each_width_a_median(tmp_path, fresh_torch_seed):
     spec = calibrate(model, [torch.randn(1, 3, 8, 8)], model_name=None, progress=False)
     graphs, shapes = ll._graphs(tmp_path, model[0], ((1, 3, 8, 8),), {FLOAT: None, 8: spec["layers"]["0"]}, spec)
     times = ll._time_interleaved(graphs, shapes, threads=1)
-    assert set(times) == {FLOAT, 8} and all(0 < t < 1 for t in times.values())
+    assert set(times) == {FLOAT, 8} and all(0 < t < 1 and 0 <= spread < t for t, spread in times.values())
 
 
-def test_latency_cost_is_the_signed_difference_floored_at_zero(rng):
+def test_latency_cost_is_the_added_time_beyond_the_noise(rng):
     table = {"a": {4: float(rng.uniform(2, 3)), 8: float(rng.uniform(1, 2)), FLOAT: float(rng.uniform(3, 4))}}
     cost = ll.latency_cost(table)
     assert cost("a", 4, 8) == 0.0  # faster at 8 bits: free
     assert cost("a", 8, FLOAT) == pytest.approx(table["a"][FLOAT] - table["a"][8])
+    added = table["a"][FLOAT] - table["a"][8]
+    assert ll.latency_cost(table, {"a": added / ll.NOISE_FACTOR * 1.01})("a", 8, FLOAT) == 0.0  # within the noise
+    assert ll.latency_cost(table, {"a": added / ll.NOISE_FACTOR * 0.99})("a", 8, FLOAT) == pytest.approx(added)
     with pytest.raises(EdgekitError, match="no measurement of 'b'"):
         cost("b", 4, 8)
 
 
 def test_the_loop_charges_each_move_its_measured_latency(boxnet_case, monkeypatch):  # noqa: F811
-    """Timing replaced by a fixed time per weight storage read from each graph (INT4 slow,
-    INT8 fast, float between): the table, every step's cost and the zero floor follow."""
-    from onnx import TensorProto
+    """Timing replaced by a fixed time per weight storage read from each graph (bit planes
+    slow, INT8 fast, float between; a spread of 0.1 s): the table, every step's cost and
+    the zero floor follow."""
+    from edgekit.export.to_onnx import read_metadata
 
     def storage_seconds(path) -> float:
-        types = initializer_types(path)
-        return 3.0 if TensorProto.INT4 in types else 1.0 if TensorProto.INT8 in types else 2.0
+        storage = read_metadata(path).get("weight_storage", {}).get("layer")
+        return {"bitplane2": 3.0, "int8": 1.0, None: 2.0}[storage]
 
     def fake_timing(paths, shapes, threads):
-        return {w: storage_seconds(p) for w, p in paths.items()}
+        return {w: (storage_seconds(p), 0.1) for w, p in paths.items()}
 
     monkeypatch.setattr(ll, "_time_interleaved", fake_timing)
     model, _, batches, spec = boxnet_case
     options = ab.BoundOptions(max_drop=0.0, max_drop_cost="latency", max_drop_candidates=2)
     _, record = ab.bound_spec(model, spec, batches, model.class_names, options, IMAGE,
                               layer_cost=ll.onnxruntime_latency)
-    table = record["latency_seconds"]
+    table = record["latency"]["seconds"]
     assert record["cost_unit"] == "latency" and set(table) == set(spec["layers"])
-    assert all(row == {"2": 3.0, "8": 1.0, FLOAT: 2.0} for row in table.values())  # 2 bits are stored as INT4
+    assert all(row == {"2": 3.0, "8": 1.0, FLOAT: 2.0} for row in table.values())
+    assert record["latency"]["noise"] == {path: 0.1 for path in spec["layers"]}
     assert record["path"]
     for step in record["path"]:
         assert step["cost"] == (0.0 if step["bits_to"] == 8 else 1.0)  # 2 -> 8 is faster: free; 8 -> float: +1 s
