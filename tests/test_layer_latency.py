@@ -168,3 +168,26 @@ def test_the_latency_factory_goes_with_its_option(tmp_path, tiny_data):
         layer_cost=ll.onnxruntime_latency)
     assert "applies only with --max-drop" in one_line_error(CalibrateConfig, max_drop_cost="latency")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_quantize_cli_with_the_latency_cost_records_the_table(tmp_path, tiny_run, tiny_data, capsys, monkeypatch):
+    """The command line hands the latency factory in: every quantized layer of the written
+    spec's record has its seconds per width (timing replaced, the exports are real)."""
+    import json
+
+    from edgekit.cli import main
+
+    monkeypatch.setattr(ll, "_time_interleaved", lambda paths, shapes, threads: {w: (1e-3, 0.0) for w in paths})
+    out = tmp_path / "q"
+    code = main(["quantize", str(tiny_run[1] / "last.safetensors"), "--method", "uniform", "--weight-bits", "4",
+                 "--data", str(tiny_data / "train"), "--max-drop", "100", "--max-drop-cost", "latency",
+                 "--max-drop-images", "4", "--calib-batches", "1", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    record = json.loads((out / "search.json").read_text())["accuracy_control"]
+    assert record["cost_unit"] == "latency" and "timing" in text and "measured" in text
+    quantized = {p for p, b in record["bits"].items() if b != FLOAT}
+    assert quantized and set(record["latency"]["seconds"]) >= quantized
+    assert all(set(record["latency"]["seconds"][p]) >= {"4", "8", FLOAT} for p in quantized
+               if record["bits"][p] == 4)
