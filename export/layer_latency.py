@@ -37,7 +37,7 @@ import torch.nn as nn
 from edgekit.errors import EdgekitError
 
 ROUNDS = 7          # interleaved rounds per layer
-RUNS_PER_ROUND = 5  # session runs timed together in a round
+RUNS_PER_ROUND = 5  # timed runs per width in a round (the round's time: their median)
 
 
 def layer_inputs(model, image_size: int, paths) -> dict:
@@ -126,8 +126,10 @@ def _graphs(folder: Path, module, shapes, entries: dict, spec: dict) -> tuple[di
 
 def _time_interleaved(paths: dict, input_shapes, threads: int) -> dict:
     """``{width: (median seconds per run, median absolute deviation over the rounds)}``,
-    the widths' sessions timed round-robin."""
+    the widths' sessions timed in rotating rounds by the benchmarks' timing core."""
     import onnxruntime as ort
+
+    from edgekit.benchmarks.latency import run_rounds
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -136,17 +138,13 @@ def _time_interleaved(paths: dict, input_shapes, threads: int) -> dict:
                 for w, p in paths.items()}
     arrays = _example(input_shapes, np.random.default_rng(0))
     feed = {f"input{i}": a for i, a in enumerate(arrays)}
-    times = {w: [] for w in sessions}
-    for session in sessions.values():  # warm-up: first runs allocate
-        session.run(None, feed)
-    for _ in range(ROUNDS):
-        for w, session in sessions.items():
-            start = time.perf_counter()
-            for _ in range(RUNS_PER_ROUND):
-                session.run(None, feed)
-            times[w].append((time.perf_counter() - start) / RUNS_PER_ROUND)
-    medians = {w: statistics.median(t) for w, t in times.items()}
-    return {w: (medians[w], statistics.median(abs(v - medians[w]) for v in t)) for w, t in times.items()}
+    runs = {w: (lambda session=session: session.run(None, feed)) for w, session in sessions.items()}
+    for run in runs.values():  # warm-up: first runs allocate
+        run()
+    times_ms = run_rounds(runs, max_rounds=ROUNDS, min_rounds=ROUNDS, budget_s=0.0, settle=1, calls=RUNS_PER_ROUND)
+    seconds = {w: [t / 1e3 for t in ts] for w, ts in times_ms.items()}
+    medians = {w: statistics.median(t) for w, t in seconds.items()}
+    return {w: (medians[w], statistics.median(abs(v - medians[w]) for v in t)) for w, t in seconds.items()}
 
 
 def latency_table(model, spec: dict, image_size: int, widths: dict, threads: int = 2) -> tuple[dict, dict]:
