@@ -9,7 +9,8 @@ import pytest
 
 from conftest import one_line_error
 from edgekit.benchmarks.label_efficiency import LabelEfficiencySuiteConfig, label_subset
-from edgekit.benchmarks.masking import MaskingSuiteConfig, resummarise, steps_to_reach, steps_to_stay, summarise
+from edgekit.benchmarks.masking import (MaskingSuiteConfig, mean_curves, resummarise, steps_to_reach,
+                                       steps_to_stay, summarise)
 from edgekit.benchmarks.suites import SUITES
 from edgekit.cli import main
 from edgekit.data.synthetic import generate_synthetic_dataset
@@ -127,6 +128,35 @@ def test_resummarise_rewrites_the_verdict_from_the_stored_curves(tmp_path, rng):
     assert out["disjoint_stay_step_ratios"] == [None] and not out["stay_floor_met_every_seed"]  # ends above
     assert json.loads(path.read_text())["disjoint_stay_step_ratios"] == [None]
     assert "NOT met" in (tmp_path / "masking_cpu.md").read_text()
+
+
+def test_the_verdict_on_seed_mean_curves_reads_the_averaged_losses(rng):
+    steps = [0, 10, 20, 30]
+    def curve(masking, views, losses):
+        return {"masking": masking, "views": views, "steps": steps, "seconds": [0.0, 1.0, 2.0, 3.0],
+                "eval_loss": losses, "train_loss": [None, 0.9, 0.8, 0.7]}
+    runs = []
+    for _ in range(3):
+        base, other, disjoint = (np.sort(rng.uniform(0.3, 1.0, 4))[::-1].tolist() for _ in range(3))
+        runs.append({"curves": [curve("random", 1, base), curve("random", 2, other), curve("disjoint", 2, disjoint)]})
+    mean = mean_curves(runs)["curves"]
+    averaged = {(c["masking"], c["views"]): np.mean([r["curves"][i]["eval_loss"] for r in runs], axis=0)
+                for i, c in enumerate(runs[0]["curves"])}
+    for c in mean:
+        np.testing.assert_allclose(c["eval_loss"], averaged[c["masking"], c["views"]], rtol=1e-12)
+        assert c["train_loss"][0] is None
+    # The ratio read by dense interpolation of the averaged curves, independently of steps_to_reach.
+    dense = np.linspace(0, 30, 300001)
+    target = averaged["random", 1][-1]
+    below = np.nonzero(np.interp(dense, steps, averaged["disjoint", 2]) <= target)[0]
+    expected = None if len(below) == 0 else dense[below[0]] / 30
+    got = summarise(mean_curves(runs))["settings"]["disjoint x2"]["step_ratio"]
+    assert (got is None) == (expected is None)
+    if expected is not None:
+        assert got == pytest.approx(expected, abs=1e-4)
+    runs[1]["curves"][0]["steps"] = [0, 10, 20, 40]
+    with pytest.raises(ValueError, match="different steps"):
+        mean_curves(runs)
 
 
 def test_the_suites_are_on_the_command_line(capsys):
