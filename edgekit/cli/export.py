@@ -25,7 +25,8 @@ def add_commands(sub) -> None:
                                          "tensorrt, openvino-int8")
     p.add_argument("--weight-storage",
                    help="packed (bit planes below 8 bits: the file follows the bits; default) | native (ONNX "
-                        "INT4/INT8 only; the default for tensorrt, whose parser has no BitShift)")
+                        "INT4/INT8 only; the default for tensorrt, whose parser has no BitShift; ONNX Runtime "
+                        "runs INT4 as DequantizeLinear + float Conv, slower than packed on CPU)")
     p.add_argument("--data", help="DOTA split folder: also compare torch vs exported mAP on it")
     p.add_argument("--bundle", help="also write a deploy bundle folder here")
     p.add_argument("--no-parity", dest="parity", action="store_false", default=None, help="skip the parity check")
