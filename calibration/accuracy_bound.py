@@ -239,19 +239,19 @@ def bound_spec(model, spec: dict, batches: list, classes, options: BoundOptions,
 
     relative = options.max_drop_relative is not None
     bound = options.max_drop_relative if relative else options.max_drop
-    if baseline is None:
-        baseline = map_points(model, batches, classes)
+    kind = options.max_drop_cost or "bops"
+    if layer_cost is not None and kind != "latency":  # checked before any evaluation
+        raise EdgekitError("layer_cost applies only with max_drop_cost='latency' (--max-drop-cost); remove it")
+    if kind == "latency" and layer_cost is None:
+        raise EdgekitError("max_drop_cost='latency' needs layer_cost (edgekit.export.layer_latency)")
     start = bits_from_spec(spec)
     if not start:
         raise EdgekitError("the quant spec has no quantized layer; nothing to bound")
-    kind = options.max_drop_cost or "bops"
+    if baseline is None:
+        baseline = map_points(model, batches, classes)
     ladders = _ladders(start, measure_layers(model, image_size))
     table = None
-    if layer_cost is not None and kind != "latency":
-        raise EdgekitError("layer_cost applies only with max_drop_cost='latency' (--max-drop-cost); remove it")
     if kind == "latency":
-        if layer_cost is None:
-            raise EdgekitError("max_drop_cost='latency' needs layer_cost (edgekit.export.layer_latency)")
         cost, table = layer_cost(model, spec, image_size, ladders, log)
     else:
         cost = bops_cost(model, image_size) if kind == "bops" else size_cost(model, image_size)

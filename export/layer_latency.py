@@ -8,8 +8,8 @@ arithmetic). So each layer a quant spec covers is exported alone, at every
 input shape it sees in a batch-1 forward (a head shared across levels sees several), at
 each width the loop can move it to, as the deployed op (the spec's QDQ rewrite with
 export's default packed storage, the file :mod:`edgekit.export.deployed_metric` scores; a
-Linear as a 1x1 Conv, the deploy form's pointwise layer; other layers as the training
-form has them: a deformable conv with its offset branch, a float cost common to every
+Linear as a 1x1 Conv, the deploy form's pointwise layer; other layers in their deploy
+form: a packed deformable conv with its offset branch, a float cost common to every
 width), and timed by ONNX Runtime with the widths interleaved round by round (median per
 width, so load drifts hit them alike).
 
@@ -69,9 +69,12 @@ def layer_inputs(model, image_size: int, paths) -> dict:
 
 def _alone(module, shapes):
     """(module to export, input shapes): a Linear runs as a 1x1 Conv (as the deploy form runs
-    the pointwise ones) over its leading dims laid out as (1, C, rows, 1); others as they are."""
+    the pointwise ones) over its leading dims laid out as (1, C, rows, 1); others in their
+    deploy form (a packed deformable conv slices its offsets and mask, as export writes it)."""
+    from edgekit.export.deploy_form import to_deploy_form
+
     if not isinstance(module, nn.Linear):
-        return module, shapes
+        return to_deploy_form(module), shapes
     conv = nn.Conv2d(module.in_features, module.out_features, 1, bias=module.bias is not None)
     conv.weight.data = module.weight.detach()[:, :, None, None].clone()
     if module.bias is not None:
@@ -151,7 +154,8 @@ def latency_table(model, spec: dict, image_size: int, widths: dict, threads: int
     """(``{layer: {width: seconds}}``, ``{layer: noise seconds}``) for each layer of
     ``widths`` (``{layer: [widths]}``, ints or ``"float"``), summed over the layer's calls
     in one batch-1 forward; a layer's noise is the largest spread (median absolute
-    deviation over the rounds) among its widths."""
+    deviation over the rounds) among its widths, summed over its calls. A layer the forward
+    pass never runs is left out (it costs nothing)."""
     from edgekit.calibration.accuracy_bound import spec_for_bits
     from edgekit.calibration.accuracy_control import FLOAT, width_rank
 
@@ -204,7 +208,7 @@ def onnxruntime_latency(model, spec: dict, image_size: int, ladders: dict, log=l
     started = time.perf_counter()
     widths = {path: (spec["layers"][path]["weight"]["bits"], *ladder) for path, ladder in ladders.items()}
     log(f"accuracy control: timing {len(widths)} layers alone in ONNX Runtime at each width they can take "
-        f"(about 2 s a layer) ...")
+        f"(a few seconds a layer, a shared head once per call) ...")
     table, noise = latency_table(model, spec, image_size, widths)
     log(f"accuracy control: measured {len(table)} layers' latency per width in ONNX Runtime "
         f"({time.perf_counter() - started:.0f} s)")
