@@ -248,9 +248,12 @@ def markdown(record: dict) -> str:
     if several:
         mean = record["mean_curve_summary"]["settings"]["disjoint x2"]
         met = {True: "met", False: "NOT met"}
-        lines += [f"**On the curves averaged over the {len(record['runs'])} seeds: first crossing at "
-                  f"{_fmt(mean['step_ratio'], '.2f')}x random x1's steps ({met[record['mean_curve_floor_met']]}), "
-                  f"stays below from {_fmt(mean['stay_step_ratio'], '.2f')}x ({met[record['mean_curve_stay_floor_met']]}).**",
+        def when(word, ratio):
+            return "never" if ratio is None else f"{word} {ratio:.2f}x random x1's steps"
+
+        lines += [f"**On the curves averaged over the {len(record['runs'])} seeds, disjoint x2 reaches random x1's "
+                  f"final loss {when('at', mean['step_ratio'])} ({met[record['mean_curve_floor_met']]}) and stays "
+                  f"below it {when('from', mean['stay_step_ratio'])} ({met[record['mean_curve_stay_floor_met']]}).**",
                   ""]
     lines += ["| seed | setting | final held-out loss | s / step | steps to random x1's final | step ratio | "
               "seconds ratio | stays below from step (ratio) |", "|---|---|---|---|---|---|---|---|"]
