@@ -72,7 +72,7 @@ def test_polygon_iou_far_from_the_origin(rng):
     """A 20000-px scene's coordinates: the pair is moved to a local origin, so no digits are lost."""
     a, b = rotated(rng, 500, spread=60), rotated(rng, 500, spread=60)
     shift = np.tile(rng.uniform(1e4, 2e4, 2), 4)
-    np.testing.assert_allclose(polygon_iou_pairs(a + shift, b + shift), shapely_iou(a, b), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(polygon_iou_pairs(a + shift, b + shift), shapely_iou(a, b), rtol=0, atol=1e-11)
 
 
 def test_polygon_iou_hand_cases():

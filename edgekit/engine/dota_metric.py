@@ -146,7 +146,8 @@ def polygon_area(polys) -> np.ndarray:
     polys = np.asarray(polys, dtype=np.float64)
     if len(polys) == 0:
         return np.zeros(0)
-    return np.abs(_signed_area(polys.reshape(len(polys), -1, 2)))
+    polys = polys.reshape(len(polys), -1, 2)
+    return np.abs(_signed_area(polys - polys.mean(1, keepdims=True)))  # local origin: no cancelled digits
 
 
 def polygon_iou_pairs(a, b) -> np.ndarray:
