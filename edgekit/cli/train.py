@@ -23,6 +23,12 @@ def add_commands(sub) -> None:
                                   "official *_fcmae.pt) for the backbone, or a detector checkpoint of the same model "
                                   "(every tensor that fits; class- and box-type-specific layers start fresh)")
     p.add_argument("--no-ema", dest="ema", action="store_false", default=None)
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no flips or 90-degree turns of the training images")
+    p.add_argument("--color-jitter", type=float,
+                   help="photometric augmentation strength in [0, 1): brightness, contrast and saturation factors "
+                        "in [1-s, 1+s], hue turned by up to s x 36 degrees (default 0: none); helps a model "
+                        "trained on one site or sensor transfer to another")
     p.add_argument("--no-deformable", dest="deformable", action="store_false", default=None)
     p.add_argument("--obb", action="store_true", default=None,
                    help="oriented boxes: train the angle head on the labels' polygons (rotated boxes out)")

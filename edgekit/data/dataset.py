@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from edgekit.data.dota import read_dota_dataset
 from edgekit.data.images import image_size, load_image
-from edgekit.data.transforms import letterbox, normalize, random_flip_rotate, to_tensor
+from edgekit.data.transforms import (letterbox, letterbox_content, normalize, random_color_jitter,
+                                     random_flip_rotate, to_tensor)
 from edgekit.errors import EdgekitError
 from edgekit.rotated import poly_to_rbox
 
@@ -40,8 +41,13 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, root, classes, image_size: int = 256, augment: bool = False, preload="auto",
-                 allow_downscale: bool = False, rotated: bool = True):
+                 allow_downscale: bool = False, rotated: bool = True, color_jitter: float = 0.0):
         self.root, self.classes, self.image_size, self.augment = Path(root), list(classes), int(image_size), augment
+        if color_jitter and not augment:
+            raise EdgekitError("color jitter is an augmentation: it needs augment=True")
+        if not 0 <= color_jitter < 1:
+            raise EdgekitError(f"color jitter must be in [0, 1), got {color_jitter}")
+        self.color_jitter = float(color_jitter)
         self.rotated = bool(rotated)
         if self.image_size <= 0:
             raise EdgekitError(f"image size must be positive, got {image_size}")
@@ -97,6 +103,9 @@ class DetectionDataset(Dataset):
             rboxes = torch.from_numpy(self.rboxes[i][keep].copy())
             rboxes[:, :4] *= np.float32(scale)
         image = to_tensor(boxed)
+        if self.color_jitter:  # the image only, not the letterbox's zero padding
+            (nh, nw), _ = letterbox_content(h, w, self.image_size)
+            image[:, :nh, :nw] = random_color_jitter(image[:, :nh, :nw], self.color_jitter)
         if self.augment:
             image, boxes, *rest = random_flip_rotate(image, boxes, rboxes=rboxes)
             rboxes = rest[0] if rest else None

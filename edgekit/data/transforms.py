@@ -5,9 +5,10 @@ Letterbox: scale the longer side to ``size`` keeping the aspect ratio, pad botto
 with zeros; boxes are multiplied by the same ``scale`` and never shifted, so dividing by
 ``scale`` maps predictions back to the original image.
 
-Augmentation: flips and 90-degree rotations only, the symmetry group of the square tile
+Augmentation: flips and 90-degree rotations, the symmetry group of the square tile
 (aerial imagery has no "up"); they move pixels exactly, so boxes stay exact, rotated
-boxes included.
+boxes included. Optionally a photometric jitter (brightness, contrast, saturation, hue),
+which moves no pixel: sites, seasons, sensors and sun angles differ in color, not in shape.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def letterbox_content(h: int, w: int, size: int) -> tuple[tuple[int, int], float]:
+    """((rows, cols) the image fills in its letterbox, scale) for an h x w image."""
+    scale = size / max(h, w)
+    return (min(size, max(1, round(h * scale))), min(size, max(1, round(w * scale)))), scale
+
+
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
     """HxWx3 uint8 -> (size x size x 3 uint8, scale) with the image in the top-left corner."""
     h, w = image.shape[:2]
-    scale = size / max(h, w)
-    nh, nw = min(size, max(1, round(h * scale))), min(size, max(1, round(w * scale)))
+    (nh, nw), scale = letterbox_content(h, w, size)
     if (nh, nw) != (h, w):
         image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
     if (nh, nw) == (size, size):
@@ -102,3 +108,40 @@ def random_flip_rotate(image: torch.Tensor, boxes: torch.Tensor, generator: torc
         image, boxes, *rest = hflip(image, boxes, rboxes)
         rboxes = rest[0] if rest else None
     return rot90(image, boxes, choice & 3, rboxes)
+
+
+# RGB <-> YIQ (NTSC): a hue turn is a rotation of the (I, Q) chroma plane, so the whole jitter is one
+# 3x3 color matrix plus an offset, applied in one pass.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           dtype=torch.float64)
+_LUMA = _RGB_TO_YIQ[0]
+HUE_TURN_PER_STRENGTH = math.radians(36.0)  # strength 1 turns hue by up to 36 degrees either way
+
+
+def color_jitter_matrix(brightness: float, contrast: float, saturation: float, hue: float,
+                         mean_luma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M [3, 3], t [3]) such that ``M @ rgb + t`` applies, in this order, a hue turn of ``hue``
+    radians, a saturation factor (blend with the pixel's luma), a contrast factor (blend with the
+    image's mean luma, ``mean_luma`` in the pixels' unit) and a brightness factor (scale)."""
+    c, s = math.cos(hue), math.sin(hue)
+    turn = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]], dtype=torch.float64)
+    m = torch.linalg.inv(_RGB_TO_YIQ) @ turn @ _RGB_TO_YIQ
+    grey = torch.ones(3, 1, dtype=torch.float64) @ _LUMA[None]  # rgb -> (luma, luma, luma)
+    m = saturation * m + (1 - saturation) * grey @ m
+    offset = torch.full((3,), (1 - contrast) * mean_luma, dtype=torch.float64)
+    return brightness * contrast * m, brightness * offset
+
+
+def random_color_jitter(image: torch.Tensor, strength: float, generator: torch.Generator | None = None
+                         ) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8: brightness, contrast and saturation factors drawn from
+    [1 - strength, 1 + strength], hue turned by up to ``strength`` x 36 degrees (torch RNG)."""
+    if strength <= 0 or image.numel() == 0:
+        return image
+    u = torch.rand(4, generator=generator, dtype=torch.float64) * 2 - 1
+    b, c, s = (1 + strength * u[:3]).tolist()
+    pixels = image.reshape(3, -1).double()
+    m, t = color_jitter_matrix(b, c, s, float(u[3]) * strength * HUE_TURN_PER_STRENGTH,
+                                float(_LUMA @ pixels.mean(1)))
+    out = (m @ pixels + t[:, None]).round_().clamp_(0, 255)
+    return out.to(torch.uint8).reshape(image.shape)

@@ -25,7 +25,8 @@ class TrainConfig(StageConfig):
     ema_decay: float = 0.998
     deformable: bool = True
     obb: bool = False                   # oriented boxes: the angle head, trained on the labels' polygons
-    augment: bool = True
+    augment: bool = True                # flips and 90-degree turns of each training image
+    color_jitter: float = 0.0           # photometric augmentation strength in [0, 1); 0 = none
     seed: int = 0
     workers: int = 0
     time_limit: float = 0.0             # seconds; 0 = no limit (the schedule is then cut short)
@@ -47,6 +48,11 @@ class TrainConfig(StageConfig):
         require(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
+        require(0 <= self.color_jitter < 1, "color_jitter", self.color_jitter, "in [0, 1) (0: no color jitter)")
+        if self.color_jitter and not self.augment:
+            from edgekit.errors import EdgekitError
+
+            raise EdgekitError("--color-jitter is an augmentation, and augmentation is off (--no-augment); drop one of them")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0: no clipping)")
         if "obb" in self.extra:
             from edgekit.errors import EdgekitError

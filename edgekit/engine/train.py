@@ -141,7 +141,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     rank, world = dist.init_distributed()
     seed_everything(cfg.seed + rank)
     classes = cfg.classes or discover_classes(train_dir)
-    train_ds = DetectionDataset(train_dir, classes, image_size=cfg.image_size, augment=cfg.augment)
+    train_ds = DetectionDataset(train_dir, classes, image_size=cfg.image_size, augment=cfg.augment,
+                                color_jitter=cfg.color_jitter)
     val_ds = DetectionDataset(val_dir, classes, image_size=cfg.image_size, augment=False)
     sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed) if world > 1 else None
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
