@@ -52,7 +52,8 @@ class TrainConfig(StageConfig):
         if self.color_jitter and not self.augment:
             from edgekit.errors import EdgekitError
 
-            raise EdgekitError("--color-jitter is an augmentation, and augmentation is off (--no-augment); drop one of them")
+            raise EdgekitError("--color-jitter is an augmentation, and augmentation is off (--no-augment); "
+                               "drop one of them")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0: no clipping)")
         if "obb" in self.extra:
             from edgekit.errors import EdgekitError
