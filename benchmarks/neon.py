@@ -128,8 +128,8 @@ def finetune(root: str, out: Path, init: str | None, config, seconds: float) -> 
 
     run = train(TrainConfig(data=root, out=str(out), model="rsdet_atto", classes=CLASSES, image_size=config.tile_size,
                             epochs=1 if config.quick else 100_000, batch_size=config.batch_size, lr=config.lr,
-                            time_limit=0.0 if config.quick else seconds, deformable=config.deformable, init=init,
-                            seed=config.seed, progress=config.progress))
+                            color_jitter=config.color_jitter, time_limit=0.0 if config.quick else seconds,
+                            deformable=config.deformable, init=init, seed=config.seed, progress=config.progress))
     last = run.history[-1]
     return {"checkpoint": str(run.checkpoint), "seconds": run.seconds, "epochs": len(run.history),
             "final_loss": last["loss"],
@@ -366,8 +366,8 @@ def render_markdown(record: dict) -> str:
              f"Data: {d['train_scenes']} training scenes (YELL, {d['train_boxes']} boxes) cut into {d['tiles']} tiles "
              f"of {d['tile_size']} px (overlap {d['overlap']}); validation: {d['val_images']} tile of another site "
              f"(OSBS, {d['val_boxes']} boxes) at native scale. Model input {cfg['tile_size']} px, batch "
-             f"{cfg['batch_size']}, lr {cfg.get('lr', 2e-3):g}, deformable layers {'on' if cfg['deformable'] else 'off'}, "
-             f"fine-tuning budget "
+             f"{cfg['batch_size']}, lr {cfg.get('lr', 2e-3):g}, color jitter {cfg.get('color_jitter', 0):g}, "
+             f"deformable layers {'on' if cfg['deformable'] else 'off'}, fine-tuning budget "
              f"{cfg['train_seconds']:.0f} s per arm.", "",
              "## Arms (fine-tuned within the same budget, scored on the validation tile)", "",
              "| arm | start (s) | fine-tune (s) | epochs | mAP@.5 | mAP@[.5:.95] | P@0.4 | R@0.4 | P@0.5 | R@0.5 |",

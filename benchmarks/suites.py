@@ -156,6 +156,8 @@ class NeonSuiteConfig(StageConfig):
     batch_size: int = 4
     lr: float = field(default=2e-3, metadata={"help": "fine-tuning learning rate (train's default; real imagery "
                                                        "may need less)"})
+    color_jitter: float = field(default=0.0, metadata={"help": "fine-tuning color jitter strength (train "
+                                                                 "--color-jitter; 0: none)"})
     deformable: bool = field(default=False, metadata={"help": "deformable layers in the detector (slower on CPU)"})
     score_threshold: float = field(default=0.1, metadata={"help": "score threshold of the precision/recall rows"})
     quantize: bool = field(default=True, metadata={"help": "the quantization rows on the fine-tuned model"})
@@ -174,6 +176,7 @@ class NeonSuiteConfig(StageConfig):
                 "> 0 seconds (and --start-seconds too)")
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "an integer in [1, 256]")
         require(0 < self.lr <= 10, "lr", self.lr, "in (0, 10]")
+        require(0 <= self.color_jitter < 1, "color_jitter", self.color_jitter, "in [0, 1)")
         require(0 <= self.score_threshold < 1, "score_threshold", self.score_threshold, "in [0, 1)")
 
 
