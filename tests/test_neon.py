@@ -38,6 +38,7 @@ def test_options_that_do_not_fit_are_refused():
     assert "--tile-size" in one_line_error(NeonSuiteConfig, data=str(NEON), tile_size=400)
     assert "--overlap" in one_line_error(NeonSuiteConfig, data=str(NEON), overlap=416)
     assert "--lr" in one_line_error(NeonSuiteConfig, data=str(NEON), lr=0.0)
+    assert "--color-jitter" in one_line_error(NeonSuiteConfig, data=str(NEON), color_jitter=1.0)
 
 
 def test_backbone_encoder_initialises_the_detector_backbone(tmp_path, fresh_torch_seed):
