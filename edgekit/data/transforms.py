@@ -119,7 +119,7 @@ HUE_TURN_PER_STRENGTH = math.radians(36.0)  # strength 1 turns hue by up to 36 d
 
 
 def color_jitter_matrix(brightness: float, contrast: float, saturation: float, hue: float,
-                         mean_luma: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        mean_luma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(M [3, 3], t [3]) such that ``M @ rgb + t`` applies, in this order, a hue turn of ``hue``
     radians, a saturation factor (blend with the pixel's luma), a contrast factor (blend with the
     image's mean luma, ``mean_luma`` in the pixels' unit) and a brightness factor (scale)."""
@@ -133,7 +133,7 @@ def color_jitter_matrix(brightness: float, contrast: float, saturation: float, h
 
 
 def random_color_jitter(image: torch.Tensor, strength: float, generator: torch.Generator | None = None
-                         ) -> torch.Tensor:
+                        ) -> torch.Tensor:
     """uint8 [3, H, W] -> uint8: brightness, contrast and saturation factors drawn from
     [1 - strength, 1 + strength], hue turned by up to ``strength`` x 36 degrees (torch RNG)."""
     if strength <= 0 or image.numel() == 0:
@@ -142,6 +142,6 @@ def random_color_jitter(image: torch.Tensor, strength: float, generator: torch.G
     b, c, s = (1 + strength * u[:3]).tolist()
     pixels = image.reshape(3, -1).double()
     m, t = color_jitter_matrix(b, c, s, float(u[3]) * strength * HUE_TURN_PER_STRENGTH,
-                                float(_LUMA @ pixels.mean(1)))
+                               float(_LUMA @ pixels.mean(1)))
     out = (m @ pixels + t[:, None]).round_().clamp_(0, 255)
     return out.to(torch.uint8).reshape(image.shape)
