@@ -4,15 +4,18 @@ layer sees, and write a quant spec (``edgekit.calibration.spec``).
 Weights are symmetric per output channel on the narrow signed range (what integer conv
 kernels expect: zero points of 0); each layer's INPUT activation gets one asymmetric
 grid, unsigned when everything observed was >= 0 (post-ReLU data wastes no code on
-negatives), signed otherwise. With ``conv_outputs=True`` (the default) each Conv2d layer's
-OUTPUT gets a grid too (an ``output`` entry): ONNX Runtime fuses DQ -> Conv -> Q into an integer
-QLinearConv only when the output is quantized; Linear layers need none (their MatMul
-already runs as MatMulIntegerToFloat). :func:`apply_fake_quant` simulates a spec in torch, the
-reference that the QDQ ONNX model is checked against.
+negatives), signed otherwise. With ``conv_outputs=True`` (the default) each Conv2d and
+Linear layer's OUTPUT gets a grid too (an ``output`` entry): ONNX Runtime fuses DQ -> Conv -> Q
+into an integer QLinearConv only when the output is quantized, and the deploy-form export
+writes Linear layers as 1x1 Convs (measured on the demo's detector: without their output
+grids its 24 pointwise layers ran as DequantizeLinear + float Conv, 30% of the INT8 graph's
+time). :func:`apply_fake_quant` simulates a spec in torch, the reference that the QDQ ONNX
+model is checked against.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from collections.abc import Iterable
@@ -22,6 +25,10 @@ from edgekit.errors import EdgekitError
 # Offset/mask predictors of deformable convs stay float: a one-step error in an offset
 # moves a sampling point, which costs far more accuracy than the layer's size saves.
 DEFAULT_EXCLUDE = ("*conv_offset",)
+# Layers whose output gets a grid (``conv_outputs``): every Conv2d, and Linear, which the
+# deploy-form export writes as a 1x1 Conv (ConvNeXt's pointwise layers: most of the model's
+# MACs); without an output grid ORT runs those as DequantizeLinear + float Conv.
+OUTPUT_GRID_TYPES = ("Conv2d", "Linear")
 
 
 def weight_qparams(weight, bits: int, per_channel: bool = True, observer: str = "minmax") -> dict:
@@ -43,8 +50,8 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
               conv_outputs: bool = True) -> dict:
     """Observe ``model`` on ``batches`` (tensors, or tuples whose first item is the input)
     and return a PTQ quant spec for the chosen layers (``conv_outputs``: also quantize
-    Conv2d outputs, without which ONNX Runtime runs the convs in float and the INT8 model
-    is slower than FP32: 0.84x against 1.10x, ``benchmarks/results/qdq_ort_cpu.md``)."""
+    Conv2d and Linear outputs, without which ONNX Runtime runs the convs in float and the
+    INT8 model is slower than FP32: 0.84x against 1.10x, ``benchmarks/results/qdq_ort_cpu.md``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -61,7 +68,7 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     modules = dict(model.named_modules())
     observers = {p: make_observer(observer) for p in chosen}
     hooks = [modules[p].register_forward_pre_hook(_recorder(observers[p])) for p in chosen]
-    out_observers = {p: make_observer(observer) for p, k in chosen.items() if conv_outputs and k == "Conv2d"}
+    out_observers = {p: make_observer(observer) for p, k in chosen.items() if conv_outputs and k in OUTPUT_GRID_TYPES}
     hooks += [modules[p].register_forward_hook(_output_recorder(out_observers[p])) for p in out_observers]
     was_training = model.training
     model.eval()
@@ -99,11 +106,15 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
 
 def calibrate_conv_outputs(model, spec: dict, batches: Iterable, *, observer: str = "percentile",
                            bits: int = 8, progress: bool = False) -> dict:
-    """``spec`` with an ``output`` grid on every Conv2d layer that has none, observed on
+    """``spec`` with an ``output`` grid on every Conv2d and Linear layer that has none, observed on
     ``batches`` through the spec's own fake quantization (so each grid sees the values the
     QDQ graph produces). Why: ONNX Runtime runs a conv as an integer kernel only when its
     output is quantized too; a spec from QAT or a bit search (``edgekit quantize``) has
-    input grids only, and its convs would run in float. Returns a new spec."""
+    input grids only, and its convs would run in float. A conv whose output is directly the
+    input of a quantized layer with a ``bits``-wide grid takes that layer's input grid as its
+    output grid: two grids on one tensor leave a Q -> DQ -> Q -> DQ chain that ONNX Runtime
+    cannot fold (four extra float conversions per such edge in GHOST's exports, where input
+    grids come from the bit search, not from this observer). Returns a new spec."""
     import torch
     from tqdm.auto import tqdm
 
@@ -112,17 +123,22 @@ def calibrate_conv_outputs(model, spec: dict, batches: Iterable, *, observer: st
 
     check_bits(bits, "bits")
     spec = copy.deepcopy(spec)
-    wanted = [p for p, layer in spec["layers"].items() if layer["type"] == "Conv2d" and layer.get("output") is None]
+    wanted = [p for p, layer in spec["layers"].items()
+              if layer["type"] in OUTPUT_GRID_TYPES and layer.get("output") is None]
     qmodel = apply_fake_quant(model, spec)
     modules = dict(qmodel.named_modules())
     observers = {p: make_observer(observer) for p in wanted}
     hooks = [modules[p].register_forward_hook(_output_recorder(observers[p])) for p in wanted]
+    readers = {p: layer for p, layer in spec["layers"].items()
+               if layer.get("input") is not None and layer["input"]["bits"] == bits}
+    tracer = _DirectFeedTracer(modules, wanted, readers)
     qmodel.eval()
     seen = 0
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc=f"conv outputs ({observer})", disable=not progress):
-                qmodel(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                with tracer if seen == 0 else contextlib.nullcontext():
+                    qmodel(batch[0] if isinstance(batch, (tuple, list)) else batch)
                 seen += 1
     finally:
         for h in hooks:
@@ -130,9 +146,48 @@ def calibrate_conv_outputs(model, spec: dict, batches: Iterable, *, observer: st
     if seen == 0:
         raise EdgekitError("conv output calibration got no batches; give it at least one")
     for path in wanted:
-        if observers[path].min is not None:  # a layer the batches never reach keeps a float output
+        if path in tracer.feeds:
+            spec["layers"][path]["output"] = copy.deepcopy(readers[tracer.feeds[path]]["input"])
+        elif observers[path].min is not None:  # a layer the batches never reach keeps a float output
             spec["layers"][path]["output"] = _act_qparams(observers[path], bits, observer)
     return spec
+
+
+class _DirectFeedTracer:
+    """While active, finds which producer's output tensor is, as the very same object with
+    the same values, the input of a reader layer (no op in between): ``feeds`` = {producer:
+    first such reader}. The reader hooks run before the fake quantizers' own pre-hooks, so
+    they see the raw tensor."""
+
+    def __init__(self, modules: dict, producers: list[str], readers: dict):
+        self.modules, self.producers, self.readers = modules, producers, readers
+        self.feeds: dict[str, str] = {}
+        self._outputs: dict[str, tuple] = {}
+        self._hooks: list = []
+
+    def __enter__(self):
+        def record(path):
+            def hook(module, args, output):
+                self._outputs[path] = (output, getattr(output, "_version", None))
+            return hook
+
+        def match(path):
+            def hook(module, args):
+                for producer, (output, version) in self._outputs.items():
+                    # the version counter rules out a tensor changed in place on the way
+                    if args and args[0] is output and output._version == version and producer != path:
+                        self.feeds.setdefault(producer, path)
+            return hook
+
+        self._hooks = [self.modules[p].register_forward_hook(record(p)) for p in self.producers]
+        self._hooks += [self.modules[p].register_forward_pre_hook(match(p), prepend=True) for p in self.readers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._outputs.clear()  # drop the tensors held for the identity check
+        return False
 
 
 def _act_qparams(obs, bits: int, observer: str) -> dict:

@@ -8,7 +8,8 @@ per-channel ``DequantizeLinear`` whose output keeps the original name, so every 
 is untouched; each Conv/Gemm/MatMul/DeformConv node reading it (a module shared across
 pyramid levels is one node per call) gets ``QuantizeLinear -> DequantizeLinear`` on its
 data-input edge only (other readers of the same tensor stay float) and, where the layer
-has an ``output`` entry, after its output. Biases stay float: ONNX Runtime's QDQ fusion
+has an ``output`` entry, after its output (after the bias Add where a Linear exports as
+MatMul + Add). Biases stay float: ONNX Runtime's QDQ fusion
 quantizes them itself when it fuses (which needs them as initializers: see
 :func:`fold_conv_biases`). Activation grids are written as UINT8 (a signed grid is
 the same values with the zero point shifted by 2^(bits-1)).
@@ -18,8 +19,9 @@ data and weight -> op -> Q" into an integer kernel, so a layer with an ``output`
 in the spec (PTQ writes one for each Conv2d by default, ``calibrate(..., conv_outputs=True)``) gets
 Q -> DQ after its node as well, and its Conv becomes QLinearConv whatever follows it
 (norms, adds). Without it a conv runs DequantizeLinear + float Conv (slower than the FP32
-graph: ORT's blocked NCHWc float convs are lost too); a MatMul with a quantized input
-becomes MatMulIntegerToFloat either way (no output Q needed, so Linear layers get none).
+graph: ORT's blocked NCHWc float convs are lost too); that includes Linear layers, which
+the deploy-form export writes as 1x1 Convs, so PTQ gives them output grids as well (a
+MatMul with a quantized input becomes MatMulIntegerToFloat either way).
 On x86 CPUs without VNNI those integer kernels sum u8 x s8 pairs in int16 and can
 saturate with 8-bit weights (measured: they then depart from the graph's meaning; with
 7-bit weights they match it exactly); calibrate with ``weight_bits=7`` for such targets
@@ -284,7 +286,7 @@ class _QDQRewriter:
                 if layer.get("input") is not None:
                     self._quantize_input(node, data_index, layer["input"], f"{path}.input{suffix}")
                 if layer.get("output") is not None:
-                    self._quantize_output(node, layer["output"], f"{path}.output{suffix}")
+                    self._quantize_output(self._module_output_node(node), layer["output"], f"{path}.output{suffix}")
         self._insert_nodes()
 
     def _weight_initializers(self, layers: dict, model) -> dict:
@@ -402,6 +404,19 @@ class _QDQRewriter:
         nodes = self._qdq(node.input[data_index], aspec, base)
         self.new_nodes += [(node, n) for n in nodes]
         node.input[data_index] = nodes[-1].output[0]
+
+    def _module_output_node(self, node):
+        """The node that writes the module's output: the compute node itself, or, for a
+        MatMul (a Linear exported in training form), the Add of its bias when that Add is
+        its one reader, so that the grid lands where the torch module's output is."""
+        if node.op_type != "MatMul":
+            return node
+        readers = self.consumers.get(node.output[0], [])
+        if len(readers) == 1 and readers[0].op_type == "Add":
+            other = [name for name in readers[0].input if name != node.output[0]]
+            if len(other) == 1 and other[0] in self.inits:
+                return readers[0]
+        return node
 
     def _quantize_output(self, node, aspec: dict, base: str) -> None:
         """Q/DQ after the node, which then writes a new name: its readers keep theirs."""

@@ -272,18 +272,18 @@ def test_conv_output_grids_are_observed_through_the_fake_quantized_model(net):
     assert not any("output" in layer for layer in spec["layers"].values())
     out = calibrate_conv_outputs(net, spec, batches, observer="minmax", bits=8)
     assert not any("output" in layer for layer in spec["layers"].values())  # the input spec is untouched
-    assert {p for p, layer in out["layers"].items() if "output" in layer} == {"conv1", "conv2"}
+    assert {p for p, layer in out["layers"].items() if "output" in layer} == {"conv1", "conv2", "fc"}
     qmodel = apply_fake_quant(net, spec)
     seen = {}
     modules = dict(qmodel.named_modules())
     hooks = [modules[p].register_forward_hook(lambda m, a, o, p=p: seen.setdefault(p, []).append(o.detach().clone()))
-             for p in ("conv1", "conv2")]
+             for p in ("conv1", "conv2", "fc")]
     with torch.no_grad():
         for b in batches:
             qmodel(b)
     for h in hooks:
         h.remove()
-    for path in ("conv1", "conv2"):
+    for path in ("conv1", "conv2", "fc"):
         y, a = torch.cat([t.flatten() for t in seen[path]]).double(), out["layers"][path]["output"]
         qmin, qmax = qrange(8, a["signed"])
         lo, hi = min(y.min().item(), 0.0), max(y.max().item(), 0.0)

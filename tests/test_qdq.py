@@ -8,6 +8,7 @@ float rounding); with 7-bit weights ("reduce range", ORT's advice for such CPUs)
 fused integer kernels agree with fake-quant too.
 """
 
+import copy
 import warnings
 from collections import Counter
 
@@ -90,7 +91,8 @@ def test_qdq_graph_equals_fake_quant(convnet, tmp_path, weight_bits, act_bits, c
     batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
     spec = calibrate(model, batches, weight_bits=weight_bits, act_bits=act_bits, progress=False,
                      conv_outputs=conv_outputs)
-    assert all(("output" in layer) == (conv_outputs and layer["type"] == "Conv2d") for layer in spec["layers"].values())
+    assert all(("output" in layer) == (conv_outputs and layer["type"] in ("Conv2d", "Linear"))
+               for layer in spec["layers"].values())
     out = quantize_onnx(fp32, spec, tmp_path / "q.onnx")
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     x = torch.randn(3, 3, 16, 16)
@@ -470,6 +472,11 @@ def test_transposed_linear_weights_are_found_by_value(fresh_torch_seed, tmp_path
     with pytest.raises(EdgekitError, match="pass the torch model"):
         quantize_onnx(path, spec, tmp_path / "q.onnx")
     out = quantize_onnx(path, spec, tmp_path / "q.onnx", model=model)
+    # the module's output grid sits after the bias Add, where the torch Linear's output is
+    nodes = onnx.load(str(out)).graph.node
+    writer = {o: n for n in nodes for o in n.output}
+    q = next(n for n in nodes if n.name == "pw.output_QuantizeLinear")
+    assert writer[q.input[0]].op_type == "Add"
     x = torch.randn(1, 8, 4, 4)
     with torch.no_grad():
         expected = apply_fake_quant(model, spec)(x).numpy()
@@ -531,3 +538,89 @@ def test_int8_precision_takes_reduced_range_weights_only():
 
     assert spec_precision(spec(8, 8)) == spec_precision(spec(7, 8)) == "int8"  # 7: int8 on CPUs without VNNI
     assert spec_precision(spec(6, 8)) == spec_precision(spec(8, 4)) == "mixed"
+
+
+class DirectFeedNet(nn.Module):
+    """conv1 feeds conv2 directly and a residual add; conv3 feeds conv4 directly; conv2's
+    output reaches conv3 only through a ReLU; conv4 feeds a mean."""
+
+    def __init__(self, width: int = 16, in_place: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1, groups=4)
+        self.conv4 = nn.Conv2d(width, width, 1)
+        self.fc = nn.Linear(width, 10)
+        self.in_place = in_place
+
+    def forward(self, x):
+        a = self.conv1(x)
+        b = self.conv2(a) + a
+        c = self.conv3(F.relu(b))
+        if self.in_place:
+            c.mul_(0.5)  # the same object reaches conv4, but not the same values
+        return self.fc(self.conv4(c).mean((2, 3)))
+
+
+def searched_input_grids(model, batches, act_bits=8):
+    """A spec whose input grids were not observed on these tensors (as a bit search's are):
+    minmax grids widened by 10%."""
+    spec = calibrate(model, batches, weight_bits=7, act_bits=act_bits, progress=False, conv_outputs=False)
+    for layer in spec["layers"].values():
+        layer["input"]["scale"] *= 1.1
+    return spec
+
+
+def test_a_conv_feeding_a_quantized_layer_takes_its_input_grid(fresh_torch_seed, tmp_path):
+    """Two grids on one tensor leave Q -> DQ -> Q -> DQ in the graph, which ORT cannot fold:
+    the producer's output grid must be the reader's input grid, and ORT then runs fewer
+    conversions, with the graph still computing what the fake-quant model computes."""
+    from edgekit.calibration.ptq import calibrate_conv_outputs
+
+    model = DirectFeedNet().eval()
+    fp32 = export_legacy(model, tmp_path / "fp32.onnx")
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    spec = searched_input_grids(model, batches)
+    out = calibrate_conv_outputs(model, spec, batches, observer="minmax", bits=8)
+    layers = out["layers"]
+    assert layers["conv1"]["output"] == spec["layers"]["conv2"]["input"]
+    assert layers["conv3"]["output"] == spec["layers"]["conv4"]["input"]
+    for path, reader in (("conv2", "conv3"), ("conv4", "fc")):  # no direct reader: an observed grid
+        assert layers[path]["output"]["scale"] != spec["layers"][reader]["input"]["scale"]
+    # the same spec with independently observed grids on the two direct edges
+    observed = calibrate(model, batches, weight_bits=7, progress=False, conv_outputs=True)
+    separate = copy.deepcopy(out)
+    for path in ("conv1", "conv3"):
+        separate["layers"][path]["output"] = observed["layers"][path]["output"]
+    x = torch.randn(3, 3, 16, 16)
+    conversions = {}
+    for name, s in (("shared", out), ("separate", separate)):
+        q = quantize_onnx(fp32, s, tmp_path / f"{name}.onnx")
+        got = run_ort(q, x, optimize=True, optimized_path=tmp_path / f"{name}_opt.onnx")
+        ops = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}_opt.onnx")).graph.node)
+        conversions[name] = ops["QuantizeLinear"] + ops["DequantizeLinear"]
+        with torch.no_grad():
+            expected = apply_fake_quant(model, s)(x).numpy()
+        assert np.abs(got - expected).max() <= 2 * last_layer_step(s, model)
+    assert conversions["shared"] < conversions["separate"], conversions
+
+
+def test_a_direct_reader_on_a_narrower_grid_or_after_an_in_place_change_shares_nothing(fresh_torch_seed):
+    """A 4-bit reader keeps the producer's output at 8 bits (the residual reads it too), and a
+    tensor changed in place between producer and reader is not the producer's output."""
+    from edgekit.calibration.ptq import calibrate_conv_outputs
+
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    model = DirectFeedNet().eval()
+    spec = searched_input_grids(model, batches)
+    spec["layers"]["conv2"]["input"]["bits"] = 4
+    out = calibrate_conv_outputs(model, spec, batches, observer="minmax", bits=8)
+    assert out["layers"]["conv1"]["output"]["bits"] == 8
+    assert out["layers"]["conv1"]["output"]["scale"] != spec["layers"]["conv2"]["input"]["scale"]
+    assert out["layers"]["conv3"]["output"] == spec["layers"]["conv4"]["input"]
+    in_place = DirectFeedNet(in_place=True).eval()
+    in_place.load_state_dict(model.state_dict())
+    spec = searched_input_grids(in_place, batches)
+    out = calibrate_conv_outputs(in_place, spec, batches, observer="minmax", bits=8)
+    assert out["layers"]["conv3"]["output"]["scale"] != spec["layers"]["conv4"]["input"]["scale"]
+    assert out["layers"]["conv1"]["output"] == spec["layers"]["conv2"]["input"]

@@ -196,9 +196,10 @@ def test_quantize_command_on_the_detector_and_reload(capsys, tmp_path, fresh_tor
     spec = validate_spec(json.loads((out / "quant_spec.json").read_text()))
     assert spec["source"] == "budget" and spec["layers"]["head.cls_tower.1.conv"]["type"] == "DeformConv2d"
     assert spec["layers"]["backbone.downsample_layers.0.0"]["weight"]["bits"] == 8       # first layer policy
-    # Every conv gets an 8-bit output grid (ONNX Runtime's integer convs need it); others none.
+    # Every conv and linear (a 1x1 conv in the deploy form) gets an 8-bit output grid
+    # (ONNX Runtime's integer convs need it); the deformable layers none.
     assert {p for p, e in spec["layers"].items() if e.get("output")} == \
-        {p for p, e in spec["layers"].items() if e["type"] == "Conv2d"}
+        {p for p, e in spec["layers"].items() if e["type"] in ("Conv2d", "Linear")}
     assert {e["output"]["bits"] for e in spec["layers"].values() if e.get("output")} == {8}
     # ... and the quantized checkpoint carries them to export (edgekit export without --calibration).
     from edgekit.calibration.quantize import export_view
