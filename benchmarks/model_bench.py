@@ -482,7 +482,11 @@ def bench(models, config: BenchConfig | None = None) -> BenchResult:
 
 
 INTERLEAVE_GAP_S = 0.05  # between calls: the previous runtime's spinning threads go idle (benchmarks/latency.py)
-RATIO_REFERENCES = ("ort", "openvino")  # each interleaved row's speed is given against these rows of its model
+# each interleaved row's speed is given against these rows of its model (the peers' rows too,
+# so that edgekit's INT8 is compared with theirs in the same rounds)
+RATIO_REFERENCES = ("ort", "openvino", "ort-static", "nncf")
+REFERENCE_NAMES = {"ort": "ORT FP32", "openvino": "OpenVINO FP32", "ort-static": "ORT quantize_static",
+                   "nncf": "NNCF INT8"}
 
 
 def interleaved_section(kept: list, sources: list[ModelSource], config: BenchConfig) -> dict:
@@ -683,8 +687,8 @@ def markdown(record: dict) -> str:
 
 
 def interleaved_markdown(record: dict) -> list[str]:
-    """The side-by-side table: per row, median and p90 of the rounds, speed against ORT FP32
-    and OpenVINO FP32 (median of per-round ratios), and the row's mAP."""
+    """The side-by-side table: per row, median and p90 of the rounds, speed against ORT FP32,
+    OpenVINO FP32 and the INT8 peers (median of per-round ratios), and the row's mAP."""
     inter = record.get("interleaved")
     if not inter:
         return []
@@ -694,13 +698,14 @@ def interleaved_markdown(record: dict) -> list[str]:
              f"every row once ({inter['gap_s']} s gap and one untimed call before each timed one, threads "
              f"{inter['threads']}); 'speed vs X' is the median over rounds of X's time / the row's time (above 1: "
              f"faster than X).", "",
-             "| model | format | median ms | p90 ms | spread | speed vs ORT FP32 | speed vs OpenVINO FP32 "
-             "| mAP50-95 | mAP50 |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | format | median ms | p90 ms | spread | " + " | ".join(
+                 f"speed vs {REFERENCE_NAMES[ref]}" for ref in RATIO_REFERENCES)
+             + " | mAP50-95 | mAP50 |", "|---|---|---|---|---|" + "---|" * (len(RATIO_REFERENCES) + 2)]
     for r in inter["rows"]:
         acc = accuracy_of.get((r["model"], r["backend"]), {})
+        speeds = " | ".join(_f(r["speed_vs"].get(ref), "{:.2f}x") for ref in RATIO_REFERENCES)
         lines.append(f"| {r['model']} | {r['format']} | {_f(r['median_ms'])} | {_f(r['p90_ms'])} "
-                     f"| {_f(r['spread'])} | {_f(r['speed_vs'].get('ort'), '{:.2f}x')} "
-                     f"| {_f(r['speed_vs'].get('openvino'), '{:.2f}x')} | {_f(acc.get('map'), '{:.4f}')} "
+                     f"| {_f(r['spread'])} | {speeds} | {_f(acc.get('map'), '{:.4f}')} "
                      f"| {_f(acc.get('map50'), '{:.4f}')} |")
     return lines
 
@@ -767,9 +772,30 @@ def model_suite(config) -> BenchResult:
 
 PEER_BACKENDS_RUN = ["ort", "ort-int8", "openvino", "openvino-int8", "ort-static", "nncf"]
 FLOORS = (  # (what, row, reference row, least speed ratio): ratios from the interleaved rounds
+    ("edgekit INT8 in ONNX Runtime >= 1.8x ONNX Runtime FP32 speed (a floor for CPUs with VNNI)", "ort-int8", "ort",
+     1.8),
+    ("edgekit INT8 in ONNX Runtime at least as fast as ONNX Runtime quantize_static", "ort-int8", "ort-static", 1.0),
+    ("edgekit INT8 in ONNX Runtime at least as fast as NNCF INT8 in OpenVINO", "ort-int8", "nncf", 1.0),
     ("OpenVINO FP32 >= ONNX Runtime FP32 speed", "openvino", "ort", 1.0),
     ("OpenVINO INT8 >= 1.8x OpenVINO FP32 speed", "openvino-int8", "openvino", 1.8),
 )
+ACCURACY_FLOORS = (  # (what, row, reference row, most mAP@[.5:.95] points the row may lose against it)
+    ("edgekit INT8 in ONNX Runtime within 0.5 point of FP32", "ort-int8", "ort", 0.5),
+    ("edgekit INT8 in ONNX Runtime at least as accurate as quantize_static", "ort-int8", "ort-static", 0.0),
+    ("edgekit INT8 in ONNX Runtime at least as accurate as NNCF INT8", "ort-int8", "nncf", 0.0),
+)
+
+
+def _accuracy_floors(rows: list[dict]) -> list[dict]:
+    """Each accuracy floor: mAP@[.5:.95] points the row loses against its reference (negative:
+    it gains), from the rows' own validation mAP."""
+    maps = {r["backend"]: (r.get("accuracy") or {}).get("map") for r in rows if r.get("status") == "ok"}
+    floors = []
+    for what, row, ref, most in ACCURACY_FLOORS:
+        lost = None if maps.get(row) is None or maps.get(ref) is None else 100 * (maps[ref] - maps[row])
+        floors.append({"floor": what, "row": row, "reference": ref, "most": most, "points_lost": lost,
+                       "met": lost is not None and lost <= most})
+    return floors
 
 
 def peers_suite(config) -> BenchResult:
@@ -798,6 +824,7 @@ def peers_suite(config) -> BenchResult:
                        "met": ratio is not None and ratio >= least,
                        "short_by": None if ratio is None or ratio >= least else least / ratio})
     record["floors"] = floors
+    record["accuracy_floors"] = _accuracy_floors(record["rows"])
     record["int8"] = {"vnni": has_vnni(), "edgekit_weight_bits": int8_weight_bits(), "vnni_flags": list(VNNI_FLAGS),
                       "ort_static_reduce_range": not has_vnni()}
     out = Path(config.out)
@@ -813,6 +840,11 @@ def peers_suite(config) -> BenchResult:
         verdict = "met" if f["met"] else ("not measured" if f["measured"] is None else
                                           f"NOT met: {f['least']:.2f}x needed, short by a factor {f['short_by']:.2f}")
         lines.append(f"- {f['floor']}: {got} ({verdict})")
+    for f in record["accuracy_floors"]:
+        got = "not measured" if f["points_lost"] is None else f"{f['points_lost']:+.2f} points lost"
+        verdict = "met" if f["met"] else ("not measured" if f["points_lost"] is None else
+                                          f"NOT met: at most {f['most']:.1f} allowed")
+        lines.append(f"- {f['floor']} (mAP@[.5:.95]): {got} ({verdict})")
     lines += ["", "OpenVINO per-op time (PERF_COUNT counters, ms per batch-1 inference summed by node type, the IRs "
               "one after the other, not interleaved) and the kernels its convolutions ran:", ""]
     for name, prof in record["openvino_profile"].items():

@@ -197,13 +197,17 @@ def test_peers_suite_reports_each_floor_met_or_by_how_much_not(tmp_path, monkeyp
     from edgekit.benchmarks.suites import PeersSuiteConfig
 
     fp32_speed, int8_speed = float(rng.uniform(1.0, 1.5)), float(rng.uniform(1.0, 1.7))
+    ort_int8 = {"ort": float(rng.uniform(1.9, 2.5)), "ort-static": float(rng.uniform(0.5, 0.99)),
+                "nncf": float(rng.uniform(1.0, 2.0))}
+    maps = {"ort": 0.5, "ort-int8": 0.5 - float(rng.uniform(0.0051, 0.02)), "ort-static": 0.45, "nncf": 0.499}
     seen = {}
 
     def fake_bench(models, config):
         seen["config"] = config
-        rows = [{"model": "m", "backend": b, "format": b, "status": "ok"} for b in MB.PEER_BACKENDS_RUN]
+        rows = [{"model": "m", "backend": b, "format": b, "status": "ok", "accuracy": {"map": maps.get(b)}}
+                for b in MB.PEER_BACKENDS_RUN]
         speed = {"openvino": {"ort": fp32_speed, "openvino": 1.0},
-                 "openvino-int8": {"ort": 2.0, "openvino": int8_speed}}
+                 "openvino-int8": {"ort": 2.0, "openvino": int8_speed}, "ort-int8": ort_int8}
         inter = [{"model": "m", "backend": b, "format": b, "median_ms": 1.0, "p90_ms": 1.0, "spread": 1.0,
                   "repeats": 10, "speed_vs": speed.get(b, {"ort": 1.0, "openvino": 1.0})} for b in MB.PEER_BACKENDS_RUN]
         record = {"format": MB.BENCH_FORMAT, "machine": {"cpu": "x", "cpu_flags": [], "cores": 2, "torch_threads": 2,
@@ -218,9 +222,18 @@ def test_peers_suite_reports_each_floor_met_or_by_how_much_not(tmp_path, monkeyp
     monkeypatch.setattr(peers, "has_vnni", lambda: False)
     MB.peers_suite(PeersSuiteConfig(out=str(tmp_path)))
     assert seen["config"].interleave and seen["config"].batch_sizes == [1] and seen["config"].threads == 2
-    floors = json.loads((tmp_path / "peers_cpu.json").read_text())["floors"]
-    assert [f["met"] for f in floors] == [True, False]
-    assert floors[0]["measured"] == fp32_speed and floors[1]["short_by"] == pytest.approx(1.8 / int8_speed)
+    record = json.loads((tmp_path / "peers_cpu.json").read_text())
+    floors = {(f["row"], f["reference"]): f for f in record["floors"]}
+    assert {k: f["met"] for k, f in floors.items()} == {
+        ("ort-int8", "ort"): True, ("ort-int8", "ort-static"): False, ("ort-int8", "nncf"): True,
+        ("openvino", "ort"): True, ("openvino-int8", "openvino"): False}
+    assert floors[("openvino", "ort")]["measured"] == fp32_speed
+    assert floors[("openvino-int8", "openvino")]["short_by"] == pytest.approx(1.8 / int8_speed)
+    assert floors[("ort-int8", "ort-static")]["short_by"] == pytest.approx(1 / ort_int8["ort-static"])
+    accuracy = {f["reference"]: f for f in record["accuracy_floors"]}
+    assert accuracy["ort"]["points_lost"] == pytest.approx(100 * (maps["ort"] - maps["ort-int8"]))
+    assert [accuracy[k]["met"] for k in ("ort", "ort-static", "nncf")] == [False, True, False]
     md = (tmp_path / "peers_cpu.md").read_text()
     assert f"{int8_speed:.2f}x (NOT met: 1.80x needed, short by a factor {1.8 / int8_speed:.2f})" in md
+    assert "points lost (NOT met: at most 0.5 allowed)" in md
     assert "no VNNI" in md
