@@ -613,7 +613,7 @@ def test_a_direct_reader_on_a_narrower_grid_or_after_an_in_place_change_shares_n
     batches = [torch.randn(2, 3, 16, 16) for _ in range(2)]
     model = DirectFeedNet().eval()
     spec = searched_input_grids(model, batches)
-    spec["layers"]["conv2"]["input"]["bits"] = 4
+    spec["layers"]["conv2"]["input"].update(bits=4, zero_point=0)  # 0 is on every 4-bit grid
     out = calibrate_conv_outputs(model, spec, batches, observer="minmax", bits=8)
     assert out["layers"]["conv1"]["output"]["bits"] == 8
     assert out["layers"]["conv1"]["output"]["scale"] != spec["layers"]["conv2"]["input"]["scale"]
