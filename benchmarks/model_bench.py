@@ -693,19 +693,20 @@ def interleaved_markdown(record: dict) -> list[str]:
     if not inter:
         return []
     accuracy_of = {(r["model"], r["backend"]): r.get("accuracy") or {} for r in record["rows"]}
+    references = [ref for ref in RATIO_REFERENCES if any(ref in r["speed_vs"] for r in inter["rows"])]
     lines = ["", "## Side by side (interleaved rounds)", "",
              f"Every row above that ran at batch 1 was timed again in {inter['rounds']} rounds, each round running "
              f"every row once ({inter['gap_s']} s gap and one untimed call before each timed one, threads "
              f"{inter['threads']}); 'speed vs X' is the median over rounds of X's time / the row's time (above 1: "
              f"faster than X).", "",
-             "| model | format | median ms | p90 ms | spread | " + " | ".join(
-                 f"speed vs {REFERENCE_NAMES[ref]}" for ref in RATIO_REFERENCES)
-             + " | mAP50-95 | mAP50 |", "|---|---|---|---|---|" + "---|" * (len(RATIO_REFERENCES) + 2)]
+             "| model | format | median ms | p90 ms | spread | " + "".join(
+                 f"speed vs {REFERENCE_NAMES[ref]} | " for ref in references)
+             + "mAP50-95 | mAP50 |", "|---|---|---|---|---|" + "---|" * (len(references) + 2)]
     for r in inter["rows"]:
         acc = accuracy_of.get((r["model"], r["backend"]), {})
-        speeds = " | ".join(_f(r["speed_vs"].get(ref), "{:.2f}x") for ref in RATIO_REFERENCES)
+        speeds = "".join(_f(r["speed_vs"].get(ref), "{:.2f}x") + " | " for ref in references)
         lines.append(f"| {r['model']} | {r['format']} | {_f(r['median_ms'])} | {_f(r['p90_ms'])} "
-                     f"| {_f(r['spread'])} | {speeds} | {_f(acc.get('map'), '{:.4f}')} "
+                     f"| {_f(r['spread'])} | {speeds}{_f(acc.get('map'), '{:.4f}')} "
                      f"| {_f(acc.get('map50'), '{:.4f}')} |")
     return lines
 

@@ -24,6 +24,10 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert f"{report['val']['map50']:.3f}" in md  # the markdown shows the measured figure
     assert "## Deployment" in md and f"{sizes[1]:.2f}" in md
     assert "Mixed model, as a user should ship it:" in md  # the mixed model judged against FP32 and INT8
+    # ... on the medians of rounds that time every ONNX Runtime row side by side
+    medians = {r["model"]: r["median_ms"] for r in deploy["bench"]["interleaved"]["rows"] if r["backend"] == "ort"}
+    assert len(medians) == 3 and "medians of interleaved rounds" in md
+    assert f"{medians['model_mixed']:.1f} vs INT8 {medians['model_int8']:.1f} ms/img" in md
     assert (out / "predictions.png").stat().st_size > 0
     assert "demo (oriented boxes): DOTA mAP@.5" in capsys.readouterr().out
     assert report["val"]["boxes"] == "oriented" and "DOTA Task 1" in md
