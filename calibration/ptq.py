@@ -51,7 +51,7 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     """Observe ``model`` on ``batches`` (tensors, or tuples whose first item is the input)
     and return a PTQ quant spec for the chosen layers (``conv_outputs``: also quantize
     Conv2d and Linear outputs, without which ONNX Runtime runs the convs in float and the
-    INT8 model is slower than FP32: 0.84x against 1.10x, ``benchmarks/results/qdq_ort_cpu.md``)."""
+    INT8 model is slower than FP32: 0.80x against 1.26x, ``benchmarks/results/qdq_ort_cpu.md``)."""
     import torch
     from tqdm.auto import tqdm
 
