@@ -333,16 +333,19 @@ def _validation(loaded, options: BoundOptions, size: int, data, qat_data=None) -
 
 
 def _add_conv_outputs(result: QuantizeResult, recipe: QuantizeRecipe, loaded, calib_split) -> None:
-    """8-bit grids on conv outputs, observed on the float tensors the quantized model now
-    holds (after QAT), through its own fake quantization."""
+    """The deploy grids: without QAT, input grids observed by edgekit's own observer (learned
+    ones are kept); then 8-bit grids on conv outputs, observed on the float tensors the
+    quantized model now holds (after QAT), through its own fake quantization."""
     if not recipe.conv_outputs:
         return
-    from edgekit.calibration.ptq import calibrate_conv_outputs
+    from edgekit.calibration.ptq import calibrate_conv_outputs, observe_input_grids
     from edgekit.calibration.quantize import float_view
 
     view = float_view(result.qmodel, loaded.name, loaded.kwargs)
-    result.spec = calibrate_conv_outputs(view, result.spec, [x for x, _ in sample_batches(
-        view, result.image_size, recipe.calib_batches, calib_split)], progress=recipe.progress)
+    batches = [x for x, _ in sample_batches(view, result.image_size, recipe.calib_batches, calib_split)]
+    if not recipe.qat_epochs:
+        result.spec = observe_input_grids(view, result.spec, batches)
+    result.spec = calibrate_conv_outputs(view, result.spec, batches, progress=recipe.progress)
 
 
 def _bound_quantized(result: QuantizeResult, recipe: QuantizeRecipe, loaded, validation: list, calib_split,
@@ -372,8 +375,10 @@ def _bound_quantized(result: QuantizeResult, recipe: QuantizeRecipe, loaded, val
         result.config = result.qmodel.quant_config
         result.spec = quant_spec_from_model(result.qmodel, loaded.name, source=recipe.method, observer="percentile")
         for path, layer in result.spec["layers"].items():
-            if grids.get(path, {}).get("output") is not None:
-                layer["output"] = grids[path]["output"]
+            for key in ("input", "output"):  # the deploy grids the loop evaluated, at unchanged widths
+                grid = grids.get(path, {}).get(key)
+                if grid is not None and (layer.get(key) is None or layer[key]["bits"] == grid["bits"]):
+                    layer[key] = grid
         result.profile = profile_model(result.qmodel, size, model_name=loaded.name)
         ab.recheck(record, ab.spec_metric(model, validation, classes, measure)(result.spec))
     else:
@@ -396,13 +401,15 @@ def _write_quantized(result: QuantizeResult, recipe: QuantizeRecipe, loaded, out
               "quantize_seconds": result.quantize_seconds, "qat": result.qat, "totals": result.totals,
               "accuracy_control": result.accuracy}
     grids = {path: layer["output"] for path, layer in result.spec["layers"].items() if layer.get("output")}
+    inputs = {path: layer["input"] for path, layer in result.spec["layers"].items() if layer.get("input")}
     info = {k: v for k, v in loaded.info.items() if k not in ("quant_config", "model", "kwargs")}
     return [result.config.save(out / "qconfig.json"), save_spec(result.spec, out / "quant_spec.json"),
             write_text_atomic(out / "profile.json", result.profile.to_json() + "\n"),
             write_text_atomic(out / "profile.txt", result.profile.to_table() + "\n"),
             write_json_atomic(out / "search.json", record),
             save_quantized(out / "quantized.safetensors", result.qmodel, loaded.name, loaded.kwargs,
-                           {**info, "image_size": result.image_size, "conv_output_grids": grids})]
+                           {**info, "image_size": result.image_size, "conv_output_grids": grids,
+                            "input_grids": inputs})]
 
 
 def _is_detector(model) -> bool:

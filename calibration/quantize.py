@@ -538,6 +538,9 @@ def export_view(checkpoint):
     for path, grid in (info.get("conv_output_grids") or {}).items():  # edgekit quantize's conv outputs
         if path in spec["layers"]:
             spec["layers"][path]["output"] = grid
+    for path, grid in (info.get("input_grids") or {}).items():  # and the input grids its spec holds
+        if path in spec["layers"]:
+            spec["layers"][path]["input"] = grid
     return float_model.eval(), info, spec
 
 

@@ -292,3 +292,26 @@ def test_conv_output_grids_are_observed_through_the_fake_quantized_model(net):
     assert validate_spec(out) is out
     with pytest.raises(EdgekitError, match="got no batches"):
         calibrate_conv_outputs(net, spec, [])
+
+
+def test_observed_input_grids_are_the_ones_calibrate_writes(net):
+    """observe_input_grids replaces a spec's input grids (e.g. a bit search's) with what PTQ's
+    own calibration observes on the float model, at each grid's width; weights stay."""
+    from edgekit.calibration.ptq import observe_input_grids
+
+    batches = [torch.randn(2, 3, 12, 12) * 3 for _ in range(3)]
+    reference = calibrate(net, batches, observer="percentile", act_bits=8, progress=False, conv_outputs=False)
+    narrow = calibrate(net, batches, observer="percentile", act_bits=5, progress=False, conv_outputs=False)
+    searched = json.loads(json.dumps(reference))
+    for layer in searched["layers"].values():  # wider grids, as brevitas's calibration gave
+        layer["input"]["scale"] *= 1.5
+    searched["layers"]["conv2"]["input"]["bits"] = 5
+    out = observe_input_grids(net, searched, batches)
+    for path, layer in out["layers"].items():
+        expected = (narrow if path == "conv2" else reference)["layers"][path]["input"]
+        assert layer["input"] == pytest.approx(expected)
+        assert layer["weight"] == searched["layers"][path]["weight"]
+    assert searched["layers"]["conv1"]["input"]["scale"] == pytest.approx(
+        1.5 * reference["layers"]["conv1"]["input"]["scale"])  # the given spec is untouched
+    with pytest.raises(EdgekitError, match="got no batches"):
+        observe_input_grids(net, searched, [])

@@ -205,8 +205,8 @@ def test_quantize_command_on_the_detector_and_reload(capsys, tmp_path, fresh_tor
     from edgekit.calibration.quantize import export_view
 
     _, _, own = export_view(out / "quantized.safetensors")
-    assert {p: e.get("output") for p, e in own["layers"].items()} == \
-        {p: e.get("output") for p, e in spec["layers"].items()}
+    for key in ("input", "output"):  # input grids too: without QAT they are edgekit's observer's, not brevitas's
+        assert {p: e.get(key) for p, e in own["layers"].items()} == {p: e.get(key) for p, e in spec["layers"].items()}
     assert {e["input"]["bits"] for p, e in spec["layers"].items() if not p.startswith(("head.c", "head.box",
                                                                                         "backbone.down"))} == {6}
     assert json.loads((out / "profile.json").read_text())["totals"] == record["totals"]
