@@ -52,9 +52,6 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     and return a PTQ quant spec for the chosen layers (``conv_outputs``: also quantize
     Conv2d and Linear outputs, without which ONNX Runtime runs the convs in float and the
     INT8 model is slower than FP32: 0.80x against 1.26x, ``benchmarks/results/qdq_ort_cpu.md``)."""
-    import torch
-    from tqdm.auto import tqdm
-
     from edgekit.calibration.observers import make_observer
     from edgekit.calibration.quantize import QuantConfig, quantizable_layer_types
     from edgekit.calibration.spec import check_bits, new_spec
@@ -70,19 +67,7 @@ def calibrate(model, batches: Iterable, *, observer: str = "minmax", weight_bits
     hooks = [modules[p].register_forward_pre_hook(_recorder(observers[p])) for p in chosen]
     out_observers = {p: make_observer(observer) for p, k in chosen.items() if conv_outputs and k in OUTPUT_GRID_TYPES}
     hooks += [modules[p].register_forward_hook(_output_recorder(out_observers[p])) for p in out_observers]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        with torch.no_grad():
-            total = len(batches) if hasattr(batches, "__len__") else None
-            for batch in tqdm(batches, total=total, desc=f"calibrate ({observer})", disable=not progress):
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-                seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    seen = _feed(model, batches, hooks, f"calibrate ({observer})", progress)
     if seen == 0:
         raise EdgekitError("calibration got no batches; give it at least one (--batches N with a non-empty --data)")
     spec = new_spec(model_name, "ptq")
@@ -110,8 +95,6 @@ def observe_input_grids(model, spec: dict, batches: Iterable, *, observer: str =
     Why: the bit search's brevitas quantizers calibrate wider grids (1.1-1.8x the scale on the
     demo's detector), which cost GHOST's export 1.3 points of mAP@[.5:.95] with every weight at
     8 bits, against 0.16 with these grids. Returns a new spec."""
-    import torch
-
     from edgekit.calibration.observers import make_observer
 
     spec = copy.deepcopy(spec)
@@ -119,19 +102,7 @@ def observe_input_grids(model, spec: dict, batches: Iterable, *, observer: str =
     paths = [p for p, layer in spec["layers"].items() if layer.get("input") is not None]
     observers = {p: make_observer(observer) for p in paths}
     hooks = [modules[p].register_forward_pre_hook(_recorder(observers[p])) for p in paths]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-                seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    if seen == 0:
+    if _feed(model, batches, hooks) == 0:
         raise EdgekitError("input grid calibration got no batches; give it at least one")
     for path in paths:
         if observers[path].min is not None:  # a layer the batches never reach keeps its grid
@@ -224,6 +195,29 @@ class _DirectFeedTracer:
             h.remove()
         self._outputs.clear()  # drop the tensors held for the identity check
         return False
+
+
+def _feed(model, batches: Iterable, hooks: list, desc: str = "", progress: bool = False) -> int:
+    """Run ``model`` in eval mode without gradients on ``batches`` (tensors, or tuples whose
+    first item is the input) for its observing ``hooks``, which are removed afterwards;
+    returns the number of batches run."""
+    import torch
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in tqdm(batches, total=total, desc=desc, disable=not progress):
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return seen
 
 
 def _act_qparams(obs, bits: int, observer: str) -> dict:
