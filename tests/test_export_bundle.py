@@ -44,7 +44,7 @@ CLASSES = ["plane", "ship", "small-vehicle"]
 
 
 def fresh_rng():
-    seed = random.randrange(2**31)
+    seed = random.SystemRandom().randrange(2**31)  # fresh even when a test before seeded `random`
     print(f"numpy seed {seed}")
     return np.random.default_rng(seed)
 
@@ -146,7 +146,7 @@ def _export(model, path: Path, static_batch: int | None = None):
 def _untrained_detector(deformable: bool, obb: bool = False):
     from edgekit.models import create_model
 
-    seed = random.randrange(2**31)
+    seed = random.SystemRandom().randrange(2**31)  # fresh even when a test before seeded `random`
     print(f"model seed {seed}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
