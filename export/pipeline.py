@@ -7,7 +7,9 @@ hidden staging folder beside ``out`` and moved in only when complete, so ``out``
 holds a half-written file. Parity (see :mod:`edgekit.export.parity`) runs after every
 export unless ``parity=False``; its report is ``parity.json``. A failed parity check
 raises :class:`ParityError` (exit status 1 from the CLI): the artefacts stay, for
-inspection, and no bundle is written.
+inspection, and no bundle is written. A quantized ONNX export also gets a placement
+report, ``<stem>.placement.json`` (:mod:`edgekit.export.placement`): which layers ONNX
+Runtime runs on integer kernels, which in float, and why.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ FORMATS = {  # format: (file stem, parity precision)
 OPENVINO_FORMATS = ("openvino", "openvino-fp16", "openvino-int8")
 INT8_FORMATS = ("onnx-int8", "openvino-int8")
 QUANTIZED_FORMATS = ("onnx-int8", "onnx-mixed", "tensorrt", "openvino-int8")
+ONNX_QUANTIZED_FORMATS = ("onnx-int8", "onnx-mixed")  # with a placement report (ONNX Runtime's kernels)
 DEFORM_MODES = ("native", "decompose")
 PARITY_BATCH = 2
 
@@ -112,6 +115,7 @@ class ExportResult:
     parity: dict | None = None       # the parity report (None with parity=False)
     bundle: Path | None = None
     precision: str = "fp32"
+    placement: dict | None = None    # quantized ONNX: which nodes ORT runs in integer (export/placement.py)
 
 
 def _check_paths(config: ExportConfig) -> None:
@@ -338,10 +342,16 @@ def export(source, config: ExportConfig | None = None) -> ExportResult:
         if report is not None:
             # One parity file per format, so that exports of several formats into one folder keep theirs.
             write_json_atomic(stage / f"{graphs['final'].stem}.parity.json", report)
+        placement = None
+        if config.format in ONNX_QUANTIZED_FORMATS:
+            from edgekit.export.placement import placement_report
+
+            placement = placement_report(graphs["final"], spec)
+            write_json_atomic(stage / f"{graphs['final'].stem}.placement.json", placement)
         moved = move_into(stage, out)
     final = out / graphs["final"].name
     target = out / Path(graphs["engine"]["engine"]).name if "engine" in graphs else final
-    result = ExportResult(out, target, moved, report, precision=graphs["precision"])
+    result = ExportResult(out, target, moved, report, precision=graphs["precision"], placement=placement)
     if report is not None and not report["passed"]:
         raise ParityError(f"{summary_line(report)} (files kept in {out} for inspection, details in "
                           f"{graphs['final'].stem}.parity.json{'; no bundle written' if config.bundle else ''})",

@@ -88,7 +88,7 @@ def quantize_onnx(fp32_onnx_path, spec: dict, out_path, *, opset: int = 21, mode
         raise EdgekitError(f"weight_storage={weight_storage!r} is not one of {', '.join(WEIGHT_STORAGES)}")
     rewriter = _QDQRewriter(proto, src, weight_storage)
     rewriter.apply(spec["layers"], model)
-    set_metadata(proto, quantization_metadata(spec, opset, rewriter.storages))
+    set_metadata(proto, quantization_metadata(spec, opset, rewriter.storages) | {"renamed_weights": rewriter.renamed})
     onnx.checker.check_model(proto)
     out = Path(out_path)
     with atomic_target(out) as tmp:
@@ -268,6 +268,8 @@ class _QDQRewriter:
     def __init__(self, model, src: Path, storage: str = "packed"):
         self.model, self.graph, self.src, self.storage = model, model.graph, src, storage
         self.storages: dict[str, str] = {}  # path -> how its weight is stored (storage_for)
+        self.renamed: dict[str, str] = {}  # path -> its weight's ONNX name, where not '<path>.weight'
+
         self.chains = 0  # bit-plane unpacking chains written so far
         self.inits = {t.name: t for t in self.graph.initializer}
         self.names = set(self.inits) | {n for node in self.graph.node for n in (*node.input, *node.output)}
@@ -277,6 +279,7 @@ class _QDQRewriter:
 
     def apply(self, layers: dict, model=None) -> None:
         weights = self._weight_initializers(layers, model)
+        self.renamed = {path: name for path, (name, _) in weights.items() if name != f"{path}.weight"}
         for path, layer in layers.items():
             wname, axis = weights[path]
             nodes = self._compute_nodes(wname, path)

@@ -110,6 +110,13 @@ def test_int8_and_mixed_qdq_formats(files, tmp_path, capsys, fast_export):
     graph = onnx.load(str(tmp_path / "q8" / "model_int8.onnx")).graph
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == len(convs)  # weight-only: one per layer
     assert [o.name for o in graph.output] == ["detections"]  # end-to-end on top of the QDQ graph
+    # Weight-only: every conv runs DQ + float Conv, and the placement report says why.
+    placement = json.loads((tmp_path / "q8" / "model_int8.placement.json").read_text())
+    floats = placement["float_compute"]
+    assert placement["summary"]["integer_compute_nodes"] == 0 and set(convs) <= set(floats)
+    assert all("no input grid" in floats[c]["why"] for c in convs)
+    assert all("not in the quant spec" in e["why"] for k, e in floats.items() if k not in convs)  # the Linears
+    assert "placement (onnxruntime" in stdout and "0 integer kernels" in stdout
 
     mixed = spec_with(lambda p: 6 if p.startswith("backbone") else 8, "mixed.json")
     code, _, err = run_cli([files["plain"], "--format", "onnx-int8", "--calibration", mixed, "--out",
@@ -125,7 +132,8 @@ def test_int8_and_mixed_qdq_formats(files, tmp_path, capsys, fast_export):
     # 6-bit backbone weights are noisier than the 8-bit head's own quantization alone.
     first = sqnr["layers"]["backbone.downsample_layers.0.0"]["sqnr_db"]
     assert 10 < first < 60, first
-    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["model_mixed.onnx", "model_mixed.parity.json", "sqnr.json"]
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["model_mixed.onnx", "model_mixed.parity.json",
+                                                                   "model_mixed.placement.json", "sqnr.json"]
 
 
 def test_tensorrt_format_with_a_stand_in_tensorrt(files, tmp_path, capsys, fast_export, monkeypatch):
@@ -202,7 +210,8 @@ def test_consecutive_exports_to_one_folder_keep_each_parity_report(files, tmp_pa
                          out=int8)
     export(files["plain"], ExportConfig(format="onnx-int8", out=str(tmp_path), calibration=str(int8)))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["model.onnx", "model.parity.json", "model_int8.onnx", "model_int8.parity.json", "spec.json"]
+    assert names == ["model.onnx", "model.parity.json", "model_int8.onnx", "model_int8.parity.json",
+                     "model_int8.placement.json", "spec.json"]
     assert json.loads((tmp_path / "model.parity.json").read_text())["format"] == "onnx"
     assert json.loads((tmp_path / "model_int8.parity.json").read_text())["format"] == "onnx-int8"
 

@@ -45,6 +45,10 @@ def _export(args) -> int:
     size = result.target.stat().st_size + (weights.stat().st_size if result.target.suffix == ".xml" else 0)
     print(f"exported {config.format} -> {result.target} ({size / 1e6:.1f} MB, {len(result.files)} files)")
     print(summary_line(result.parity) if result.parity is not None else "parity: skipped (--no-parity)")
+    if result.placement is not None:
+        from edgekit.export.placement import summary_line as placement_line
+
+        print(f"{placement_line(result.placement)} (details in {result.target.stem}.placement.json)")
     if result.bundle:
         print(f"bundle -> {result.bundle}")
     return 0

@@ -1,0 +1,168 @@
+"""Where a quantized ONNX export runs in integer and where in float, and why.
+
+A QDQ graph states the quantization; which kernels run is ONNX Runtime's choice when it
+fuses "DequantizeLinear -> op -> QuantizeLinear" node units. :func:`placement_report` asks
+ORT itself: it builds a CPU session at the "extended" optimization level (every QDQ
+fusion, but none of the hardware-specific layout passes, so node and weight names survive
+and the answer does not depend on the machine's instruction set), reads back the graph
+ORT would run, and sorts every node:
+
+- *integer*: an integer kernel (QLinearConv, QLinearAdd, MatMulIntegerToFloat, ...);
+- *float compute*: a convolution or matrix product left in float, with the reason;
+- *float other*: element-wise, normalisation and reduction nodes in float, by op type, with
+  the reason (most have no integer kernel in ORT's CPU provider);
+- *conversion*: the QuantizeLinear / DequantizeLinear nodes that move between the two;
+- *data movement*: reshapes, transposes, concatenations, resizes.
+
+Compute nodes are named by the module path of their weight (a module shared across pyramid
+levels is one entry with several calls), so the report lines up with the quant spec.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+INTEGER_OPS = frozenset({
+    "QLinearConv", "QLinearAdd", "QLinearMul", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+    "QGemm", "ConvInteger", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
+    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere",
+    "DynamicQuantizeMatMul", "QAttention", "QEmbedLayerNormalization"})
+CONVERSION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+FLOAT_COMPUTE_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm",
+                               "FusedGemm", "DeformConv"})
+DATA_MOVEMENT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split",
+                               "Slice", "Gather", "Shape", "Identity", "Expand", "Resize", "Tile", "Pad",
+                               "ConstantOfShape", "Range", "Cast", "CastLike"})
+# Float ops that do have an integer form in ORT's CPU provider, fused from DQ inputs + Q output
+# (each checked against ORT in tests/test_placement.py).
+_FUSABLE_WITH_QDQ = {"Add": "QLinearAdd", "Mul": "QLinearMul", "Sigmoid": "QLinearSigmoid",
+                     "LeakyRelu": "QLinearLeakyRelu", "Softmax": "QLinearSoftmax",
+                     "GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLinearAveragePool",
+                     "Concat": "QLinearConcat", "Where": "QLinearWhere"}
+_WEIGHT_SUFFIXES = re.compile(r"(/duplicated.*|_token_\d+)+$")
+OPTIMIZATION_LEVEL = "extended"
+
+
+def _layer_of(weight_name: str, renamed: dict) -> str | None:
+    """'head.cls_out.weight_quantized/duplicated_token_4' -> 'head.cls_out'; None when the
+    name is not a module weight. ``renamed``: {ONNX weight name: module path} for weights the
+    exporter renamed (the QDQ writer records them in the metadata)."""
+    name = _WEIGHT_SUFFIXES.sub("", weight_name).removesuffix("_quantized")
+    if name in renamed:
+        return renamed[name]
+    return name[: -len(".weight")] if name.endswith(".weight") else None
+
+
+def _weight_input(node) -> str:
+    """The weight input of a compute node (QLinearConv: x, x_scale, x_zp, w, ...)."""
+    if node.op_type in ("QLinearConv", "QLinearMatMul"):
+        return node.input[3]
+    if node.op_type in ("MatMulIntegerToFloat", "MatMulInteger", "MatMul", "FusedMatMul", "DynamicQuantizeMatMul"):
+        return next((name for name in node.input[:2] if ".weight" in name), node.input[1])
+    if node.op_type == "QGemm":
+        return node.input[3]
+    return node.input[1]
+
+
+def _float_compute_reason(op_type: str, layer: str | None, spec_layers: dict) -> str:
+    if op_type == "DeformConv":
+        return ("ONNX Runtime has no integer DeformConv kernel: it runs in float on the dequantized weight"
+                if layer in spec_layers else "not in the quant spec and ONNX Runtime has no integer DeformConv")
+    if layer is None or layer not in spec_layers:
+        return "not in the quant spec: kept float by design"
+    entry = spec_layers[layer]
+    if entry.get("input") is None:
+        return "the spec gives it no input grid: a conv needs a quantized input to fuse"
+    if entry.get("output") is None:
+        return "the spec gives it no output grid: ORT fuses DQ -> Conv -> Q only with a quantized output"
+    return "in the spec with input and output grids, yet not fused by ONNX Runtime (check the graph)"
+
+
+def _float_other_reason(op_type: str) -> str:
+    integer = _FUSABLE_WITH_QDQ.get(op_type)
+    if integer:
+        return f"{integer} exists, but needs every input dequantized and the one output quantized here"
+    return "no integer kernel for this op in ONNX Runtime's CPU provider"
+
+
+def optimized_graph(onnx_path: str | Path):
+    """The graph ONNX Runtime's CPU provider runs for ``onnx_path`` at the extended level."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="edgekit_placement_") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+
+
+def placement_report(onnx_path: str | Path, spec: dict | None = None) -> dict:
+    """Which nodes of ``onnx_path`` ORT runs in integer and which in float, and why (see the
+    module docstring). ``spec``: the quant spec it was exported with (reasons name it)."""
+    import onnxruntime as ort
+
+    import onnx
+
+    from edgekit.export.to_onnx import read_metadata
+
+    spec_layers = (spec or {}).get("layers", {})
+    metadata = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
+    renamed = {name: path for path, name in metadata.get("renamed_weights", {}).items()}
+    graph = optimized_graph(onnx_path)
+    layers: dict[str, dict] = {}
+    other: Counter = Counter()
+    conversion: Counter = Counter()
+    movement: Counter = Counter()
+    integer_other: Counter = Counter()
+    for node in graph.node:
+        op = node.op_type
+        if op in INTEGER_OPS or op in FLOAT_COMPUTE_OPS:
+            layer = _layer_of(_weight_input(node), renamed)
+            if layer is None and op in INTEGER_OPS:  # QLinearAdd, QLinearMul, ...: no weight
+                integer_other[op] += 1
+                continue
+            entry = layers.setdefault(layer or f"{op}:{node.name}",
+                                      {"kernel": op, "integer": op in INTEGER_OPS, "calls": 0})
+            entry["calls"] += 1
+            if op not in INTEGER_OPS:
+                entry["why"] = _float_compute_reason(op, layer, spec_layers)
+        elif op in CONVERSION_OPS:
+            conversion[op] += 1
+        elif op in DATA_MOVEMENT_OPS:
+            movement[op] += 1
+        else:
+            other[op] += 1
+    integer_layers = sorted(k for k, e in layers.items() if e["integer"])
+    float_layers = {k: e for k, e in layers.items() if not e["integer"]}
+    return {
+        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "optimization_level": OPTIMIZATION_LEVEL,
+        "summary": {"integer_compute_nodes": sum(layers[k]["calls"] for k in integer_layers),
+                    "integer_other_nodes": sum(integer_other.values()),
+                    "float_compute_nodes": sum(e["calls"] for e in float_layers.values()),
+                    "float_other_nodes": sum(other.values()), "conversion_nodes": sum(conversion.values()),
+                    "data_movement_nodes": sum(movement.values())},
+        "integer": {k: {"kernel": layers[k]["kernel"], "calls": layers[k]["calls"]} for k in integer_layers},
+        "integer_other": dict(integer_other.most_common()),
+        "float_compute": {k: float_layers[k] for k in sorted(float_layers)},
+        "float_other": {op: {"nodes": n, "why": _float_other_reason(op)} for op, n in other.most_common()},
+        "conversion": dict(conversion.most_common()),
+        "data_movement": dict(movement.most_common()),
+    }
+
+
+def summary_line(report: dict) -> str:
+    """One line for the CLI: integer vs float nodes, and the float compute kernels by op."""
+    s = report["summary"]
+    floats = Counter(e["kernel"] for e in report["float_compute"].values() for _ in range(e["calls"]))
+    float_part = ", ".join(f"{n} {op}" for op, n in floats.most_common()) or "none"
+    integer = s["integer_compute_nodes"] + s["integer_other_nodes"]
+    return (f"placement ({report['runtime'].split(' CPU')[0]}): {integer} integer kernels "
+            f"({s['integer_compute_nodes']} conv/matmul), float compute: {float_part}; "
+            f"{s['float_other_nodes']} float element-wise/norm nodes, {s['conversion_nodes']} Q/DQ")
