@@ -7,9 +7,9 @@ hidden staging folder beside ``out`` and moved in only when complete, so ``out``
 holds a half-written file. Parity (see :mod:`edgekit.export.parity`) runs after every
 export unless ``parity=False``; its report is ``parity.json``. A failed parity check
 raises :class:`ParityError` (exit status 1 from the CLI): the artefacts stay, for
-inspection, and no bundle is written. A quantized ONNX export also gets a placement
-report, ``<stem>.placement.json`` (:mod:`edgekit.export.placement`): which layers ONNX
-Runtime runs on integer kernels, which in float, and why.
+inspection, and no bundle is written. A quantized ONNX or OpenVINO export also gets a
+placement report, ``<stem>.placement.json`` (:mod:`edgekit.export.placement`): which layers
+the runtime runs on integer kernels, which in float, and why.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ FORMATS = {  # format: (file stem, parity precision)
 OPENVINO_FORMATS = ("openvino", "openvino-fp16", "openvino-int8")
 INT8_FORMATS = ("onnx-int8", "openvino-int8")
 QUANTIZED_FORMATS = ("onnx-int8", "onnx-mixed", "tensorrt", "openvino-int8")
-ONNX_QUANTIZED_FORMATS = ("onnx-int8", "onnx-mixed")  # with a placement report (ONNX Runtime's kernels)
+ONNX_QUANTIZED_FORMATS = ("onnx-int8", "onnx-mixed")
 DEFORM_MODES = ("native", "decompose")
 PARITY_BATCH = 2
 
@@ -115,7 +115,7 @@ class ExportResult:
     parity: dict | None = None       # the parity report (None with parity=False)
     bundle: Path | None = None
     precision: str = "fp32"
-    placement: dict | None = None    # quantized ONNX: which nodes ORT runs in integer (export/placement.py)
+    placement: dict | None = None    # quantized ONNX / OpenVINO: what runs in integer (export/placement.py)
 
 
 def _check_paths(config: ExportConfig) -> None:
@@ -292,6 +292,19 @@ def _parity(loaded, graphs: dict, config: ExportConfig, classes, image_size: int
     return report
 
 
+def _placement(config: ExportConfig, graphs: dict, spec) -> dict | None:
+    """Where the quantized export runs in integer and where in float (export/placement.py)."""
+    if config.format in ONNX_QUANTIZED_FORMATS:
+        from edgekit.export.placement import placement_report
+
+        return placement_report(graphs["final"], spec)
+    if config.format == "openvino-int8":
+        from edgekit.export.placement import openvino_placement_report
+
+        return openvino_placement_report(graphs["final"], graphs["raw"], spec)
+    return None
+
+
 def _bundle_options(config: ExportConfig, classes, image_size: int) -> dict:
     """The bundle runs like the export: same thresholds; tiles overlap by a quarter tile at most."""
     return {"class_names": classes, "image_size": image_size, **config.nms_options,
@@ -336,18 +349,15 @@ def export(source, config: ExportConfig | None = None) -> ExportResult:
                 write_json_atomic(stage / "sqnr.json", layer_sqnr(loaded.model, graphs["raw"], inputs,
                                                                   float_onnx=graphs["float"]))
             report["format"] = config.format
-        for key in ("raw", "float"):  # intermediates: parity and SQNR have used them
+        placement = _placement(config, graphs, spec)
+        if placement is not None:
+            write_json_atomic(stage / f"{graphs['final'].stem}.placement.json", placement)
+        for key in ("raw", "float"):  # intermediates: parity, SQNR and placement have used them
             if graphs[key] != graphs["final"]:
                 graphs[key].unlink(missing_ok=True)
         if report is not None:
             # One parity file per format, so that exports of several formats into one folder keep theirs.
             write_json_atomic(stage / f"{graphs['final'].stem}.parity.json", report)
-        placement = None
-        if config.format in ONNX_QUANTIZED_FORMATS:
-            from edgekit.export.placement import placement_report
-
-            placement = placement_report(graphs["final"], spec)
-            write_json_atomic(stage / f"{graphs['final'].stem}.placement.json", placement)
         moved = move_into(stage, out)
     final = out / graphs["final"].name
     target = out / Path(graphs["engine"]["engine"]).name if "engine" in graphs else final

@@ -102,59 +102,143 @@ def optimized_graph(onnx_path: str | Path):
         return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
 
 
+class _Placement:
+    """Collects nodes into the report's sections (see the module docstring)."""
+
+    def __init__(self):
+        self.layers: dict[str, dict] = {}
+        self.sections = {name: Counter() for name in ("integer_other", "float_other", "conversion", "data_movement")}
+
+    def compute(self, key: str, kernel: str, integer: bool, why: str | None = None) -> None:
+        entry = self.layers.setdefault(key, {"kernel": kernel, "integer": integer, "calls": 0})
+        entry["calls"] += 1
+        if why is not None:
+            entry["why"] = why
+
+    def count(self, section: str, op: str) -> None:
+        self.sections[section][op] += 1
+
+    def report(self, runtime: str, level: str, why_float_other) -> dict:
+        integer = sorted(k for k, e in self.layers.items() if e["integer"])
+        floats = sorted(k for k, e in self.layers.items() if not e["integer"])
+        s = self.sections
+        return {
+            "runtime": runtime, "optimization_level": level,
+            "summary": {"integer_compute_nodes": sum(self.layers[k]["calls"] for k in integer),
+                        "integer_other_nodes": sum(s["integer_other"].values()),
+                        "float_compute_nodes": sum(self.layers[k]["calls"] for k in floats),
+                        "float_other_nodes": sum(s["float_other"].values()),
+                        "conversion_nodes": sum(s["conversion"].values()),
+                        "data_movement_nodes": sum(s["data_movement"].values())},
+            "integer": {k: {"kernel": self.layers[k]["kernel"], "calls": self.layers[k]["calls"]} for k in integer},
+            "integer_other": dict(s["integer_other"].most_common()),
+            "float_compute": {k: self.layers[k] for k in floats},
+            "float_other": {op: {"nodes": n, "why": why_float_other(op)} for op, n in s["float_other"].most_common()},
+            "conversion": dict(s["conversion"].most_common()),
+            "data_movement": dict(s["data_movement"].most_common()),
+        }
+
+
+def _renamed_weights(onnx_path) -> dict:
+    """{ONNX weight name: module path} of the weights the exporter renamed (QDQ metadata)."""
+    import onnx
+
+    from edgekit.export.to_onnx import read_metadata
+
+    metadata = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
+    return {name: path for path, name in metadata.get("renamed_weights", {}).items()}
+
+
 def placement_report(onnx_path: str | Path, spec: dict | None = None) -> dict:
     """Which nodes of ``onnx_path`` ORT runs in integer and which in float, and why (see the
     module docstring). ``spec``: the quant spec it was exported with (reasons name it)."""
     import onnxruntime as ort
 
-    import onnx
-
-    from edgekit.export.to_onnx import read_metadata
-
     spec_layers = (spec or {}).get("layers", {})
-    metadata = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
-    renamed = {name: path for path, name in metadata.get("renamed_weights", {}).items()}
-    graph = optimized_graph(onnx_path)
-    layers: dict[str, dict] = {}
-    other: Counter = Counter()
-    conversion: Counter = Counter()
-    movement: Counter = Counter()
-    integer_other: Counter = Counter()
-    for node in graph.node:
+    renamed = _renamed_weights(onnx_path)
+    placement = _Placement()
+    for node in optimized_graph(onnx_path).node:
         op = node.op_type
         if op in INTEGER_OPS or op in FLOAT_COMPUTE_OPS:
             layer = _layer_of(_weight_input(node), renamed)
             if layer is None and op in INTEGER_OPS:  # QLinearAdd, QLinearMul, ...: no weight
-                integer_other[op] += 1
-                continue
-            entry = layers.setdefault(layer or f"{op}:{node.name}",
-                                      {"kernel": op, "integer": op in INTEGER_OPS, "calls": 0})
-            entry["calls"] += 1
-            if op not in INTEGER_OPS:
-                entry["why"] = _float_compute_reason(op, layer, spec_layers)
+                placement.count("integer_other", op)
+            elif op in INTEGER_OPS:
+                placement.compute(layer, op, True)
+            else:
+                placement.compute(layer or f"{op}:{node.name}", op, False,
+                                  _float_compute_reason(op, layer, spec_layers))
         elif op in CONVERSION_OPS:
-            conversion[op] += 1
+            placement.count("conversion", op)
         elif op in DATA_MOVEMENT_OPS:
-            movement[op] += 1
+            placement.count("data_movement", op)
         else:
-            other[op] += 1
-    integer_layers = sorted(k for k, e in layers.items() if e["integer"])
-    float_layers = {k: e for k, e in layers.items() if not e["integer"]}
-    return {
-        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
-        "optimization_level": OPTIMIZATION_LEVEL,
-        "summary": {"integer_compute_nodes": sum(layers[k]["calls"] for k in integer_layers),
-                    "integer_other_nodes": sum(integer_other.values()),
-                    "float_compute_nodes": sum(e["calls"] for e in float_layers.values()),
-                    "float_other_nodes": sum(other.values()), "conversion_nodes": sum(conversion.values()),
-                    "data_movement_nodes": sum(movement.values())},
-        "integer": {k: {"kernel": layers[k]["kernel"], "calls": layers[k]["calls"]} for k in integer_layers},
-        "integer_other": dict(integer_other.most_common()),
-        "float_compute": {k: float_layers[k] for k in sorted(float_layers)},
-        "float_other": {op: {"nodes": n, "why": _float_other_reason(op)} for op, n in other.most_common()},
-        "conversion": dict(conversion.most_common()),
-        "data_movement": dict(movement.most_common()),
-    }
+            placement.count("float_other", op)
+    return placement.report(f"onnxruntime {ort.__version__} CPUExecutionProvider", OPTIMIZATION_LEVEL,
+                            _float_other_reason)
+
+
+# OpenVINO CPU runtime layer types, by section (Const, Input and Output are not counted).
+OPENVINO_COMPUTE = frozenset({"Convolution", "GroupConvolution", "DeformableConvolution", "FullyConnected",
+                              "MatMul", "Deconvolution"})
+OPENVINO_CONVERSION = frozenset({"FakeQuantize", "Convert"})
+OPENVINO_DATA_MOVEMENT = frozenset({"Reorder", "Reshape", "Transpose", "Concatenation", "Split", "StridedSlice",
+                                    "ShapeOf", "Gather", "Interpolate", "Broadcast", "Tile", "Pad"})
+_OPENVINO_SKIP = frozenset({"Const", "Input", "Output", "Parameter", "Result"})
+_OPENVINO_INTEGER = frozenset({"u8", "i8", "u4", "i4"})
+
+
+def _onnx_node_layers(onnx_path) -> dict:
+    """{ONNX node name: module path} of the compute nodes of the graph an IR was converted from."""
+    import onnx
+
+    renamed = _renamed_weights(onnx_path)
+    layers = {}
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        if node.op_type in FLOAT_COMPUTE_OPS:
+            layer = _layer_of(_weight_input(node), renamed)
+            if layer is not None:
+                layers[node.name] = layer
+    return layers
+
+
+def openvino_placement_report(xml_path: str | Path, onnx_path: str | Path, spec: dict | None = None) -> dict:
+    """The placement report of an OpenVINO IR: each node's runtime precision as OpenVINO's
+    CPU plugin compiles it (``runtimePrecision`` of the runtime model; u8/i8 is integer),
+    layers named through the ONNX graph ``onnx_path`` the IR was converted from."""
+    import openvino
+
+    from edgekit.export.openvino import compile_model
+
+    spec_layers = (spec or {}).get("layers", {})
+    node_layers = _onnx_node_layers(onnx_path)
+    placement = _Placement()
+    for op in compile_model(xml_path).get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        if kind in _OPENVINO_SKIP:
+            continue
+        integer = precision in _OPENVINO_INTEGER
+        label = f"{kind} ({precision})"
+        if kind in OPENVINO_COMPUTE:
+            names = info["originalLayersNames"].astype(str).split(",")
+            # OpenVINO names a split-off part '<node>/WithoutBiases'; node names may hold '/' themselves.
+            candidates = [c for n in names for c in (n, n.rsplit("/", 1)[0])]
+            layer = next((node_layers[c] for c in candidates if c in node_layers), None)
+            why = None
+            if not integer:
+                why = ("OpenVINO's CPU plugin runs DeformableConvolution in float" if kind == "DeformableConvolution"
+                       else "not in the quant spec: kept float by design" if layer not in spec_layers
+                       else f"in the quant spec, yet compiled to {precision} by the CPU plugin")
+            placement.compute(layer or f"{kind}:{op.get_friendly_name()}", label, integer, why)
+        elif kind in OPENVINO_CONVERSION:
+            placement.count("conversion", label)
+        elif kind in OPENVINO_DATA_MOVEMENT:
+            placement.count("data_movement", label)
+        else:
+            placement.count("integer_other" if integer else "float_other", label)
+    return placement.report(f"openvino {openvino.__version__.split('-')[0]} CPU plugin", "compiled (f32 inference precision)",
+                            lambda op: "the CPU plugin compiled it to this precision")
 
 
 def summary_line(report: dict) -> str:

@@ -146,7 +146,14 @@ def test_fp16_and_int8_ir(files, tmp_path, capsys, fast_export):  # noqa: F811
     assert report["passed"] and report["precision"] == "int8" and "fake-quant" in report["reference"], report
     assert "FakeQuantize" in _ir_ops(out / "openvino_int8.xml")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{s}.{e}" for s in ("openvino", "openvino_fp16", "openvino_int8") for e in ("xml", "bin", "parity.json"))
+        [f"{s}.{e}" for s in ("openvino", "openvino_fp16", "openvino_int8") for e in ("xml", "bin", "parity.json")]
+        + ["openvino_int8.placement.json"])
+    placement = json.loads((out / "openvino_int8.placement.json").read_text())
+    layers = json.loads(spec.read_text())["layers"]
+    assert placement["runtime"].startswith("openvino") and placement["summary"]["integer_compute_nodes"] > 0
+    assert set(placement["integer"]) <= set(layers), placement["integer"]  # named by module path
+    assert all(e["kernel"].endswith(("(u8)", "(i8)")) for e in placement["integer"].values())
+    assert all("why" in e for e in placement["float_compute"].values())
     assert ov_export.ir_precision(out / "openvino_int8.xml") == "int8"
     assert (out / "openvino_int8.bin").stat().st_size < 0.4 * fp32_bin
     assert leftovers(tmp_path) == []

@@ -107,3 +107,18 @@ def test_a_quantized_deform_conv_is_reported_float_with_its_reason(fresh_torch_s
     report = placement_report(quantize_onnx(path, spec, tmp_path / "q.onnx"), spec)
     assert report["integer"] == {} and report["float_compute"]["dcn"]["kernel"] == "DeformConv"
     assert "no integer DeformConv kernel" in report["float_compute"]["dcn"]["why"]
+
+
+def test_openvino_report_names_the_layers_its_cpu_plugin_runs_in_u8(calibrated, tmp_path):
+    pytest.importorskip("openvino")
+    from edgekit.export.openvino import convert
+    from edgekit.export.placement import openvino_placement_report
+
+    fp32, spec = calibrated
+    del spec["layers"]["conv3"]  # float by choice: the plugin keeps it f32
+    qdq = quantize_onnx(fp32, spec, tmp_path / "q.onnx")
+    report = openvino_placement_report(convert(qdq, tmp_path / "q.xml", "int8"), qdq, spec)
+    assert {k: v["kernel"] for k, v in report["integer"].items() if k.startswith("conv")} == {
+        "conv1": "Convolution (u8)", "conv2": "Convolution (u8)"}, report
+    assert report["float_compute"]["conv3"]["kernel"].endswith("(f32)")
+    assert "not in the quant spec" in report["float_compute"]["conv3"]["why"]
