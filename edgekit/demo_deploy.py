@@ -21,6 +21,7 @@ def deploy_stages(checkpoint: Path, data: Path, out: Path, *, quick: bool, quiet
     from edgekit.calibration.pipeline import (CalibrateConfig, QuantizeRecipe, calibrate_checkpoint,
                                               profile, quantize_checkpoint)
     from edgekit.export.pipeline import ExportConfig, export
+    from edgekit.export.placement import summary_line as placement_line
 
     val, train = str(data / "val"), str(data / "train")
     results, seconds, calls = {}, {}, {}
@@ -60,7 +61,8 @@ def deploy_stages(checkpoint: Path, data: Path, out: Path, *, quick: bool, quiet
         done = stage(f"export {name}", f"export(checkpoint, {config!r})",
                      lambda config=config: export(checkpoint, config))
         results["exports"][name] = {"file": str(done.target), "parity": done.parity,
-                                    "size_mb": done.target.stat().st_size / 1e6}
+                                    "size_mb": done.target.stat().st_size / 1e6,
+                                    "placement": placement_line(done.placement) if done.placement else None}
     results["bundle"] = str(out / "bundle")
 
     # The checkpoint's "ort" row is the FP32 export; the quantized files run as written.
@@ -132,6 +134,10 @@ def render_deploy(r: dict) -> list[str]:
         lines.append(f"| {name} ({p['precision']}) | {export['size_mb']:.2f} | "
                      f"{'passed' if p['passed'] else 'FAILED'} | {scores['max_abs_err']:.2g} | {scores['cosine']:.6f} | "
                      f"{_map_cell(p)} |")
+    placements = [f"- {name}: {export['placement']}" for name, export in r["exports"].items() if export.get("placement")]
+    if placements:
+        lines += ["", "Where the quantized exports run in integer (each export's `*.placement.json` has every layer "
+                  "and the reason it stays float):", "", *placements]
     lines += ["", f"Deploy bundle (ONNX + labels + preprocessing + torch-free `infer.py`): `{r['bundle']}`.", "",
               "| model | backend | ms/img (mean) | median ms, interleaved | FPS | mAP@.5 | mAP@[.5:.95] |",
               "|---|---|---|---|---|---|---|"]

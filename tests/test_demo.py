@@ -29,5 +29,10 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert len(medians) == 3 and "medians of interleaved rounds" in md
     assert f"{medians['model_mixed']:.1f} vs INT8 {medians['model_int8']:.1f} ms/img" in md
     assert (out / "predictions.png").stat().st_size > 0
+    # placement of each quantized export, as its runtime compiled it
+    assert deploy["exports"]["fp32"]["placement"] is None
+    for name in ("int8", "ghost"):
+        assert deploy["exports"][name]["placement"].startswith("placement (onnxruntime")
+        assert f"- {name}: {deploy['exports'][name]['placement']}" in md
     assert "demo (oriented boxes): DOTA mAP@.5" in capsys.readouterr().out
     assert report["val"]["boxes"] == "oriented" and "DOTA Task 1" in md
