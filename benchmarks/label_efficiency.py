@@ -217,6 +217,25 @@ def run(config: LabelEfficiencySuiteConfig) -> dict:
     return record
 
 
+SPEED_RATIO_LIMIT = 1.5  # arms of one label fraction training this much faster or slower: not equal work
+
+
+def unequal_speeds(record: dict) -> list[str]:
+    """One line per label fraction whose two arms trained at images/s rates more than
+    :data:`SPEED_RATIO_LIMIT` apart: on a shared machine "equal time" was then not equal work."""
+    lines = []
+    for arm in record["arms"]:
+        rates = {name: arm[key]["images_seen"] / max(arm[key]["train_seconds"], 1e-9)
+                 for name, key in (("pretrain + fine-tune", "pretrain_finetune"), ("scratch", "scratch"))}
+        ratio = max(rates.values()) / max(min(rates.values()), 1e-9)
+        if ratio > SPEED_RATIO_LIMIT:
+            rate_text = " and ".join(f"{name} {rate:.1f}" for name, rate in rates.items())
+            lines.append(f"**Unequal speed at {arm['labelled_images']} labels**: the arms trained at {rate_text} "
+                         f"images/s ({ratio:.1f}x apart): the machine's load changed between them, so equal time was "
+                         f"not equal work; rerun on a quiet machine before reading this row.")
+    return lines
+
+
 def markdown(record: dict) -> str:
     m, plan, pre = record["machine"], record["plan"], record["pretrain"]
     cfg = record["config"]
@@ -241,14 +260,15 @@ def markdown(record: dict) -> str:
         f"**{verdict}**: at {low['label_fraction']:.0%} labels pretrain + fine-tune is "
         f"{low['delta_map50_points']:+.1f} points mAP@.5 ({low['delta_map_points']:+.1f} mAP@[.5:.95]) against scratch.",
         "",
-        "| labels | arm | mAP@.5 | mAP@[.5:.95] | train s | total s | epochs | images seen |",
-        "|---|---|---|---|---|---|---|---|"]
+        *[line for warning in unequal_speeds(record) for line in (warning, "")],
+        "| labels | arm | mAP@.5 | mAP@[.5:.95] | train s | total s | epochs | images seen | images/s |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for arm in record["arms"]:
         for name, key in (("pretrain + fine-tune", "pretrain_finetune"), ("scratch", "scratch")):
             a = arm[key]
             lines.append(f"| {arm['labelled_images']} ({arm['label_fraction']:.0%}) | {name} | {a['map50']:.3f} | "
                          f"{a['map']:.3f} | {a['train_seconds']:.0f} | {a['total_seconds']:.0f} | {a['epochs']} | "
-                         f"{a['images_seen']} |")
+                         f"{a['images_seen']} | {a['images_seen'] / max(a['train_seconds'], 1e-9):.1f} |")
     lines += ["", "Total time of an arm: scratch's training; pretrain + fine-tune's pretraining wall time plus its "
               "training. Scores: the saved checkpoint (EMA weights) on the held-out split. Time limits are met by "
               "fitting whole epochs, so an arm can end a little under its budget.", ""]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import one_line_error
-from edgekit.benchmarks.label_efficiency import LabelEfficiencySuiteConfig, label_subset
+from edgekit.benchmarks.label_efficiency import (SPEED_RATIO_LIMIT, LabelEfficiencySuiteConfig, label_subset,
+                                                 unequal_speeds)
 from edgekit.benchmarks.masking import (MaskingSuiteConfig, mean_curves, resummarise, steps_to_reach,
                                        steps_to_stay, summarise)
 from edgekit.benchmarks.suites import SUITES
@@ -70,6 +71,23 @@ def test_label_subset_links_a_seeded_share_of_the_training_images(tmp_path, rng)
         assert (tmp_path / "a" / "train" / "images" / name).read_bytes() == (data / "train" / "images" / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "a" / "val" / "images").iterdir()) == \
         sorted(p.name for p in (data / "val" / "images").iterdir())
+
+
+def test_arms_trained_at_unequal_speeds_are_flagged(rng):
+    """Equal time is equal work only when both arms train at the same rate (a shared machine)."""
+    def arm(images, seconds):
+        return {"images_seen": images, "train_seconds": seconds}
+
+    rate = rng.uniform(5, 50)
+    slow = rate / (SPEED_RATIO_LIMIT * rng.uniform(1.05, 4))
+    even = rate / rng.uniform(1.0, SPEED_RATIO_LIMIT * 0.95)
+    record = {"arms": [
+        {"labelled_images": 40, "pretrain_finetune": arm(round(slow * 233), 233), "scratch": arm(round(rate * 705), 705)},
+        {"labelled_images": 400, "pretrain_finetune": arm(round(even * 233), 233), "scratch": arm(round(rate * 702), 702)}]}
+    lines = unequal_speeds(record)
+    low = record["arms"][0]
+    ratio = (low["scratch"]["images_seen"] / 705) / (low["pretrain_finetune"]["images_seen"] / 233)
+    assert len(lines) == 1 and "at 40 labels" in lines[0] and f"{ratio:.1f}x apart" in lines[0]
 
 
 def test_steps_to_reach_matches_a_dense_reading_of_the_curve(rng):
