@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from test_qdq import ConvNet, export_legacy
+from test_qdq import ConvNet, deform_conv_onnx, export_legacy
 
 from edgekit.calibration.ptq import calibrate
 from edgekit.export.placement import _FUSABLE_WITH_QDQ, _float_other_reason, optimized_graph, placement_report
@@ -92,13 +92,7 @@ def test_each_conv_is_named_with_its_kernel_and_the_reason_it_stays_float(calibr
 
 def test_a_quantized_deform_conv_is_reported_float_with_its_reason(fresh_torch_seed, tmp_path):
     w = torch.randn(6, 4, 3, 3)
-    node = helper.make_node("DeformConv", ["X", "dcn.weight", "offset"], ["Y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
-    graph = helper.make_graph([node], "dcn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 6, 6]),
-                                              helper.make_tensor_value_info("offset", TensorProto.FLOAT, [1, 18, 6, 6])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 6, 6, 6])],
-                              [numpy_helper.from_array(w.numpy(), "dcn.weight")])
-    path = tmp_path / "dcn.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    path = deform_conv_onnx(tmp_path / "dcn.onnx", w, batch=1)
     scale = (w.flatten(1).abs().amax(1) / 127).tolist()
     grid = {"bits": 8, "signed": False, "scale": 0.03, "zero_point": 128, "observer": "minmax"}
     spec = {"format": "edgekit.quant-spec/1", "model": None, "source": "uniform", "layers": {"dcn": {

@@ -397,22 +397,28 @@ def test_a_module_called_twice_gets_qdq_on_every_call(fresh_torch_seed, tmp_path
     assert_equals_fake_quant(run_ort(out, x, optimize=False), expected, step, max_share=0.05)
 
 
-def test_deform_conv_node_gets_weight_dq_and_input_qdq(fresh_torch_seed, tmp_path):
-    """ONNX DeformConv (weight is input 1, data input 0, offsets stay float)."""
+def deform_conv_onnx(path, weight, batch: int):
+    """A one-node graph: ONNX DeformConv (3x3, padding 1) on 6x6 inputs with weight 'dcn.weight'."""
     from onnx import TensorProto, helper, numpy_helper
 
+    cout, cin = weight.shape[:2]
+    node = helper.make_node("DeformConv", ["X", "dcn.weight", "offset"], ["Y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([node], "dcn", [value("X", TensorProto.FLOAT, [batch, cin, 6, 6]),
+                                              value("offset", TensorProto.FLOAT, [batch, 18, 6, 6])],
+                              [value("Y", TensorProto.FLOAT, [batch, cout, 6, 6])],
+                              [numpy_helper.from_array(weight.numpy(), "dcn.weight")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return path
+
+
+def test_deform_conv_node_gets_weight_dq_and_input_qdq(fresh_torch_seed, tmp_path):
+    """ONNX DeformConv (weight is input 1, data input 0, offsets stay float)."""
     from edgekit.calibration.spec import fake_quantize
     from edgekit.models.deform import deform_conv2d_reference
 
     x, w, offset = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3), torch.randn(2, 18, 6, 6) * 0.7
-    node = helper.make_node("DeformConv", ["X", "dcn.weight", "offset"], ["Y"], kernel_shape=[3, 3],
-                            pads=[1, 1, 1, 1])
-    graph = helper.make_graph([node], "dcn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 4, 6, 6]),
-                                              helper.make_tensor_value_info("offset", TensorProto.FLOAT, [2, 18, 6, 6])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 6, 6, 6])],
-                              [numpy_helper.from_array(w.numpy(), "dcn.weight")])
-    path = tmp_path / "dcn.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    path = deform_conv_onnx(tmp_path / "dcn.onnx", w, batch=2)
     w_scale = (w.flatten(1).abs().amax(1) / 7).tolist()
     spec = {"format": "edgekit.quant-spec/1", "model": None, "source": "uniform", "layers": {"dcn": {
         "type": "DeformConv2d", "weight": {"bits": 4, "signed": True, "axis": 0, "scale": w_scale, "zero_point": [0] * 6},
