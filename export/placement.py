@@ -67,10 +67,17 @@ def _weight_input(node) -> str:
     return node.input[1]
 
 
-def _float_compute_reason(op_type: str, layer: str | None, spec_layers: dict) -> str:
+NO_SPEC = "float (no quant spec given: pass it to the report for the reason)"
+
+
+def _float_compute_reason(op_type: str, layer: str | None, spec_layers: dict | None) -> str:
+    """Why a conv/matmul runs in float; ``spec_layers`` None: no spec to tell."""
     if op_type == "DeformConv":
-        return ("ONNX Runtime has no integer DeformConv kernel: it runs in float on the dequantized weight"
-                if layer in spec_layers else "not in the quant spec and ONNX Runtime has no integer DeformConv")
+        if spec_layers is not None and layer not in spec_layers:
+            return "not in the quant spec and ONNX Runtime has no integer DeformConv"
+        return "ONNX Runtime has no integer DeformConv kernel: it runs in float on the dequantized weight"
+    if spec_layers is None:
+        return NO_SPEC
     if layer is None or layer not in spec_layers:
         return "not in the quant spec: kept float by design"
     entry = spec_layers[layer]
@@ -154,7 +161,7 @@ def placement_report(onnx_path: str | Path, spec: dict | None = None) -> dict:
     module docstring). ``spec``: the quant spec it was exported with (reasons name it)."""
     import onnxruntime as ort
 
-    spec_layers = (spec or {}).get("layers", {})
+    spec_layers = spec["layers"] if spec is not None else None
     renamed = _renamed_weights(onnx_path)
     placement = _Placement()
     for node in optimized_graph(onnx_path).node:
@@ -228,6 +235,7 @@ def openvino_placement_report(xml_path: str | Path, onnx_path: str | Path, spec:
             why = None
             if not integer:
                 why = ("OpenVINO's CPU plugin runs DeformableConvolution in float" if kind == "DeformableConvolution"
+                       else NO_SPEC if spec is None
                        else "not in the quant spec: kept float by design" if layer not in spec_layers
                        else f"in the quant spec, yet compiled to {precision} by the CPU plugin")
             placement.compute(layer or f"{kind}:{op.get_friendly_name()}", label, integer, why)

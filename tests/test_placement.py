@@ -88,6 +88,8 @@ def test_each_conv_is_named_with_its_kernel_and_the_reason_it_stays_float(calibr
     assert "no output grid" in floats["conv2"]["why"] and "no input grid" in floats["conv1"]["why"]
     assert "not in the quant spec" in floats["conv3"]["why"]
     assert all(floats[k]["calls"] == 1 for k in ("conv1", "conv2", "conv3"))
+    blind = placement_report(tmp_path / "worse.onnx")  # no spec: the report does not guess the reason
+    assert all(blind["float_compute"][k]["why"].startswith("float (no quant spec given") for k in ("conv1", "conv3"))
 
 
 def test_a_quantized_deform_conv_is_reported_float_with_its_reason(fresh_torch_seed, tmp_path):
