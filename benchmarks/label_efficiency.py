@@ -220,12 +220,16 @@ def run(config: LabelEfficiencySuiteConfig) -> dict:
 SPEED_RATIO_LIMIT = 1.5  # arms of one label fraction training this much faster or slower: not equal work
 
 
+def _images_per_second(arm: dict) -> float:
+    return arm["images_seen"] / max(arm["train_seconds"], 1e-9)
+
+
 def unequal_speeds(record: dict) -> list[str]:
     """One line per label fraction whose two arms trained at images/s rates more than
     :data:`SPEED_RATIO_LIMIT` apart: on a shared machine "equal time" was then not equal work."""
     lines = []
     for arm in record["arms"]:
-        rates = {name: arm[key]["images_seen"] / max(arm[key]["train_seconds"], 1e-9)
+        rates = {name: _images_per_second(arm[key])
                  for name, key in (("pretrain + fine-tune", "pretrain_finetune"), ("scratch", "scratch"))}
         ratio = max(rates.values()) / max(min(rates.values()), 1e-9)
         if ratio > SPEED_RATIO_LIMIT:
@@ -268,7 +272,7 @@ def markdown(record: dict) -> str:
             a = arm[key]
             lines.append(f"| {arm['labelled_images']} ({arm['label_fraction']:.0%}) | {name} | {a['map50']:.3f} | "
                          f"{a['map']:.3f} | {a['train_seconds']:.0f} | {a['total_seconds']:.0f} | {a['epochs']} | "
-                         f"{a['images_seen']} | {a['images_seen'] / max(a['train_seconds'], 1e-9):.1f} |")
+                         f"{a['images_seen']} | {_images_per_second(a):.1f} |")
     lines += ["", "Total time of an arm: scratch's training; pretrain + fine-tune's pretraining wall time plus its "
               "training. Scores: the saved checkpoint (EMA weights) on the held-out split. Time limits are met by "
               "fitting whole epochs, so an arm can end a little under its budget.", ""]

@@ -16,6 +16,8 @@ ORT would run, and sorts every node:
 
 Compute nodes are named by the module path of their weight (a module shared across pyramid
 levels is one entry with several calls), so the report lines up with the quant spec.
+:func:`openvino_placement_report` does the same for an OpenVINO IR from the runtime
+precision of each node of the compiled model.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+from edgekit.errors import EdgekitError
 
 INTEGER_OPS = frozenset({
     "QLinearConv", "QLinearAdd", "QLinearMul", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
@@ -58,12 +62,10 @@ def _layer_of(weight_name: str, renamed: dict) -> str | None:
 
 def _weight_input(node) -> str:
     """The weight input of a compute node (QLinearConv: x, x_scale, x_zp, w, ...)."""
-    if node.op_type in ("QLinearConv", "QLinearMatMul"):
+    if node.op_type in ("QLinearConv", "QLinearMatMul", "QGemm"):
         return node.input[3]
     if node.op_type in ("MatMulIntegerToFloat", "MatMulInteger", "MatMul", "FusedMatMul", "DynamicQuantizeMatMul"):
         return next((name for name in node.input[:2] if ".weight" in name), node.input[1])
-    if node.op_type == "QGemm":
-        return node.input[3]
     return node.input[1]
 
 
@@ -105,7 +107,12 @@ def optimized_graph(onnx_path: str | Path):
     options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="edgekit_placement_") as tmp:
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        try:
+            ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises Fail, InvalidGraph, NotImplemented, ... with long texts
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgekitError(f"{onnx_path}: ONNX Runtime cannot load it for the placement report ({first[:300]}); "
+                               f"export a graph its CPU provider runs") from None
         return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
 
 
@@ -146,25 +153,24 @@ class _Placement:
         }
 
 
-def _renamed_weights(onnx_path) -> dict:
+def _renamed_weights(proto) -> dict:
     """{ONNX weight name: module path} of the weights the exporter renamed (QDQ metadata)."""
-    import onnx
-
     from edgekit.export.to_onnx import read_metadata
 
-    metadata = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
-    return {name: path for path, name in metadata.get("renamed_weights", {}).items()}
+    return {name: path for path, name in read_metadata(proto).get("renamed_weights", {}).items()}
 
 
 def placement_report(onnx_path: str | Path, spec: dict | None = None) -> dict:
     """Which nodes of ``onnx_path`` ORT runs in integer and which in float, and why (see the
     module docstring). ``spec``: the quant spec it was exported with (reasons name it)."""
+    import onnx
     import onnxruntime as ort
 
     spec_layers = spec["layers"] if spec is not None else None
-    renamed = _renamed_weights(onnx_path)
+    graph = optimized_graph(onnx_path)  # first: a file ORT cannot load is one clear line
+    renamed = _renamed_weights(onnx.load(str(onnx_path), load_external_data=False))
     placement = _Placement()
-    for node in optimized_graph(onnx_path).node:
+    for node in graph.node:
         op = node.op_type
         if op in INTEGER_OPS or op in FLOAT_COMPUTE_OPS:
             layer = _layer_of(_weight_input(node), renamed)
@@ -199,9 +205,10 @@ def _onnx_node_layers(onnx_path) -> dict:
     """{ONNX node name: module path} of the compute nodes of the graph an IR was converted from."""
     import onnx
 
-    renamed = _renamed_weights(onnx_path)
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    renamed = _renamed_weights(proto)
     layers = {}
-    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+    for node in proto.graph.node:
         if node.op_type in FLOAT_COMPUTE_OPS:
             layer = _layer_of(_weight_input(node), renamed)
             if layer is not None:
@@ -217,7 +224,7 @@ def openvino_placement_report(xml_path: str | Path, onnx_path: str | Path, spec:
 
     from edgekit.export.openvino import compile_model
 
-    spec_layers = (spec or {}).get("layers", {})
+    spec_layers = spec["layers"] if spec is not None else {}
     node_layers = _onnx_node_layers(onnx_path)
     placement = _Placement()
     for op in compile_model(xml_path).get_runtime_model().get_ordered_ops():
@@ -245,7 +252,8 @@ def openvino_placement_report(xml_path: str | Path, onnx_path: str | Path, spec:
             placement.count("data_movement", label)
         else:
             placement.count("integer_other" if integer else "float_other", label)
-    return placement.report(f"openvino {openvino.__version__.split('-')[0]} CPU plugin", "compiled (f32 inference precision)",
+    runtime = f"openvino {openvino.__version__.split('-')[0]} CPU plugin"
+    return placement.report(runtime, "compiled (f32 inference precision)",
                             lambda op: "the CPU plugin compiled it to this precision")
 
 

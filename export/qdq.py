@@ -269,7 +269,6 @@ class _QDQRewriter:
         self.model, self.graph, self.src, self.storage = model, model.graph, src, storage
         self.storages: dict[str, str] = {}  # path -> how its weight is stored (storage_for)
         self.renamed: dict[str, str] = {}  # path -> its weight's ONNX name, where not '<path>.weight'
-
         self.chains = 0  # bit-plane unpacking chains written so far
         self.inits = {t.name: t for t in self.graph.initializer}
         self.names = set(self.inits) | {n for node in self.graph.node for n in (*node.input, *node.output)}

@@ -29,7 +29,8 @@ def qdq_unit(op: str, tmp_path, inputs: int = 1, attrs: dict | None = None, cons
     if condition:
         graph_inputs.append(helper.make_tensor_value_info("c", TensorProto.BOOL, SHAPE))
         args = ["c"] + args
-    nodes += [helper.make_node(op, args, ["y"], **(attrs or {})), helper.make_node("QuantizeLinear", ["y", "s", "z"], ["q"])]
+    nodes += [helper.make_node(op, args, ["y"], **(attrs or {})),
+              helper.make_node("QuantizeLinear", ["y", "s", "z"], ["q"])]
     graph = helper.make_graph(nodes, op, graph_inputs, [helper.make_tensor_value_info("q", TensorProto.UINT8, None)],
                               inits)
     path = tmp_path / f"{op}.onnx"
@@ -118,3 +119,13 @@ def test_openvino_report_names_the_layers_its_cpu_plugin_runs_in_u8(calibrated, 
         "conv1": "Convolution (u8)", "conv2": "Convolution (u8)"}, report
     assert report["float_compute"]["conv3"]["kernel"].endswith("(f32)")
     assert "not in the quant spec" in report["float_compute"]["conv3"]["why"]
+
+
+def test_a_graph_onnxruntime_cannot_load_is_one_line(tmp_path):
+    from edgekit.errors import EdgekitError
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(EdgekitError) as err:
+        placement_report(bad)
+    assert "cannot load it for the placement report" in str(err.value) and "\n" not in str(err.value)
